@@ -1,0 +1,206 @@
+"""`vmr`: the command-line entry point. Parses options, calls one function, prints. No logic lives here."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from model.errors import ModelError
+from store.errors import VmrError
+
+USER_ERRORS = (VmrError, ModelError)
+
+# Exit codes of the CLI contract (DESIGN.md).
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+def _fail(err: Exception) -> None:
+    click.echo(f"error: {err}", err=True)
+    sys.exit(EXIT_FATAL)
+
+
+def _print_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """vmr: find moments in a video library from a sentence.
+
+    Index a folder (`vmr index`), then ask it (`vmr search`). The reranker (LLMEPET) is trained with
+    `vmr train` and evaluated with `vmr predict` + `vmr eval`. `vmr demo` shows everything offline.
+    """
+
+
+@main.command()
+@click.argument("video_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--index", "index_dir", required=True, type=click.Path(path_type=str), help="Index directory (created if missing).")
+@click.option("--clip-model", default="ViT-B-32", show_default=True, help="open_clip model name, or path of a model-config JSON in open_clip's format.")
+@click.option("--clip-pretrained", default="openai", show_default=True, help="open_clip pretrained tag, or path of a local checkpoint file.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where CLIP runs.")
+@click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting a local one.")
+@click.option("--workers", type=int, default=None, help="Decode tasks in flight (default: CPUs available to Ray).")
+@click.option("--rebuild-faiss", is_flag=True, help="Only rebuild the FAISS files from DuckDB, then exit.")
+def index(video_dir, index_dir, clip_model, clip_pretrained, device, ray_address, workers, rebuild_faiss):
+    """Index every video under VIDEO_DIR (recursively) into the index at --index.
+
+    Re-running skips unchanged files, re-indexes changed ones and drops deleted ones.
+    Exit 0: all indexed or unchanged; 3: finished but some files failed (listed); 2: usage; 1: fatal.
+    """
+    from indexer.ingest import run_ingest
+
+    try:
+        summary = run_ingest(video_dir, index_dir, clip_model=clip_model, clip_pretrained=clip_pretrained,
+                             device=device, ray_address=ray_address, workers=workers, rebuild_faiss=rebuild_faiss)
+    except USER_ERRORS as err:
+        _fail(err)
+    click.echo(summary.describe())
+    sys.exit(EXIT_PARTIAL if summary.failed else EXIT_OK)
+
+
+@main.command()
+@click.option("--index", "index_dir", required=True, type=click.Path(path_type=str), help="Index directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(index_dir, as_json):
+    """Counts of an index: videos, indexed, failed (with reasons), clips, events, CLIP model."""
+    from store.status import library_status, describe_status
+
+    try:
+        info = library_status(index_dir)
+    except USER_ERRORS as err:
+        _fail(err)
+    if as_json:
+        _print_json(info)
+    else:
+        click.echo(describe_status(info))
+
+
+@main.command()
+@click.argument("query")
+@click.option("--index", "index_dir", required=True, type=click.Path(path_type=str), help="Index directory.")
+@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True, help="Moments to return.")
+@click.option("--checkpoint", default=None, type=click.Path(path_type=str), help="LLMEPET reranker checkpoint (default: the index's, if one was set).")
+@click.option("--no-rerank", is_flag=True, help="Coarse FAISS result only.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (list of moments, best first).")
+def search(query, index_dir, top_k, checkpoint, no_rerank, device, as_json):
+    """Find the moments matching QUERY across the whole library."""
+    from retriever.search import search_library, describe_results
+
+    if not query.strip():
+        raise click.UsageError("QUERY is empty")
+    try:
+        results = search_library(query, index_dir, top_k=top_k, checkpoint=checkpoint, rerank=not no_rerank, device=device)
+    except USER_ERRORS as err:
+        _fail(err)
+    if as_json:
+        _print_json(results)
+    else:
+        click.echo(describe_results(results))
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.option("--train", "train_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Training annotations (jsonl).")
+@click.option("--val", "val_path", default=None, type=click.Path(exists=True, dir_okay=False), help="Validation annotations (jsonl).")
+@click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False), help="Read features from this vmr index.")
+@click.option("--features", "features_dir", default=None, type=click.Path(exists=True, file_okay=False), help="Public feature layout directory.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Where to write the best checkpoint.")
+@click.option("--dataset", type=click.Choice(["qvhighlights", "charades", "tacos", "custom"]), default="qvhighlights", show_default=True, help="Per-dataset defaults of the authors' scripts.")
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False), help="JSON of config overrides.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config field (repeatable).")
+@click.option("--llm", default=None, help="LLaMA-family checkpoint (HF id/path, or consolidated.*.pth); default: the config's.")
+@click.option("--llm-layers", default=None, help="Decoder layers to use, START:END (the paper: 14:17).")
+@click.option("--resume", default=None, type=click.Path(exists=True, dir_okay=False), help="Resume from this checkpoint.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def train(train_path, val_path, index_dir, features_dir, out_path, dataset, config_path, overrides, llm, llm_layers, resume, device):
+    """Train the LLMEPET reranker on annotations; keeps the best checkpoint by the authors' criterion."""
+    from model.train import train_from_cli
+
+    if (index_dir is None) == (features_dir is None):
+        raise click.UsageError("give exactly one of --index or --features")
+    try:
+        train_from_cli(train_path=train_path, val_path=val_path, index_dir=index_dir, features_dir=features_dir,
+                       out_path=out_path, dataset=dataset, config_path=config_path, overrides=list(overrides),
+                       llm=llm, llm_layers=llm_layers, resume=resume, device=device)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False))
+@click.option("--features", "features_dir", default=None, type=click.Path(exists=True, file_okay=False))
+@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def predict(checkpoint, index_dir, features_dir, annotations, out_path, batch_size, device):
+    """Write predictions in the official submission format (jsonl)."""
+    from model.predict import predict_from_cli
+
+    if (index_dir is None) == (features_dir is None):
+        raise click.UsageError("give exactly one of --index or --features")
+    try:
+        predict_from_cli(checkpoint=checkpoint, index_dir=index_dir, features_dir=features_dir,
+                         annotations=annotations, out_path=out_path, batch_size=batch_size, device=device)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@main.command(name="eval")
+@click.option("--submission", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--gt", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def eval_(submission, gt, as_json):
+    """Official QVHighlights metrics (moment retrieval + highlight detection) of a submission."""
+    from model.metrics import evaluate_files, describe_metrics
+
+    try:
+        metrics = evaluate_files(submission, gt)
+    except USER_ERRORS as err:
+        _fail(err)
+    if as_json:
+        _print_json(metrics)
+    else:
+        click.echo(describe_metrics(metrics))
+
+
+@main.command(name="convert-checkpoint")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+def convert_checkpoint(src, out):
+    """Convert the authors' LLMEPET checkpoint ({"model", "opt"}) into a vmr checkpoint."""
+    from model.convert import convert_authors_checkpoint
+
+    try:
+        convert_authors_checkpoint(src, out)
+    except USER_ERRORS as err:
+        _fail(err)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.option("--out", "work_dir", default=None, type=click.Path(file_okay=False), help="Keep the demo world here (default: a temp dir).")
+def demo(work_dir):
+    """Offline demo on the synthetic TEST world: build, index, train/load its reranker, answer queries."""
+    from bench.world.demo import run_demo
+
+    try:
+        run_demo(work_dir)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@main.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report directory.")
+@click.option("--quick", is_flag=True, help="Smoke sizes (seconds).")
+def bench(out_dir, quick):
+    """Run the benchmark suite; writes report.md with plots into --out."""
+    from bench.suite import run_suite
+
+    run_suite(out_dir, quick=quick)
+
+
+if __name__ == "__main__":
+    main()
