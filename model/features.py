@@ -1,0 +1,237 @@
+"""CLIP features with open_clip: the image embedding of a frame and the per-token / pooled text features.
+
+What the public moment-retrieval features hold, and what this class computes:
+  video  one L2-normalised pooled image embedding per 2-s clip                     [T, embed_dim]
+  text   the text transformer's output after ``ln_final`` and BEFORE ``text_projection``, for the tokens
+         SOT..EOT inclusive (the public ``last_hidden_state``)                       [L, text_width]
+  query  the pooled projected text embedding, L2-normalised (coarse index search)  [embed_dim]
+
+Weights come from open_clip's registry (a tag such as ``openai``, downloaded once into the HF cache) or a local
+checkpoint file. With no network a missing tag fails at once with a one-line ModelError; random weights exist only
+when a caller passes ``allow_random=True`` (tests, the synthetic world).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.errors import ModelError
+
+RANDOM_SEED = 0  # random-weight models are seeded so every process (driver, Ray actors) builds the same one
+HUB_HOST, HUB_PROBE_SECONDS = "huggingface.co", 3.0
+
+
+class ClipEncoder:
+    """An open_clip model, its own image preprocessing and tokenizer.
+
+    Attributes:
+        model_id: "<model>:<weights>" e.g. "ViT-B-32:openai" (stored in the index meta and checkpoint specs).
+        embed_dim: pooled/projected dim (512 for ViT-B-32). text_width: per-token dim (512 for ViT-B-32).
+        image_size: side S of the preprocessed square frame.
+    """
+
+    def __init__(self, model, preprocess, tokenizer, model_id: str, device: torch.device):
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.device = device
+        self._text = getattr(model, "text", model)  # CustomTextCLIP keeps its text tower in .text
+        for name in ("token_embedding", "positional_embedding", "transformer", "ln_final"):
+            if not hasattr(self._text, name):
+                raise ModelError(f"{model_id}: per-token text features need an open_clip text transformer "
+                                 f"(this model's text tower has no {name})")
+        self.text_width = int(self._text.ln_final.normalized_shape[0])
+        self.embed_dim = int(model.visual.output_dim)
+        size = model.visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.context_length = int(self._text.positional_embedding.shape[0])
+        self.eot_token_id = getattr(tokenizer, "eot_token_id", None)
+
+    # ---- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, model_name_or_config_json: str, pretrained: str | None, device: str = "auto",
+             allow_random: bool = False) -> "ClipEncoder":
+        """Build the model. ``pretrained``: an open_clip tag ("openai") or a checkpoint file path.
+
+        ``pretrained`` empty/None gives random weights, allowed only with ``allow_random=True``.
+        """
+        import open_clip
+
+        torch_device = resolve_device(device)
+        name = _register_model(model_name_or_config_json)
+        kwargs = {}
+        if not pretrained:
+            if not allow_random:
+                raise ModelError(f"no CLIP weights given for {name}: pass a pretrained tag (e.g. openai) or a "
+                                 "local checkpoint file (--clip-pretrained PATH)")
+            model_id = f"{name}:random"
+            torch.manual_seed(RANDOM_SEED)
+            weights = None
+        elif os.path.isfile(pretrained):
+            model_id = f"{name}:{Path(pretrained).name}"
+            weights = pretrained
+        else:
+            tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+            if not tag_cfg:
+                tags = open_clip.list_pretrained_tags_by_model(name)
+                raise ModelError(f"{pretrained!r} is neither a checkpoint file nor a pretrained tag of {name} "
+                                 f"(tags: {', '.join(tags) or 'none'})")
+            model_id = f"{name}:{pretrained}"
+            weights = _cached_weights(tag_cfg)
+            if weights is None:
+                if _offline():
+                    raise ModelError(f"CLIP weights {model_id} are not in the local cache and there is no network: "
+                                     "download them once online, or pass a local checkpoint with "
+                                     "--clip-pretrained /path/to/open_clip_model.safetensors")
+                weights = pretrained  # open_clip downloads it into the HF cache
+            else:
+                # A cached file loses the tag's own settings unless they are passed along (openai needs QuickGELU).
+                kwargs = {"force_quick_gelu": bool(tag_cfg.get("quick_gelu", False))}
+                for key, arg in (("mean", "image_mean"), ("std", "image_std"),
+                                 ("interpolation", "image_interpolation"), ("resize_mode", "image_resize_mode")):
+                    if tag_cfg.get(key) is not None:
+                        kwargs[arg] = tag_cfg[key]
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=weights, device=torch_device, **kwargs)
+            tokenizer = open_clip.get_tokenizer(name)
+        except (RuntimeError, OSError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelError(f"cannot load CLIP {model_id}: {first}") from None
+        return cls(model, preprocess, tokenizer, model_id, torch_device)
+
+    # ---- images ------------------------------------------------------------------------------------------------
+    def preprocess_frame(self, rgb: np.ndarray) -> torch.Tensor:
+        """The model's own preprocessing of one frame: uint8 [H, W, 3] -> float [3, S, S]."""
+        from PIL import Image
+
+        return self.preprocess(Image.fromarray(np.ascontiguousarray(rgb)))
+
+    @torch.inference_mode()
+    def encode_images(self, batch: torch.Tensor | np.ndarray, chunk: int = 256) -> np.ndarray:
+        """float [N, 3, S, S] (preprocessed) -> np.float32 [N, embed_dim], L2-normalised."""
+        batch = torch.as_tensor(batch)
+        out = []
+        for start in range(0, len(batch), chunk):
+            feats = self.model.encode_image(batch[start: start + chunk].to(self.device, torch.float32))
+            out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
+        if not out:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    # ---- text --------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_text_tokens(self, texts: list[str]) -> list[np.ndarray]:
+        """Per-token features after ln_final, before text_projection, SOT..EOT inclusive.
+
+        Returns: one np.float32 [L_i, text_width] per text (over-long texts are truncated to the context length,
+        the tokenizer then ends them with EOT).
+        """
+        tokens = self.tokenizer(list(texts)).to(self.device)  # [N, context_length]
+        hidden = self._token_states(tokens).float().cpu().numpy()  # [N, ctx, width]
+        lengths = self._token_lengths(tokens.cpu())
+        return [hidden[i, :n].astype(np.float32) for i, n in enumerate(lengths)]
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        """Pooled projected text embeddings, L2-normalised: np.float32 [N, embed_dim]."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        feats = self.model.encode_text(tokens)
+        return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy().astype(np.float32)
+
+    def _token_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The text tower up to ln_final, as open_clip's encode_text computes it: [N, ctx, text_width]."""
+        tower = self._text
+        cast_dtype = tower.transformer.get_cast_dtype()
+        x = tower.token_embedding(tokens).to(cast_dtype)
+        x = x + tower.positional_embedding.to(cast_dtype)
+        x = tower.transformer(x, attn_mask=tower.attn_mask)
+        return tower.ln_final(x)
+
+    def _token_lengths(self, tokens: torch.Tensor) -> list[int]:
+        """Index of EOT + 1 per row (the CLIP tokenizer's EOT has the largest id, which CLIP pools on)."""
+        if self.eot_token_id is not None:
+            is_eot = tokens == self.eot_token_id
+            has = is_eot.any(dim=1)
+            first = is_eot.int().argmax(dim=1)
+            fallback = tokens.argmax(dim=1)
+            ends = torch.where(has, first, fallback)
+        else:
+            ends = tokens.argmax(dim=1)
+        return [int(e) + 1 for e in ends]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" -> cuda when available, else cpu; "cuda" without a GPU -> ModelError."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("--device cuda asked for, but torch sees no GPU")
+    return torch.device(device)
+
+
+def _register_model(model_name_or_config_json: str) -> str:
+    """A built-in open_clip name as is; a config JSON (open_clip's format) is registered under its file stem."""
+    import open_clip
+
+    value = str(model_name_or_config_json)
+    if value.endswith(".json") or os.path.isfile(value):
+        path = Path(value)
+        if not path.is_file():
+            raise ModelError(f"CLIP model config not found: {value}")
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot read CLIP model config {value}: {err}") from None
+        if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg.get("model_cfg", cfg)):
+            raise ModelError(f"{value} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
+        if "model_cfg" in cfg:  # an open_clip_config.json of a hub repo wraps the model config
+            raise ModelError(f"{value}: pass the model_cfg part (embed_dim, vision_cfg, text_cfg) as its own JSON")
+        open_clip.add_model_config(path)
+        return path.stem
+    if value not in open_clip.list_models():
+        raise ModelError(f"unknown CLIP model {value!r}: give an open_clip model name (e.g. ViT-B-32) or the path "
+                         "of a model-config JSON")
+    return value
+
+
+def _cached_weights(tag_cfg: dict) -> str | None:
+    """The local path of a tag's weights if they are already cached (HF hub cache or open_clip's url cache)."""
+    if tag_cfg.get("file") and os.path.isfile(tag_cfg["file"]):
+        return tag_cfg["file"]
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, filename = os.path.split(hub)  # "org/repo/" -> ("org/repo", ""): the default file name
+        candidates = [filename] if filename else []
+        candidates += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith(".bin"):
+            candidates.insert(0, filename[: -len(".bin")] + ".safetensors")
+        for name in candidates:
+            found = try_to_load_from_cache(repo_id, name)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    url = tag_cfg.get("url", "")
+    if url:
+        local = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if os.path.isfile(local):
+            return local
+    return None
+
+
+def _offline() -> bool:
+    """True when downloads are off (HF_HUB_OFFLINE) or the hub does not answer within a few seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=HUB_PROBE_SECONDS):
+            return False
+    except OSError:
+        return True
