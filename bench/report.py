@@ -1,0 +1,114 @@
+"""The benchmark report: one Section per figure, written as markdown (report.md) next to its PNG plots.
+
+Every section names its baseline and the machine it ran on; sections that could not run say why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+from functools import lru_cache
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Section:
+    """One figure of the report. markdown: body text/tables; figures: PNG paths; headline: one summary line."""
+
+    title: str
+    markdown: str
+    figures: list = dataclasses.field(default_factory=list)
+    headline: str = ""
+    available: bool = True
+    seconds: float = 0.0
+    data: object = None
+
+
+def not_available(title: str, reason: str) -> Section:
+    """A section that could not be measured, with the one-line reason."""
+    reason = " ".join(str(reason).split()) or "unknown error"
+    return Section(title, f"not available: {reason}", [], f"{title}: not available", available=False)
+
+
+def coerce_section(title: str, result, out_dir: str) -> Section:
+    """A Section from whatever another helper's `run(out_dir, quick)` returned.
+
+    Accepted: a Section; a str (markdown); a dict with any of markdown/text/report, figures/pngs, headline/summary
+    (other keys are shown as a JSON block); None (then any PNG written under out_dir is listed).
+    """
+    if isinstance(result, Section):
+        return result
+    if isinstance(result, str):
+        return Section(title, result, [], "")
+    if isinstance(result, dict):
+        md = result.get("markdown") or result.get("text") or result.get("report") or ""
+        figs = list(result.get("figures") or result.get("pngs") or [])
+        head = str(result.get("headline") or result.get("summary") or "")
+        rest = {k: v for k, v in result.items() if k not in {"markdown", "text", "report", "figures", "pngs", "headline", "summary"}}
+        if rest:
+            md += "\n\n```json\n" + json.dumps(rest, indent=2, default=str)[:6000] + "\n```"
+        return Section(title, md.strip(), figs, head)
+    if result is None:
+        return Section(title, "(the section returned nothing)", [], "")
+    return Section(title, f"```\n{result!r}\n```", [], "")
+
+
+@lru_cache(maxsize=1)
+def machine_line() -> str:
+    """'AMD EPYC, 2 cores, 23 GiB RAM, Linux, no GPU' — the machine every figure names."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+        ram_s = f", {ram:.0f} GiB RAM"
+    except (ValueError, OSError, AttributeError):
+        ram_s = ""
+    return f"{cpu}, {cores} cores{ram_s}, {platform.system()}, {gpu_line()}"
+
+
+@lru_cache(maxsize=1)
+def gpu_line() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "GPU " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    except Exception:  # torch missing or broken: the report still names the CPU
+        pass
+    return "no GPU"
+
+
+def percentile_ms(seconds, q: float) -> float:
+    return float(np.percentile(np.asarray(seconds, dtype=float), q) * 1e3)
+
+
+def write_report(sections: list[Section], out_dir: str, quick: bool, total_s: float) -> str:
+    """Write out_dir/report.md (figures referenced by relative path); returns its path."""
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [f"# vmr benchmark report{' (quick smoke size)' if quick else ''}", "",
+           f"Machine: {machine_line()}. Generated {now} in {total_s:.0f} s.", "", "## Headlines", ""]
+    out += [f"- {s.headline or s.title}" for s in sections]
+    for i, s in enumerate(sections, 1):
+        out += ["", f"## {i}. {s.title}", ""]
+        if s.available:
+            out.append(f"_(section ran in {s.seconds:.1f} s)_")
+            out.append("")
+        out.append(s.markdown)
+        for png in s.figures:
+            rel = os.path.relpath(png, out_dir) if os.path.isabs(png) or os.path.exists(png) else png
+            out += ["", f"![{s.title}]({rel})"]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+    return path
