@@ -1,0 +1,17 @@
+"""The synthetic TEST world: small videos of coloured shapes that appear at known times, with sentences.
+
+A test fixture and a demo, never a default for real use. It exists so that search (coarse stage, reranker,
+merging, metrics) can be measured end to end offline, with exact ground truth:
+
+- ``scene``      vocabulary (colours, shapes, positions), frame rendering, sentences;
+- ``generator``  writes a library of videos + annotation jsonl (QVHighlights fields) with ground-truth windows;
+- ``train_clip`` trains the tiny open_clip model (``world_clip.json`` + ``world_clip.pt``) so that text and
+  frames of this world align;
+- ``demo``       ``vmr demo``: build, index, train/load the world's reranker, answer queries.
+"""
+from pathlib import Path
+
+WORLD_DIR = Path(__file__).resolve().parent
+WORLD_CLIP_CONFIG = WORLD_DIR / "world_clip.json"  # open_clip model config (tiny)
+WORLD_CLIP_WEIGHTS = WORLD_DIR / "world_clip.pt"  # its trained weights (fp16 state_dict)
+WORLD_RERANKER = WORLD_DIR / "world_reranker.pt"  # tiny LLMEPET trained with `vmr train` on the world

@@ -1,0 +1,113 @@
+"""Coarse stage: a query's pooled CLIP text embedding -> scored candidate windows across the library.
+
+1. FAISS hits over clip vectors and pseudo-event vectors (``Library.search_clips`` / ``search_events``; the store
+   re-scores approximate hits exactly).
+2. Hits grouped by video; the best ``max_videos`` videos by their best hit are kept.
+3. For each kept video the exact clip similarities are computed from its DuckDB vectors, and windows of ≤75 clips
+   are placed around its hits (``windows.window_around``), at most ``max_windows_per_video`` per video.
+4. A window's score is the mean similarity of its best pseudo-event (the coarse moment); the top ``n_windows``
+   windows are returned, best first.
+
+``all_windows`` gives the exhaustive baseline: every window of every video, scored the same way.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from retriever.windows import Window, best_event_moment, event_clip_spans, tile_video, window_around
+
+
+@dataclass
+class CoarseConfig:
+    clip_hits: int = 512  # FAISS neighbours over clip vectors
+    event_hits: int = 128  # FAISS neighbours over pseudo-event vectors
+    max_videos: int = 40  # videos whose exact clip scores are computed
+    max_windows_per_video: int = 3
+    n_windows: int = 24  # windows handed to the reranker
+
+
+def video_table(library) -> dict[int, dict]:
+    """video_id -> row (path, duration, n_clips) of the searchable (indexed) videos."""
+    rows = library.videos()
+    return {int(r["id"]): r for r in rows if r.get("status", "indexed") == "indexed"}
+
+
+def _score_window(window: Window, feats: np.ndarray, scores: np.ndarray, spans) -> Window:
+    window.feats = feats[window.first_clip: window.last_clip]
+    window.clip_scores = scores[window.first_clip: window.last_clip]
+    window.moment, window.score = best_event_moment(window.clip_scores, spans, window.first_clip)
+    return window
+
+
+def video_windows(library, video: dict, query: np.ndarray, seeds: list[int], max_windows: int) -> list[Window]:
+    """Windows of one video around its seed clips (best seed first), scored exactly from its stored vectors."""
+    vid = int(video["id"])
+    feats = np.asarray(library.clip_embeddings(vid), dtype=np.float32)  # [T, D]
+    n = len(feats)
+    if n == 0:
+        return []
+    scores = feats @ query  # [T] exact cosine (vectors are L2-normalised)
+    spans = event_clip_spans(library.events(vid), n)
+    order = sorted({min(max(int(s), 0), n - 1) for s in seeds}, key=lambda c: -scores[c])
+    windows: list[Window] = []
+    for clip in order:
+        if len(windows) >= max_windows:
+            break
+        if any(w.first_clip <= clip < w.last_clip for w in windows):
+            continue
+        first, length = window_around(clip, n, spans)
+        windows.append(_score_window(Window(vid, video["path"], float(video["duration"]), first, length),
+                                     feats, scores, spans))
+    return windows
+
+
+def coarse_candidates(library, query: np.ndarray, cfg: CoarseConfig | None = None,
+                      videos: dict[int, dict] | None = None) -> list[Window]:
+    """Top candidate windows for a query embedding.
+
+    Args: library: an open ``store.library.Library``; query: np.float32 [D], L2-normalised.
+    Returns: windows sorted by coarse score, best first (≤ cfg.n_windows).
+    """
+    cfg = cfg or CoarseConfig()
+    videos = video_table(library) if videos is None else videos
+    seeds: dict[int, list[int]] = defaultdict(list)
+    best: dict[int, float] = defaultdict(lambda: -np.inf)
+    for vid, clip, score in library.search_clips(query, cfg.clip_hits):
+        seeds[int(vid)].append(int(clip))
+        best[int(vid)] = max(best[int(vid)], float(score))
+    event_hits = library.search_events(query, cfg.event_hits) if cfg.event_hits else []
+    events_of: dict[int, list[dict]] = {}
+    for vid, idx, score in event_hits:
+        vid = int(vid)
+        if vid not in events_of:
+            events_of[vid] = library.events(vid)
+        ev = next((e for e in events_of[vid] if int(e["idx"]) == int(idx)), None)
+        if ev is not None:  # the event's middle clip seeds a window
+            seeds[vid].append(int((ev["start"] + ev["end"]) / 2 // 2))
+            best[vid] = max(best[vid], float(score))
+    ranked = [v for v in sorted(best, key=lambda v: -best[v]) if v in videos][: cfg.max_videos]
+    windows = []
+    for vid in ranked:
+        windows += video_windows(library, videos[vid], query, seeds[vid], cfg.max_windows_per_video)
+    windows.sort(key=lambda w: -w.score)
+    return windows[: cfg.n_windows]
+
+
+def all_windows(library, query: np.ndarray, videos: dict[int, dict] | None = None) -> list[Window]:
+    """The exhaustive baseline's candidates: every half-overlapping window of every indexed video, scored."""
+    videos = video_table(library) if videos is None else videos
+    windows = []
+    for vid, video in videos.items():
+        feats = np.asarray(library.clip_embeddings(vid), dtype=np.float32)
+        if len(feats) == 0:
+            continue
+        scores = feats @ query
+        spans = event_clip_spans(library.events(vid), len(feats))
+        for first, length in tile_video(len(feats)):
+            windows.append(_score_window(Window(vid, video["path"], float(video["duration"]), first, length),
+                                         feats, scores, spans))
+    windows.sort(key=lambda w: -w.score)
+    return windows
