@@ -1,0 +1,166 @@
+"""LLMEPET configuration: one dataclass for the architecture, the LLM blocks and the loss weights.
+
+Defaults are the authors' argparse defaults (llm_epet/config.py); ``dataset_defaults(name)`` returns the overrides
+their per-dataset training scripts pass (scripts/train.sh, scripts/charades_sta/train.sh, scripts/tacos/train.sh).
+Feature dimensions are not dataset defaults: they follow the features the user trains on.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from model.errors import ModelError
+
+
+@dataclass
+class ModelConfig:
+    # --- inputs -------------------------------------------------------------------------------------------
+    txt_dim: int = 512            # per-token text feature width (CLIP ViT-B/32 text transformer)
+    vid_dim: int = 514            # per-clip video feature width INCLUDING the 2 TEF columns (CLIP 512 + 2)
+    max_q_l: int = 32             # rows of the (trainable, by default unused) text position table; -1 -> 100
+    max_v_l: int = 75             # clips per window the data code keeps; -1 = no limit (model does not need it)
+    n_input_proj: int = 2         # LayerNorm-Dropout-Linear(-ReLU) layers projecting each input
+    input_dropout: float = 0.5
+    use_txt_pos: bool = False     # add the trainable text position embedding (authors: off)
+
+    # --- CG-DETR backbone ---------------------------------------------------------------------------------
+    hidden_dim: int = 256
+    nheads: int = 8
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    enc_layers: int = 3
+    dec_layers: int = 3
+    t2v_layers: int = 2
+    moment_layers: int = 1
+    dummy_layers: int = 2
+    sent_layers: int = 1
+    num_queries: int = 10
+    num_dummies: int = 45
+    total_prompts: int = 10       # learnable saliency prompt tokens ("global_rep_token")
+    num_prompts: int = 1          # prompts mixed into the saliency token (top-k)
+    aux_loss: bool = True
+    contrastive_align_loss: bool = False
+    contrastive_hdim: int = 64
+    temperature: float = 0.07
+    # Their T2V attention mask is laid out (batch-major vs head-major) inconsistently with the attention scores,
+    # so in a padded batch a clip may lose text tokens that are padding in ANOTHER sample. True reproduces that
+    # (converted checkpoints, parity); False masks each sample by its own padding only.
+    t2v_cross_sample_mask: bool = False
+    # QVHighlights vids are "<youtube id>_<start>_<end>": the negative pass treats windows of one video as the
+    # same video (their dset_name == "hl" rule).
+    vid_has_window_suffix: bool = True
+
+    # --- LLM blocks ---------------------------------------------------------------------------------------
+    llm: str = ""                 # HF id/dir (safetensors), a Meta consolidated.*.pth, or "random" (tests)
+    llm_layers: str = "14:17"     # python slice of decoder layers to take (the paper: LLaMA-7B 14..16)
+    llm_dim: int = 4096
+    llm_heads: int = 32
+    llm_kv_heads: int = 32
+    llm_ffn_dim: int = 11008
+    llm_norm_eps: float = 1e-6
+    # "time": the clips of one video attend to each other (the paper's design; padded clips masked).
+    # "batch": the authors' code feeds (time, batch, dim) to a batch-first block, so each clip attends to the
+    # clips at the same time index of the OTHER samples in the batch; needed for their checkpoints.
+    llm_attention: str = "time"
+    llm_dtype: str = "auto"       # "auto" (bf16 on CUDA, fp32 elsewhere) | "float32" | "bfloat16"
+
+    # --- matcher and losses (weights as the authors' build_model) ----------------------------------------
+    set_cost_span: float = 10.0
+    set_cost_giou: float = 1.0
+    set_cost_class: float = 4.0
+    span_loss_coef: float = 10.0
+    giou_loss_coef: float = 1.0
+    label_loss_coef: float = 4.0
+    eos_coef: float = 0.1
+    saliency_margin: float = 0.2
+    lw_saliency: float = 1.0
+    lw_wattn: float = 1.0
+    lw_ms_align: float = 1.0
+    lw_distill: float = 1.0
+    contrastive_align_loss_coef: float = 0.0
+    # Pseudo-event regulation: event-head L1 + GIoU against pseudo-events, weighted event_coef * span/giou coef.
+    # Active here (the paper's method); their released code never adds it to the loss list (off when converted).
+    event_loss: bool = True
+    event_coef: float = 0.1
+    saliency_loss_only: bool = False  # highlight-only datasets (their youtube_uni / tvsum): no matcher
+
+    extra: dict = field(default_factory=dict)  # free-form provenance (e.g. "converted_from")
+
+    # ------------------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        if self.llm_attention not in ("time", "batch"):
+            raise ModelError(f"llm_attention must be 'time' or 'batch', not {self.llm_attention!r}")
+        if self.llm_dtype not in ("auto", "float32", "bfloat16"):
+            raise ModelError(f"llm_dtype must be auto, float32 or bfloat16, not {self.llm_dtype!r}")
+        self.llm_layer_range()  # validates the slice
+
+    def llm_layer_range(self) -> tuple[int, int]:
+        """(first, end) of ``llm_layers`` "a:b" (end exclusive)."""
+        try:
+            first, end = (int(p) for p in str(self.llm_layers).split(":"))
+        except ValueError:
+            raise ModelError(f"llm_layers must look like '14:17', not {self.llm_layers!r}") from None
+        if not 0 <= first < end:
+            raise ModelError(f"llm_layers {self.llm_layers!r} selects no layer")
+        return first, end
+
+    @property
+    def n_llm_layers(self) -> int:
+        first, end = self.llm_layer_range()
+        return end - first
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ModelError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def replace(self, **overrides) -> "ModelConfig":
+        return ModelConfig.from_dict({**self.to_dict(), **overrides})
+
+
+# The authors' per-dataset scripts, as overrides of ModelConfig (architecture + losses).
+DATASET_DEFAULTS: dict[str, dict] = {
+    "qvhighlights": dict(enc_layers=6, dec_layers=6, t2v_layers=2, moment_layers=1, dummy_layers=2, sent_layers=1,
+                         max_v_l=75, max_q_l=32, llm_layers="14:17", event_coef=0.1, vid_has_window_suffix=True),
+    "charades": dict(enc_layers=4, dec_layers=2, t2v_layers=2, moment_layers=1, dummy_layers=2, sent_layers=1,
+                     max_v_l=-1, max_q_l=75, llm_layers="14:17", event_coef=0.1, vid_has_window_suffix=False),
+    "tacos": dict(enc_layers=3, dec_layers=3, t2v_layers=3, moment_layers=1, dummy_layers=2, sent_layers=1,
+                  max_v_l=-1, max_q_l=-1, num_dummies=50, num_prompts=2, total_prompts=10, llm_layers="14:17",
+                  event_coef=0.1, set_cost_giou=4.0, lw_saliency=4.0, contrastive_align_loss_coef=0.002,
+                  vid_has_window_suffix=False),
+}
+
+# The same scripts' optimisation settings (consumed by the training loop, not by the model).
+TRAIN_DEFAULTS: dict[str, dict] = {
+    "qvhighlights": dict(bsz=32, eval_bsz=100, lr=1e-4, lr_drop=400, wd=1e-5, n_epoch=200, grad_clip=0.1,
+                         clip_length=2.0, max_windows=5, eval_epoch=5),
+    "charades": dict(bsz=32, eval_bsz=100, lr=1e-4, lr_drop=400, wd=1e-5, n_epoch=200, grad_clip=0.1,
+                     clip_length=1.0, max_windows=5, eval_epoch=5),
+    "tacos": dict(bsz=32, eval_bsz=32, lr=2e-4, lr_drop=200, wd=1e-5, n_epoch=200, grad_clip=0.1,
+                  clip_length=2.0, max_windows=5, eval_epoch=5),
+}
+
+_ALIASES = {"hl": "qvhighlights", "qvh": "qvhighlights", "charadessta": "charades", "charades_sta": "charades"}
+
+
+def _dataset_key(name: str) -> str:
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in DATASET_DEFAULTS:
+        raise ModelError(f"unknown dataset {name!r}; known: {', '.join(DATASET_DEFAULTS)}")
+    return key
+
+
+def dataset_defaults(name: str) -> dict:
+    """ModelConfig overrides of the authors' script for ``name`` (qvhighlights | charades | tacos)."""
+    return dict(DATASET_DEFAULTS[_dataset_key(name)])
+
+
+def train_defaults(name: str) -> dict:
+    """Optimisation settings of the authors' script for ``name``."""
+    return dict(TRAIN_DEFAULTS[_dataset_key(name)])

@@ -1,0 +1,193 @@
+"""Convert an authors' LLMEPET checkpoint ({"model": state_dict, "opt": argparse.Namespace}) to ours.
+
+Parameter names are renamed by prefix (AUTHORS_TO_OURS); shapes (hidden size, layer counts, dummy/prompt/query
+counts, LLM width, heads, FFN width and the number of LLM layers) are read from the state_dict, the rest of the
+configuration from ``opt``. The converted configuration reproduces the authors' computation: LLM attention
+across the batch, their T2V mask layout, and no pseudo-event loss (their loss list never includes it).
+
+Tensors their forward never reads are dropped (UNUSED_PREFIXES).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+import torch
+
+from model.config import ModelConfig
+from model.errors import ModelError
+from model.llm_blocks import LLAMA_HEAD_DIM
+
+# (authors' prefix, ours); the first matching prefix wins, so longer prefixes come first.
+AUTHORS_TO_OURS: list[tuple[str, str]] = [
+    ("transformer.llama.layers.", "llm.blocks."),
+    ("transformer.llama.norm.", "llm.norm."),
+    ("transformer.llama_dim_mapper1.", "llm.to_llm."),
+    ("transformer.llama_dim_mapper2.", "llm.from_llm."),
+    ("transformer.mcls_encoder.", "moment_encoder."),
+    ("transformer.t2v_encoder.", "t2v_encoder."),
+    ("transformer.encoder.", "encoder."),
+    ("transformer.decoder.", "decoder."),
+    ("txtproj_encoder.", "dummy_encoder."),
+    ("scls_encoder.", "sentence_encoder."),
+    ("token_type_embeddings.", "token_type."),
+    ("txt_position_embed.position_embeddings.", "txt_pos.table."),
+    ("txt_position_embed.LayerNorm.", "txt_pos.norm."),
+    ("query_embed.", "query_anchors."),
+    ("class_embed.", "class_head."),
+    ("event_span_embed.", "event_head."),
+    ("span_embed.", "span_head."),
+    ("saliency_proj1.", "saliency_proj_clip."),
+    ("saliency_proj2.", "saliency_proj_global."),
+    ("contrastive_align_projection_query.", "align_proj_query."),
+    ("contrastive_align_projection_txt.", "align_proj_txt."),
+    ("contrastive_align_projection_vid.", "align_proj_vid."),
+    ("dummy_rep_token", "dummy_tokens"),
+    ("dummy_rep_pos", "dummy_pos"),
+    ("sent_rep_token", "sentence_token"),
+    ("sent_rep_pos", "sentence_pos"),
+    ("moment_rep_token", "moment_token"),
+    ("moment_rep_pos", "moment_pos"),
+    ("global_rep_token", "saliency_prompts"),
+    ("global_rep_pos", "saliency_pos"),
+]
+# input projections: input_{vid,txt}_proj.<i>.LayerNorm. / .net.1.
+_PROJECTION = re.compile(r"^input_(vid|txt)_proj\.(\d+)\.(LayerNorm|net\.1)\.")
+_PROJECTION_PART = {"LayerNorm": "norm", "net.1": "linear"}
+
+# Built by their model but never read by its forward.
+UNUSED_PREFIXES = ("llama_dim_mapper1.", "llama_dim_mapper2.", "token_fc.", "txt_proj_linear.")
+
+
+def authors_key_to_ours(key: str) -> str | None:
+    """Our name for an authors' parameter name; None for tensors their forward never uses."""
+    if key.startswith(UNUSED_PREFIXES):
+        return None
+    m = _PROJECTION.match(key)
+    if m:
+        return f"{m.group(1)}_proj.{m.group(2)}.{_PROJECTION_PART[m.group(3)]}.{key[m.end():]}"
+    for theirs, ours in AUTHORS_TO_OURS:
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    raise ModelError(f"unexpected parameter {key!r} in the authors' checkpoint")
+
+
+def ours_key_to_authors(key: str) -> str:
+    """Inverse of ``authors_key_to_ours`` (for tests and for exporting)."""
+    m = re.match(r"^(vid|txt)_proj\.(\d+)\.(norm|linear)\.", key)
+    if m:
+        part = {v: k for k, v in _PROJECTION_PART.items()}[m.group(3)]
+        return f"input_{m.group(1)}_proj.{m.group(2)}.{part}.{key[m.end():]}"
+    for theirs, ours in AUTHORS_TO_OURS:
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    raise ModelError(f"no authors' name for {key!r}")
+
+
+def _count(state: dict, prefix: str) -> int:
+    ids = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return max(ids) + 1 if ids else 0
+
+
+def config_from_authors(state: dict, opt) -> ModelConfig:
+    """Our configuration for an authors' state_dict (shapes) and options (the rest)."""
+    o = vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt or {})
+    d = state["class_embed.weight"].shape[1]
+    wq = state["transformer.llama.layers.0.attention.wq.weight"]
+    llm_dim = wq.shape[1]
+    n_llm = _count(state, "transformer.llama.layers.")
+    first = int(o.get("first_layer", 14))
+    dset = o.get("dset_name", "hl")
+    defaults = ModelConfig()
+    keep = {k: o[k] for k in ("nheads", "dim_feedforward", "dropout", "input_dropout", "use_txt_pos", "num_prompts",
+                              "contrastive_hdim", "temperature", "aux_loss", "max_v_l", "set_cost_span",
+                              "set_cost_giou", "set_cost_class", "span_loss_coef", "giou_loss_coef",
+                              "label_loss_coef", "eos_coef", "saliency_margin", "lw_saliency", "lw_wattn",
+                              "lw_ms_align", "lw_distill", "contrastive_align_loss_coef", "event_coef")
+            if k in o and o[k] is not None}
+    if o.get("span_loss_type", "l1") != "l1":
+        raise ModelError("only span_loss_type 'l1' checkpoints are supported")
+    shapes = dict(
+        hidden_dim=d,
+        txt_dim=state["input_txt_proj.0.LayerNorm.weight"].shape[0],
+        vid_dim=state["input_vid_proj.0.LayerNorm.weight"].shape[0],
+        n_input_proj=_count(state, "input_vid_proj."),
+        max_q_l=state["txt_position_embed.position_embeddings.weight"].shape[0],
+        enc_layers=_count(state, "transformer.encoder.layers."),
+        dec_layers=_count(state, "transformer.decoder.layers."),
+        t2v_layers=_count(state, "transformer.t2v_encoder.layers."),
+        moment_layers=_count(state, "transformer.mcls_encoder.layers."),
+        dummy_layers=_count(state, "txtproj_encoder.layers."),
+        sent_layers=_count(state, "scls_encoder.layers."),
+        num_queries=state["query_embed.weight"].shape[0],
+        num_dummies=state["dummy_rep_token"].shape[0],
+        total_prompts=state["global_rep_token"].shape[0],
+        contrastive_align_loss="contrastive_align_projection_query.weight" in state,
+        llm="", llm_layers=f"{first}:{first + n_llm}", llm_dim=llm_dim,
+        llm_heads=wq.shape[0] // LLAMA_HEAD_DIM,  # their blocks: dim // 128 heads (32 for LLaMA-7B)
+        llm_kv_heads=state["transformer.llama.layers.0.attention.wk.weight"].shape[0] // LLAMA_HEAD_DIM,
+        llm_ffn_dim=state["transformer.llama.layers.0.feed_forward.w1.weight"].shape[0],
+        llm_norm_eps=1e-6,  # hard-coded in their LLaMA config
+        llm_attention="batch", t2v_cross_sample_mask=True, event_loss=False,
+        vid_has_window_suffix=(dset == "hl"), saliency_loss_only=dset in ("youtube_uni", "tvsum"),
+        extra={"converted_from": "fletcherjiang/LLMEPET", "dset_name": dset,
+               "clip_length": float(o.get("clip_length", 2.0)), "v_feat_dirs": list(o.get("v_feat_dirs") or []),
+               "ctx_mode": o.get("ctx_mode", "video_tef")},
+    )
+    return ModelConfig.from_dict({**defaults.to_dict(), **keep, **shapes})
+
+
+def convert_state_dict(state: dict, opt) -> tuple[ModelConfig, dict]:
+    """(our config, our state_dict) for an authors' state_dict and options."""
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    for required in ("query_embed.weight", "transformer.llama.layers.0.attention.wq.weight", "dummy_rep_token"):
+        if required not in state:
+            raise ModelError(f"not an LLMEPET checkpoint: no {required!r} in its state_dict")
+    cfg = config_from_authors(state, opt)
+    ours = {}
+    for key, value in state.items():
+        new = authors_key_to_ours(key)
+        if new is not None:
+            ours[new] = value
+    return cfg, ours
+
+
+def load_authors_checkpoint(src: str) -> dict:
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"checkpoint {src} does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - unreadable / unsafe pickles: one line for the user
+        raise ModelError(f"cannot read {src} as a weights-only checkpoint: {str(exc).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ModelError(f"{src} is not an authors' checkpoint (expected a dict with 'model' and 'opt')")
+    return ckpt
+
+
+def convert_authors_checkpoint(src: str, out: str) -> ModelConfig:
+    """Read ``src`` (theirs), check that our model accepts every tensor, write ``out`` (ours)."""
+    from model.llmepet import LLMEPET
+
+    ckpt = load_authors_checkpoint(src)
+    cfg, state = convert_state_dict(ckpt["model"], ckpt.get("opt"))
+    model = LLMEPET(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"converted state_dict does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    _save(model, cfg, out)
+    return cfg
+
+
+def _save(model, cfg: ModelConfig, out: str):
+    """Write with the project's checkpoint format when available (model.checkpoint), else a plain dict."""
+    try:
+        from model.checkpoint import save_checkpoint
+    except ImportError:
+        save_checkpoint = None
+    feature_spec = {"converted": True, "vid_dim": cfg.vid_dim, "txt_dim": cfg.txt_dim,
+                    "clip_seconds": cfg.extra.get("clip_length", 2.0), "v_feat_dirs": cfg.extra.get("v_feat_dirs")}
+    if save_checkpoint is not None:
+        save_checkpoint(out, model=model, cfg=cfg, feature_spec=feature_spec)
+    else:
+        torch.save({"config": cfg.to_dict(), "model": model.state_dict(), "feature_spec": feature_spec}, out)
