@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -65,13 +66,15 @@ def video_windows(library, video: dict, query: np.ndarray, seeds: list[int], max
 
 
 def coarse_candidates(library, query: np.ndarray, cfg: CoarseConfig | None = None,
-                      videos: dict[int, dict] | None = None) -> list[Window]:
+                      videos: dict[int, dict] | None = None, timings: dict | None = None) -> list[Window]:
     """Top candidate windows for a query embedding.
 
-    Args: library: an open ``store.library.Library``; query: np.float32 [D], L2-normalised.
+    Args: library: an open ``store.library.Library``; query: np.float32 [D], L2-normalised; timings: if given,
+        receives the seconds spent in "coarse" (index search) and "windows" (exact scores, window placement).
     Returns: windows sorted by coarse score, best first (≤ cfg.n_windows).
     """
     cfg = cfg or CoarseConfig()
+    t0 = time.perf_counter()
     videos = video_table(library) if videos is None else videos
     seeds: dict[int, list[int]] = defaultdict(list)
     best: dict[int, float] = defaultdict(lambda: -np.inf)
@@ -89,10 +92,14 @@ def coarse_candidates(library, query: np.ndarray, cfg: CoarseConfig | None = Non
             seeds[vid].append(int((ev["start"] + ev["end"]) / 2 // 2))
             best[vid] = max(best[vid], float(score))
     ranked = [v for v in sorted(best, key=lambda v: -best[v]) if v in videos][: cfg.max_videos]
+    t1 = time.perf_counter()
     windows = []
     for vid in ranked:
         windows += video_windows(library, videos[vid], query, seeds[vid], cfg.max_windows_per_video)
     windows.sort(key=lambda w: -w.score)
+    if timings is not None:
+        timings["coarse"] = timings.get("coarse", 0.0) + t1 - t0
+        timings["windows"] = timings.get("windows", 0.0) + time.perf_counter() - t1
     return windows[: cfg.n_windows]
 
 

@@ -1,0 +1,84 @@
+"""Test-world libraries without video files: clip vectors computed from the scene, written through store.Library.
+
+Decoding 10^4 videos is out of reach on a laptop-sized machine, so for library-scale tests and benchmarks each
+distinct frame content (the set of visible objects) is rendered once, encoded with the world CLIP, and every clip
+showing that content gets that embedding plus a little Gaussian noise (re-normalised), standing in for the
+per-frame jitter and compression of real decoded frames. Pseudo-events are computed by the same function the
+indexer uses. TEST WORLD ONLY.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bench.world.generator import CLIP_SECONDS, WorldVideo
+from bench.world.scene import render_frame
+from model.pseudo_events import pseudo_event_clip_spans
+
+CLIP_NOISE = 0.03  # std of the per-dimension noise added to a clip's state embedding (before re-normalising)
+
+
+class StateEmbedder:
+    """Embeddings of frame contents (sorted tuples of objects), rendered and encoded once each."""
+
+    def __init__(self, encoder, seed: int = 0, renders: int = 2):
+        self.encoder = encoder
+        self.rng = np.random.default_rng(seed)
+        self.renders = renders
+        self.cache: dict[tuple, np.ndarray] = {}
+
+    def __call__(self, objects) -> np.ndarray:
+        key = tuple(sorted(objects, key=lambda o: o.position))
+        if key not in self.cache:
+            frames = [self.encoder.preprocess_frame(render_frame(list(key), self.rng, background=40))
+                      for _ in range(self.renders)]
+            emb = self.encoder.encode_images(torch.stack(frames)).mean(0)
+            self.cache[key] = (emb / np.linalg.norm(emb)).astype(np.float32)
+        return self.cache[key]
+
+
+def clip_vectors(video: WorldVideo, embed: StateEmbedder, rng: np.random.Generator,
+                 noise: float = CLIP_NOISE) -> np.ndarray:
+    """np.float32 [T, D]: one vector per 2-s clip (T = duration / 2), sampled at t = 2i."""
+    n = max(1, int(round(video.duration / CLIP_SECONDS)))
+    base = np.stack([embed(video.objects_at(i * CLIP_SECONDS)) for i in range(n)])
+    vecs = base + rng.normal(0, noise, base.shape).astype(np.float32)
+    return (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+
+
+def events_of(vectors: np.ndarray, duration: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(event spans seconds [E, 2], event clips [E, 2] first/last clip, event vectors [E, D]) of a video."""
+    spans = pseudo_event_clip_spans(torch.from_numpy(vectors))
+    n = len(vectors)
+    secs, clips, vecs = [], [], []
+    for k, (a, b) in enumerate(spans):
+        last = b if k == len(spans) - 1 else max(a, b - 1)  # the boundary clip opens the next event
+        secs.append((a * CLIP_SECONDS, min((last + 1) * CLIP_SECONDS, max(duration, a * CLIP_SECONDS))))
+        clips.append((a, min(last, n - 1)))
+        v = vectors[a: last + 1].mean(0)
+        vecs.append(v / np.linalg.norm(v))
+    return np.asarray(secs, np.float32), np.asarray(clips, np.int64), np.asarray(vecs, np.float32)
+
+
+def write_library(index_dir, videos: list[WorldVideo], encoder, seed: int = 0, progress: bool = False) -> None:
+    """An index at ``index_dir`` holding ``videos`` as synthetic clip vectors (paths ``<vid>.mp4``)."""
+    from tqdm import tqdm
+
+    from store.library import Library
+
+    rng = np.random.default_rng(seed)
+    embed = StateEmbedder(encoder, seed)
+    with Library(index_dir, read_only=False) as lib:
+        lib.prepare(encoder.model_id, encoder.embed_dim, root="synthetic")
+        ids = lib.add_pending([(f"{v.vid}.mp4", 0, 0.0) for v in videos])
+        with lib.session():
+            for v in tqdm(videos, desc="synthetic library", disable=not progress):
+                vecs = clip_vectors(v, embed, rng)
+                n = len(vecs)
+                clip_spans = np.stack([np.arange(n) * CLIP_SECONDS,
+                                       np.minimum((np.arange(n) + 1) * CLIP_SECONDS, v.duration)], 1).astype(np.float32)
+                ev_secs, ev_clips, ev_vecs = events_of(vecs, v.duration)
+                info = {"size": 0, "mtime": 0.0, "content_hash": v.vid, "duration": v.duration, "fps": 2.0,
+                        "width": 64, "height": 64}
+                lib.commit_video(ids[f"{v.vid}.mp4"], info, clip_spans, vecs, ev_secs, ev_clips, ev_vecs)
+        lib.save_faiss(lib.open_faiss(force_rebuild=True))

@@ -1,0 +1,85 @@
+"""Moments from candidate windows -> one ranked list: the final-score rule and NMS across overlapping windows.
+
+The final score (FINAL_SCORE_RULE, measured in bench/search.py on the test world):
+
+    final = confidence + COARSE_WEIGHT * coarse
+
+``confidence`` is the reranker's foreground probability of the moment (softmax of its class logits), which the
+model only learned to compare WITHIN a window: every training window holds its moment, so a window of the wrong
+video still gets a confident best moment. ``coarse`` is the mean CLIP cosine between the query and the moment's
+clips (exact, from the stored vectors), comparable ACROSS videos. The sum ranks moments of the right video first
+(coarse) and, within a video, the better-localised moment first (confidence). Without the reranker, the coarse
+moment's score is its coarse score.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.spans import CLIP_SECONDS
+
+COARSE_WEIGHT = 4.0  # cosines of a matching vs a non-matching clip differ by ~0.2-0.5; confidences by ~0.1-0.5
+NMS_IOU = 0.5  # moments of one video overlapping a better one by more than this are dropped
+
+
+@dataclass
+class Moment:
+    video_id: int
+    path: str
+    start: float  # seconds, absolute in the video
+    end: float
+    confidence: float | None  # reranker foreground probability; None for coarse moments
+    coarse: float  # mean query-clip cosine over the moment's clips
+    saliency: list = field(default_factory=list)  # the window's per-clip saliency (reranker) or cosine (coarse)
+    window: tuple[float, float] = (0.0, 0.0)  # the candidate window it came from (seconds)
+    score: float = 0.0
+
+    def to_dict(self, reranked: bool) -> dict:
+        return {"path": self.path, "video_id": self.video_id, "start": round(float(self.start), 3),
+                "end": round(float(self.end), 3), "score": round(float(self.score), 6),
+                "coarse_score": round(float(self.coarse), 6),
+                "confidence": None if self.confidence is None else round(float(self.confidence), 6),
+                "saliency": [round(float(s), 4) for s in self.saliency],
+                "window": [round(float(self.window[0]), 3), round(float(self.window[1]), 3)],
+                "reranked": reranked}
+
+
+def final_score(confidence: float | None, coarse: float, coarse_weight: float = COARSE_WEIGHT) -> float:
+    """The ranking score of a moment (see the module docstring)."""
+    if confidence is None:
+        return float(coarse)
+    return float(confidence) + coarse_weight * float(coarse)
+
+
+def span_coarse_score(clip_scores: np.ndarray, first_clip: int, start: float, end: float) -> float:
+    """Mean cosine of the window's clips that the span [start, end) s covers (at least the clip holding start).
+
+    clip_scores [n] belong to clips first_clip .. first_clip + n - 1.
+    """
+    n = len(clip_scores)
+    a = int(np.floor(start / CLIP_SECONDS + 1e-6)) - first_clip
+    b = int(np.ceil(end / CLIP_SECONDS - 1e-6)) - first_clip
+    a = min(max(a, 0), n - 1)
+    b = min(max(b, a + 1), n)
+    return float(np.mean(clip_scores[a:b]))
+
+
+def iou(a: Moment, b: Moment) -> float:
+    inter = max(0.0, min(a.end, b.end) - max(a.start, b.start))
+    union = max(a.end, b.end) - min(a.start, b.start)
+    return inter / union if union > 0 else 0.0
+
+
+def nms_merge(moments: list[Moment], iou_threshold: float = NMS_IOU, top_k: int | None = None) -> list[Moment]:
+    """Greedy NMS per video in final-score order; moments of different videos never suppress each other."""
+    kept: list[Moment] = []
+    by_video: dict[int, list[Moment]] = {}
+    for m in sorted(moments, key=lambda m: -m.score):
+        same = by_video.setdefault(m.video_id, [])
+        if all(iou(m, k) <= iou_threshold for k in same):
+            same.append(m)
+            kept.append(m)
+            if top_k is not None and len(kept) >= top_k:
+                break
+    return kept

@@ -1,0 +1,102 @@
+"""Rerank stage: the checkpoint's LLMEPET over the candidate windows -> localized moments in video seconds.
+
+Each window is one model sample, made as the training data code makes a sample (model.data): clip features
+L2-normalised with the TEF appended, the query's per-token CLIP features cut to max_q_l and L2-normalised. Windows
+run in batches (padded, masked); the outputs are decoded by model.postprocess (foreground probability, spans in
+window seconds, rounded to the 2-s grid) and shifted by the window's start.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from model.data import collate, l2_normalize
+from model.postprocess import clean_windows, decode_outputs
+from model.spans import CLIP_SECONDS, temporal_endpoint_feature
+from retriever.merge import Moment, span_coarse_score
+from retriever.windows import Window
+from store.errors import VmrError
+
+MOMENTS_PER_WINDOW = 3  # best predicted spans kept per window before the cross-window NMS
+
+
+class Reranker:
+    """A loaded LLMEPET checkpoint, ready to score windows.
+
+    Attributes: model (eval mode), data_cfg (model.data.DataConfig), spec (feature spec dict: clip_model,
+    video_dims, text_dim, clip_seconds), device.
+    """
+
+    def __init__(self, model, data_cfg, spec: dict, device, batch_size: int = 32, path: str = ""):
+        self.model = model.eval()
+        self.data_cfg = data_cfg
+        self.spec = spec
+        self.device = device
+        self.batch_size = batch_size
+        self.path = path
+
+    @classmethod
+    def load(cls, checkpoint: str, device: str = "auto", batch_size: int = 32) -> "Reranker":
+        from model.checkpoint import data_config_of, load_checkpoint
+        from model.features import resolve_device
+
+        torch_device = resolve_device(device)
+        model, ckpt = load_checkpoint(checkpoint, device=torch_device)
+        return cls(model, data_config_of(ckpt), dict(ckpt["feature_spec"]), torch_device, batch_size,
+                   str(checkpoint))
+
+    def check_index(self, meta: dict) -> None:
+        """Refuse an index whose CLIP features are not the ones the checkpoint was trained on."""
+        want, have = self.spec.get("clip_model"), meta.get("clip_model")
+        if want and have and want != have:
+            raise VmrError(f"the reranker {self.path or ''} was trained on {want} features but the index holds "
+                           f"{have}: use a checkpoint trained on this index's CLIP, or --no-rerank")
+        dims = self.spec.get("video_dims")
+        if dims and meta.get("embed_dim") and int(sum(dims)) != int(meta["embed_dim"]):
+            raise VmrError(f"the reranker expects {sum(dims)}-d clip features, the index has {meta['embed_dim']}-d")
+        seconds = self.spec.get("clip_seconds")
+        if seconds and abs(float(seconds) - CLIP_SECONDS) > 1e-6:
+            raise VmrError(f"the reranker was trained on {seconds}-s clips, the index uses {CLIP_SECONDS}-s clips")
+
+    def _item(self, window: Window, text: torch.Tensor) -> dict:
+        feats = window.feats[: self.data_cfg.v_limit] if self.data_cfg.v_limit else window.feats
+        if self.data_cfg.normalize_v:
+            feats = l2_normalize(feats)
+        video = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
+        if self.data_cfg.use_tef:
+            video = torch.cat([video, temporal_endpoint_feature(len(video))], dim=1)
+        return {"video": video, "text": text, "meta": {"duration": len(video) * CLIP_SECONDS}}
+
+    def text_input(self, tokens: np.ndarray) -> torch.Tensor:
+        """Per-token query features [L, Dt] -> the model's text input (cut, normalised)."""
+        tokens = np.asarray(tokens, dtype=np.float32)[: self.data_cfg.q_limit]
+        if self.data_cfg.normalize_t:
+            tokens = l2_normalize(tokens)
+        return torch.from_numpy(np.ascontiguousarray(tokens))
+
+    @torch.inference_mode()
+    def moments(self, windows: list[Window], text_tokens: np.ndarray,
+                per_window: int = MOMENTS_PER_WINDOW) -> list[Moment]:
+        """Localized moments of every window (``per_window`` best each), in absolute video seconds.
+
+        Args: windows with feats [n_i, D] and clip_scores [n_i]; text_tokens np.float32 [L, Dt].
+        """
+        text = self.text_input(text_tokens)
+        out: list[Moment] = []
+        for start in range(0, len(windows), self.batch_size):
+            chunk = windows[start: start + self.batch_size]
+            batch = collate([self._item(w, text) for w in chunk])
+            inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
+            outputs = self.model(**inputs)
+            decoded = decode_outputs(outputs, inputs["src_vid_mask"], batch["meta"])
+            for window, pred in zip(chunk, decoded):
+                rows = clean_windows(pred["windows"], CLIP_SECONDS, max_ts=None)[:per_window]
+                for st, ed, conf in rows:
+                    st, ed = window.start + st, window.start + ed
+                    ed = min(ed, window.end)
+                    if ed - st < CLIP_SECONDS / 2:  # rounding collapsed it: keep one clip
+                        ed = min(st + CLIP_SECONDS, window.end)
+                    out.append(Moment(window.video_id, window.path, st, ed, float(conf),
+                                      span_coarse_score(window.clip_scores, window.first_clip, st, ed),
+                                      saliency=pred["saliency"], window=(window.start, window.end)))
+        return out
