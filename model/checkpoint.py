@@ -1,0 +1,137 @@
+"""Self-contained LLMEPET checkpoints: everything needed to rebuild the model and to refuse features it was not
+trained on. Loaded with ``torch.load(weights_only=True)`` (plain dicts, lists, numbers, strings and tensors only).
+
+Layout (a dict):
+    format, version          "vmr-llmepet", 1
+    model_config             ModelConfig.to_dict()
+    data_config              DataConfig.to_dict() (max lengths, clip length, normalisation, feature dirs)
+    feature_spec             clip_model, video_kinds, video_dims, text_dim, clip_seconds
+    dataset                  qvhighlights | charades | tacos | custom (post-processing rule)
+    state                    the model's state_dict without the frozen LLM blocks when those are referenced
+    llm                      {"mode": "embedded"} or {"mode": "reference", "source", "layers", "sha256"}
+    train_state (optional)   optimizer / scheduler state, epoch, best score, train config (for --resume)
+    metrics (optional)       the validation "brief" metrics of this checkpoint
+
+The frozen LLM blocks (3 LLaMA-7B layers: ~600M parameters) are stored as a reference to their source (HF id,
+directory or consolidated.pth) plus a SHA-256 of their bf16 values; loading re-reads them and refuses a source
+whose weights changed. Random LLM blocks (tests, synthetic world) cannot be re-read, so they are embedded, as
+they are when ``embed_llm=True``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+
+import torch
+
+from model.config import ModelConfig
+from model.data import DataConfig, check_feature_spec
+from model.errors import ModelError
+
+FORMAT, VERSION = "vmr-llmepet", 1
+LLM_BLOCK_PREFIX = "llm.blocks."
+
+
+def llm_blocks_sha256(model) -> str:
+    """SHA-256 of the LLM blocks' weights (names, shapes, values cast to bf16 so fp32 and bf16 copies of the
+    same source agree)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.llm.blocks.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _embeds_llm(cfg: ModelConfig, embed_llm: bool) -> bool:
+    return embed_llm or cfg.llm in ("", "random")
+
+
+def save_checkpoint(path: str, model, data_cfg: DataConfig, feature_spec: dict, dataset: str,
+                    train_state: dict | None = None, metrics: dict | None = None, embed_llm: bool = False) -> None:
+    """Write ``model`` (an LLMEPET) and its data/feature settings to ``path`` atomically."""
+    cfg: ModelConfig = model.cfg
+    state = model.state_dict()
+    if _embeds_llm(cfg, embed_llm):
+        llm = {"mode": "embedded"}
+    else:
+        llm = {"mode": "reference", "source": cfg.llm, "layers": cfg.llm_layers, "sha256": llm_blocks_sha256(model)}
+        state = {k: v for k, v in state.items() if not k.startswith(LLM_BLOCK_PREFIX)}
+    ckpt = {"format": FORMAT, "version": VERSION, "model_config": cfg.to_dict(), "data_config": data_cfg.to_dict(),
+            "feature_spec": dict(feature_spec), "dataset": dataset,
+            "state": {k: v.detach().cpu() for k, v in state.items()}, "llm": llm}
+    if train_state is not None:
+        ckpt["train_state"] = train_state
+    if metrics is not None:
+        ckpt["metrics"] = {k: float(v) for k, v in metrics.items()}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ckpt-", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_checkpoint(path: str) -> dict:
+    """The raw checkpoint dict (weights_only). ModelError when it is not a vmr LLMEPET checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"checkpoint {path} does not exist") from None
+    except Exception as err:  # noqa: BLE001 - unreadable / unsafe pickle: the user's file to fix
+        raise ModelError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        hint = " (an authors' checkpoint? convert it with `vmr convert-checkpoint`)" \
+            if isinstance(ckpt, dict) and "model" in ckpt else ""
+        raise ModelError(f"{path} is not a vmr LLMEPET checkpoint{hint}")
+    if ckpt.get("version", 0) > VERSION:
+        raise ModelError(f"{path} was written by a newer vmr (checkpoint version {ckpt['version']})")
+    return ckpt
+
+
+def load_checkpoint(path: str, device="cpu", features: dict | None = None, what: str = "these features"):
+    """Rebuild the model of a checkpoint.
+
+    Args:
+        features: the feature spec of the data it will see (provider.feature_spec()); refused with ModelError
+            when it does not match the checkpoint's.
+    Returns: (model in eval mode on ``device``, checkpoint dict).
+    """
+    from model.llmepet import build_model
+
+    ckpt = read_checkpoint(path)
+    if features is not None:
+        check_feature_spec(ckpt["feature_spec"], features, what)
+    cfg = ModelConfig.from_dict(ckpt["model_config"])
+    llm = ckpt["llm"]
+    if llm["mode"] == "embedded":
+        model = build_model(cfg, llm_weights=False, device=device)
+        _load_state(model, ckpt["state"], path, allowed_missing=())
+    else:
+        if (llm["source"], llm["layers"]) != (cfg.llm, cfg.llm_layers):
+            raise ModelError(f"{path}: inconsistent LLM reference")
+        model = build_model(cfg, llm_weights=True, device=device)
+        digest = llm_blocks_sha256(model)
+        if digest != llm["sha256"]:
+            raise ModelError(f"LLM weights read from {llm['source']} (layers {llm['layers']}) differ from those "
+                             f"{path} was trained with (sha256 {digest[:12]} != {llm['sha256'][:12]})")
+        blocks = {k for k in model.state_dict() if k.startswith(LLM_BLOCK_PREFIX)}
+        _load_state(model, ckpt["state"], path, allowed_missing=blocks)
+    model.eval()
+    return model, ckpt
+
+
+def _load_state(model, state: dict, path: str, allowed_missing) -> None:
+    result = model.load_state_dict(state, strict=False)
+    missing = set(result.missing_keys) - set(allowed_missing)
+    if missing or result.unexpected_keys:
+        raise ModelError(f"{path} does not fit the model its config describes "
+                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(result.unexpected_keys)[:3]})")
+
+
+def data_config_of(ckpt: dict) -> DataConfig:
+    return DataConfig.from_dict(ckpt["data_config"])
