@@ -64,39 +64,9 @@ class ClipEncoder:
         import open_clip
 
         torch_device = resolve_device(device)
-        name = _register_model(model_name_or_config_json)
-        kwargs = {}
-        if not pretrained:
-            if not allow_random:
-                raise ModelError(f"no CLIP weights given for {name}: pass a pretrained tag (e.g. openai) or a "
-                                 "local checkpoint file (--clip-pretrained PATH)")
-            model_id = f"{name}:random"
+        name, model_id, weights, kwargs = resolve_weights(model_name_or_config_json, pretrained, allow_random)
+        if weights is None:
             torch.manual_seed(RANDOM_SEED)
-            weights = None
-        elif os.path.isfile(pretrained):
-            model_id = f"{name}:{Path(pretrained).name}"
-            weights = pretrained
-        else:
-            tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
-            if not tag_cfg:
-                tags = open_clip.list_pretrained_tags_by_model(name)
-                raise ModelError(f"{pretrained!r} is neither a checkpoint file nor a pretrained tag of {name} "
-                                 f"(tags: {', '.join(tags) or 'none'})")
-            model_id = f"{name}:{pretrained}"
-            weights = _cached_weights(tag_cfg)
-            if weights is None:
-                if _offline():
-                    raise ModelError(f"CLIP weights {model_id} are not in the local cache and there is no network: "
-                                     "download them once online, or pass a local checkpoint with "
-                                     "--clip-pretrained /path/to/open_clip_model.safetensors")
-                weights = pretrained  # open_clip downloads it into the HF cache
-            else:
-                # A cached file loses the tag's own settings unless they are passed along (openai needs QuickGELU).
-                kwargs = {"force_quick_gelu": bool(tag_cfg.get("quick_gelu", False))}
-                for key, arg in (("mean", "image_mean"), ("std", "image_std"),
-                                 ("interpolation", "image_interpolation"), ("resize_mode", "image_resize_mode")):
-                    if tag_cfg.get(key) is not None:
-                        kwargs[arg] = tag_cfg[key]
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=weights, device=torch_device, **kwargs)
@@ -112,6 +82,24 @@ class ClipEncoder:
         from PIL import Image
 
         return self.preprocess(Image.fromarray(np.ascontiguousarray(rgb)))
+
+    @property
+    def preprocess_cfg(self) -> dict:
+        """The model's image preprocessing as data (size, mean, std, interpolation, resize_mode, ...)."""
+        return dict(self.model.visual.preprocess_cfg)
+
+    @torch.inference_mode()
+    def encode_frames_uint8(self, frames: np.ndarray) -> np.ndarray:
+        """Frames already resized/cropped by ``frame_resizer`` (uint8 [N, S, S, 3]) -> np.float32 [N, embed_dim].
+
+        Equals encode_images(stack(preprocess_frame(f))): the same x/255 then (x - mean) / std as the model's own
+        ToTensor + Normalize, done here so that decode workers ship 4x smaller uint8 frames.
+        """
+        cfg = self.preprocess_cfg
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div(255.0)
+        mean = torch.tensor(cfg["mean"], dtype=torch.float32)[None, :, None, None]
+        std = torch.tensor(cfg["std"], dtype=torch.float32)[None, :, None, None]
+        return self.encode_images((x - mean) / std)
 
     @torch.inference_mode()
     def encode_images(self, batch: torch.Tensor | np.ndarray, chunk: int = 256) -> np.ndarray:
@@ -165,6 +153,71 @@ class ClipEncoder:
         else:
             ends = tokens.argmax(dim=1)
         return [int(e) + 1 for e in ends]
+
+
+def resolve_weights(model_name_or_config_json: str, pretrained: str | None, allow_random: bool = False):
+    """Check a model + weights choice without loading anything heavy (ModelError at once if unusable).
+
+    Returns (open_clip model name, model_id, weights for create_model (tag, file or None), extra kwargs).
+    """
+    import open_clip
+
+    name = _register_model(model_name_or_config_json)
+    kwargs = {}
+    if not pretrained:
+        if not allow_random:
+            raise ModelError(f"no CLIP weights given for {name}: pass a pretrained tag (e.g. openai) or a "
+                             "local checkpoint file (--clip-pretrained PATH)")
+        return name, f"{name}:random", None, kwargs
+    if os.path.isfile(pretrained):
+        return name, f"{name}:{Path(pretrained).name}", pretrained, kwargs
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ModelError(f"{pretrained!r} is neither a checkpoint file nor a pretrained tag of {name} "
+                         f"(tags: {', '.join(tags) or 'none'})")
+    model_id = f"{name}:{pretrained}"
+    weights = _cached_weights(tag_cfg)
+    if weights is None:
+        if _offline():
+            raise ModelError(f"CLIP weights {model_id} are not in the local cache and there is no network: "
+                             "download them once online, or pass a local checkpoint with "
+                             "--clip-pretrained /path/to/open_clip_model.safetensors")
+        return name, model_id, pretrained, kwargs  # open_clip downloads it into the HF cache
+    # A cached file loses the tag's own settings unless they are passed along (openai needs QuickGELU).
+    kwargs = {"force_quick_gelu": bool(tag_cfg.get("quick_gelu", False))}
+    for key, arg in (("mean", "image_mean"), ("std", "image_std"),
+                     ("interpolation", "image_interpolation"), ("resize_mode", "image_resize_mode")):
+        if tag_cfg.get(key) is not None:
+            kwargs[arg] = tag_cfg[key]
+    return name, model_id, weights, kwargs
+
+
+def model_embed_dim(model_name_or_config_json: str) -> int:
+    """The pooled embedding size of a model (from its config; no weights loaded)."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(_register_model(model_name_or_config_json))
+    return int(cfg["embed_dim"])
+
+
+def frame_resizer(preprocess_cfg: dict):
+    """The model's resize + crop as a function rgb uint8 [H, W, 3] -> uint8 [S, S, 3] (no normalisation).
+
+    Built from the preprocessing config alone (no model), so decode workers can run it.
+    """
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from PIL import Image
+
+    fields = {k: v for k, v in preprocess_cfg.items() if k in PreprocessCfg.__dataclass_fields__}
+    fields.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # ToTensor's x/255 only: exactly invertible
+    transform = image_transform_v2(PreprocessCfg(**fields), is_train=False)
+
+    def resize(rgb: np.ndarray) -> np.ndarray:
+        x = transform(Image.fromarray(np.ascontiguousarray(rgb)))  # float [3, S, S] = uint8 / 255
+        return x.mul(255.0).round_().to(torch.uint8).permute(1, 2, 0).numpy()
+
+    return resize
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -1,0 +1,101 @@
+"""What runs inside Ray: the decode task (one segment of one video) and the CLIP actor (holds the model).
+
+Both are plain Python here; indexer.ingest wraps them with ray.remote and its resource options. A decode task
+never raises for a bad file: it returns the reason, so one broken file cannot fail the run.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import numpy as np
+
+from indexer.decode import DecodeError, probe, sample_clip_frames
+from indexer.discover import content_hash
+
+
+@functools.lru_cache(maxsize=4)
+def _resizer(preprocess_json: str):
+    from model.features import frame_resizer
+
+    return frame_resizer(json.loads(preprocess_json))
+
+
+def decode_segment(abspath: str, video_id: int, first_clip: int, stop_clip: int | None, preprocess_json: str,
+                   stored_hash: str | None = None, size: int | None = None) -> tuple[dict, np.ndarray]:
+    """Frames of clips [first_clip, stop_clip) of one video (stop_clip None: to its end).
+
+    The first segment (first_clip == 0) also fingerprints the file and probes the container: when
+    ``stored_hash`` equals the content hash the video is unchanged and nothing is decoded.
+    Returns (info dict, frames uint8 [n, S, S, 3]).
+    """
+    info = {"video_id": video_id, "first_clip": first_clip, "n": 0, "error": None, "node": _node_id(),
+            "pid": os.getpid()}
+    empty = np.zeros((0, 1, 1, 3), np.uint8)
+    try:
+        if first_clip == 0 and size == 0:
+            info["error"] = "empty file (0 bytes)"
+            return info, empty
+        if first_clip == 0:
+            info["content_hash"] = content_hash(abspath, size)
+            if stored_hash is not None and info["content_hash"] == stored_hash:
+                info["unchanged"] = True
+                return info, empty
+            meta = probe(abspath)
+            info.update(est_duration=meta.duration, fps=meta.fps)
+        frames, sampled = sample_clip_frames(abspath, _resizer(preprocess_json), first_clip, stop_clip)
+    except DecodeError as err:
+        info["error"] = str(err)
+        return info, empty
+    except OSError as err:
+        info["error"] = f"cannot read: {err.strerror or err}"
+        return info, empty
+    except Exception as err:  # noqa: BLE001 - any decoder surprise marks this file failed, not the run
+        info["error"] = f"decode failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        return info, empty
+    info.update(n=sampled.n, end_time=sampled.end_time, total_clips=sampled.total_clips, width=sampled.width,
+                height=sampled.height, rotation=sampled.rotation, decoded=sampled.decoded, seeks=sampled.seeks)
+    return info, frames
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray
+        return None
+
+
+class ClipWorker:
+    """Holds one CLIP model; embeds batches of resized frames from any number of videos."""
+
+    def __init__(self, clip_model: str, clip_pretrained: str | None, device: str, allow_random: bool,
+                 threads: int | None = None):
+        import torch
+
+        from model.features import ClipEncoder
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.encoder = ClipEncoder.load(clip_model, clip_pretrained, device=device, allow_random=allow_random)
+
+    def describe(self) -> dict:
+        enc = self.encoder
+        cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in enc.preprocess_cfg.items()}
+        return {"model_id": enc.model_id, "embed_dim": enc.embed_dim, "preprocess": cfg, "device": str(enc.device),
+                "node": _node_id()}
+
+    def embed(self, *frame_batches: np.ndarray) -> list[np.ndarray]:
+        """One f32 [n_i, D] (L2-normalised) per uint8 [n_i, S, S, 3] argument; frames of all run as one batch."""
+        sizes = [len(b) for b in frame_batches]
+        batches = [b for b in frame_batches if len(b)]
+        if not batches:
+            return [np.zeros((0, self.encoder.embed_dim), np.float32) for _ in sizes]
+        feats = self.encoder.encode_frames_uint8(np.concatenate(batches))
+        out, start = [], 0
+        for n in sizes:
+            out.append(feats[start: start + n])
+            start += n
+        return out

@@ -1,0 +1,334 @@
+"""A vmr library on disk: one DuckDB file (truth) + FAISS files (coarse search), read and written through here.
+
+    with Library(index_dir) as lib:                       # read-only (search, status, training data)
+        lib.meta(); lib.videos(); lib.resolve_vid("cats/tabby.mp4")
+        lib.clip_embeddings(vid) -> f32 [T, D]; lib.events(vid) -> [{idx, start, end}]
+        lib.search_clips(query [D], k) -> [(video_id, clip_idx, score)]
+
+The writer (indexer) opens it with read_only=False and groups commits in ``with lib.session():`` blocks kept short,
+because a DuckDB file is either one read-write process or any number of readers. Read-only calls open the file for
+one query each (waiting out a writer's batch), so a search never holds the writer up for long either.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import time
+
+import numpy as np
+
+from store import db, faiss_index, vectors
+from store.errors import VmrError
+
+FETCH_FACTOR = 4  # an approximate FAISS index returns k * FETCH_FACTOR hits, re-scored exactly from DuckDB
+
+
+class Library:
+    def __init__(self, index_dir, read_only: bool = True):
+        self.index_dir = os.fspath(index_dir)
+        self.read_only = read_only
+        self._con = None
+        self._faiss_cache: dict = {}  # kind -> (mtime, index) for readers
+        if read_only:
+            with self._connection() as con:  # fails now, with a clear message, if there is no index
+                if not db.read_meta(con):
+                    raise VmrError(f"{self.index_dir} is not a finished vmr index (no meta)")
+
+    # ---- connections -------------------------------------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+    @contextlib.contextmanager
+    def session(self):
+        """Hold one connection for a batch of calls (the writer's batches; keep them short)."""
+        if self._con is not None:
+            yield self._con
+            return
+        self._con = db.connect(self.index_dir, read_only=self.read_only)
+        try:
+            yield self._con
+        finally:
+            self.close()
+
+    @contextlib.contextmanager
+    def _connection(self):
+        if self._con is not None:
+            yield self._con
+        else:
+            con = db.connect(self.index_dir, read_only=self.read_only)
+            try:
+                yield con
+            finally:
+                con.close()
+
+    # ---- reads -------------------------------------------------------------------------------------------------
+    def meta(self) -> dict:
+        """schema_version, clip_model, embed_dim, root, generation, faiss (state of the FAISS files)..."""
+        with self._connection() as con:
+            meta = db.read_meta(con)
+        meta["faiss"] = vectors.read_state(self.index_dir)
+        return meta
+
+    def videos(self, status: str | None = None) -> list[dict]:
+        """Rows of `videos` (dicts), ordered by id; ``status`` filters ('indexed', 'failed', 'pending')."""
+        sql = ("SELECT id, path, size, mtime, content_hash, duration, fps, width, height, n_clips, n_events, "
+               "status, error, indexed_at FROM videos")
+        params = []
+        if status is not None:
+            sql += " WHERE status = ?"
+            params.append(status)
+        with self._connection() as con:
+            cursor = con.execute(sql + " ORDER BY id", params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def video(self, video_id: int) -> dict:
+        for row in self._select_videos("id = ?", [int(video_id)]):
+            return row
+        raise VmrError(f"no video with id {video_id} in {self.index_dir}")
+
+    def resolve_vid(self, vid: str) -> int:
+        """Video id of an indexed video named by its path relative to the root, or its file stem."""
+        vid = str(vid).replace(os.sep, "/")
+        rows = self._select_videos("path = ? AND status = 'indexed'", [vid])
+        if not rows:
+            stems = self._select_videos("status = 'indexed'", [])
+            rows = [r for r in stems if os.path.splitext(os.path.basename(r["path"]))[0] == vid]
+        if not rows:
+            raise VmrError(f"no indexed video {vid!r} in {self.index_dir} (give its path relative to the indexed "
+                           "folder, or its file name without extension)")
+        if len(rows) > 1:
+            raise VmrError(f"{vid!r} names {len(rows)} videos ({', '.join(r['path'] for r in rows[:3])}...): "
+                           "give the path relative to the indexed folder")
+        return int(rows[0]["id"])
+
+    def _select_videos(self, where: str, params: list) -> list[dict]:
+        with self._connection() as con:
+            cursor = con.execute(f"SELECT id, path, duration, n_clips, n_events, status, error FROM videos WHERE {where}",
+                                 params)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def clip_embeddings(self, video_id: int) -> np.ndarray:
+        """f32 [T, D]; row i = clip i (the frame sampled for [2i, 2i+2) s)."""
+        with self._connection() as con:
+            out = db.fetch_vectors(con, "SELECT embedding FROM clips WHERE video_id = ? ORDER BY idx", [int(video_id)])
+            if len(out) == 0:
+                dim = db.read_meta(con).get("embed_dim", 0)
+                out = np.zeros((0, dim), np.float32)
+        return out
+
+    def clips(self, video_id: int) -> list[dict]:
+        """[{idx, start, end}] of one video (seconds)."""
+        return self._spans("clips", video_id)
+
+    def events(self, video_id: int) -> list[dict]:
+        """Pseudo-events of one video: [{idx, start, end}] (seconds), in order."""
+        return self._spans("events", video_id)
+
+    def event_embeddings(self, video_id: int) -> np.ndarray:
+        with self._connection() as con:
+            return db.fetch_vectors(con, "SELECT embedding FROM events WHERE video_id = ? ORDER BY idx", [int(video_id)])
+
+    def _spans(self, table: str, video_id: int) -> list[dict]:
+        with self._connection() as con:
+            rows = con.execute(f'SELECT idx, start, "end" FROM {table} WHERE video_id = ? ORDER BY idx',
+                               [int(video_id)]).fetchall()
+        return [{"idx": i, "start": s, "end": e} for i, s, e in rows]
+
+    def counts(self) -> dict:
+        with self._connection() as con:
+            clips = con.execute("SELECT count(*) FROM clips").fetchone()[0]
+            events = con.execute("SELECT count(*) FROM events").fetchone()[0]
+            by_status = dict(con.execute("SELECT status, count(*) FROM videos GROUP BY status").fetchall())
+        return {"clips": clips, "events": events, **{f"videos_{k}": v for k, v in by_status.items()}}
+
+    # ---- search ------------------------------------------------------------------------------------------------
+    def search_clips(self, query: np.ndarray, k: int) -> list[tuple[int, int, float]]:
+        """Top-k clips by cosine with ``query`` f32 [D] (normalised): [(video_id, clip_idx, score)], best first."""
+        return self._search("clips", query, k)
+
+    def search_events(self, query: np.ndarray, k: int) -> list[tuple[int, int, float]]:
+        """Top-k pseudo-events: [(video_id, event_idx, score)], best first."""
+        return self._search("events", query, k)
+
+    def _search(self, kind: str, query: np.ndarray, k: int) -> list[tuple[int, int, float]]:
+        query = np.asarray(query, dtype=np.float32).reshape(-1)
+        k = int(k)
+        if k <= 0:
+            return []
+        index = self._faiss(kind)
+        with self._connection() as con:
+            dim = db.read_meta(con).get("embed_dim")
+            if dim is not None and query.shape[0] != dim:
+                raise VmrError(f"query has {query.shape[0]} dims, the index {dim} (different CLIP model?)")
+            if index is None:
+                hits = vectors.brute_force(con, kind, query, k)
+            else:
+                fetch = k if faiss_index.is_exact(index) else k * FETCH_FACTOR
+                fetch = min(fetch + 16, max(int(index.ntotal), 1))  # slack for ids gone since the file was written
+                _, ids = faiss_index.search(index, query[None], fetch)
+                current = vectors.fetch_by_ids(con, kind, ids[0])
+                # Exact re-score from DuckDB: approximate indexes get exact scores, stale ids drop out.
+                hits = sorted(((i, float(v @ query)) for i, v in current.items()), key=lambda h: -h[1])[:k]
+        return [(int(i // db.VIDEO_ID_STRIDE), int(i % db.VIDEO_ID_STRIDE), s) for i, s in hits]
+
+    def _faiss(self, kind: str):
+        path = vectors.index_file(self.index_dir, kind)
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            return None
+        cached = self._faiss_cache.get(kind)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, faiss_index.read_index(path))
+            self._faiss_cache[kind] = cached
+        return cached[1]
+
+    # ---- writes (indexer) ----------------------------------------------------------------------------------
+    def _writable(self):
+        if self.read_only:
+            raise VmrError("this Library was opened read-only")
+
+    def prepare(self, clip_model: str, embed_dim: int, root: str) -> dict:
+        """Create the schema (first run) or check the index matches this CLIP model and root. Returns meta."""
+        self._writable()
+        with self.session() as con:
+            meta = db.read_meta(con)
+            if meta:
+                if meta.get("schema_version") != db.SCHEMA_VERSION:
+                    raise VmrError(f"index {self.index_dir} has schema v{meta.get('schema_version')}, this vmr "
+                                   f"writes v{db.SCHEMA_VERSION}: index into a new --index directory")
+                if meta.get("clip_model") != clip_model or meta.get("embed_dim") != embed_dim:
+                    raise VmrError(f"index {self.index_dir} holds {meta.get('clip_model')} features; you asked for "
+                                   f"{clip_model}: use the same --clip-model/--clip-pretrained or a new --index")
+                if meta.get("root") != root:
+                    raise VmrError(f"index {self.index_dir} indexes {meta.get('root')}, not {root}: use a new --index")
+                return meta
+            with db.transaction(con):
+                for sql in db.schema_sql(embed_dim):
+                    con.execute(sql)
+                meta = {"schema_version": db.SCHEMA_VERSION, "clip_model": clip_model, "embed_dim": int(embed_dim),
+                        "root": root, "clip_seconds": 2.0, "generation": 0, "next_video_id": 1,
+                        "created_at": _now().isoformat()}
+                db.write_meta(con, meta)
+            return meta
+
+    def file_states(self) -> dict:
+        """path -> {id, size, mtime, content_hash, status, n_clips, n_events} for every row of `videos`."""
+        with self._connection() as con:
+            rows = con.execute("SELECT path, id, size, mtime, content_hash, status, n_clips, n_events FROM videos").fetchall()
+        return {r[0]: dict(zip(("id", "size", "mtime", "content_hash", "status", "n_clips", "n_events"), r[1:]))
+                for r in rows}
+
+    def add_pending(self, files: list[tuple[str, int, float]]) -> dict:
+        """Give new paths ids (in the given order, one transaction) with status 'pending'. Returns path -> id."""
+        self._writable()
+        ids = {}
+        if not files:
+            return ids
+        with self.session() as con, db.transaction(con):
+            next_id = db.read_meta(con)["next_video_id"]
+            for path, size, mtime in files:
+                con.execute("INSERT INTO videos (id, path, size, mtime, status) VALUES (?, ?, ?, ?, 'pending')",
+                            [next_id, path, size, mtime])
+                ids[path] = next_id
+                next_id += 1
+            db.write_meta(con, {"next_video_id": next_id})
+        return ids
+
+    def commit_video(self, video_id: int, info: dict, clip_spans: np.ndarray, clip_vectors: np.ndarray,
+                     event_spans: np.ndarray, event_clips: np.ndarray, event_vectors: np.ndarray) -> int:
+        """Replace one video's clips/events and mark it indexed, all in ONE transaction. Returns the generation.
+
+        info: size, mtime, content_hash, duration, fps, width, height. clip_spans/event_spans f32 [N, 2] seconds;
+        event_clips int [E, 2] (first, last clip); vectors f32 [N, D] normalised.
+        """
+        self._writable()
+        with self.session() as con, db.transaction(con):
+            con.execute("DELETE FROM clips WHERE video_id = ?", [video_id])
+            con.execute("DELETE FROM events WHERE video_id = ?", [video_id])
+            db.insert_vectors(con, "clips", video_id, {"start": clip_spans[:, 0], "end": clip_spans[:, 1]}, clip_vectors)
+            db.insert_vectors(con, "events", video_id,
+                              {"start": event_spans[:, 0], "end": event_spans[:, 1],
+                               "clip_start": np.asarray(event_clips[:, 0], np.int32),
+                               "clip_end": np.asarray(event_clips[:, 1], np.int32)}, event_vectors)
+            con.execute("""UPDATE videos SET size = ?, mtime = ?, content_hash = ?, duration = ?, fps = ?, width = ?,
+                           height = ?, n_clips = ?, n_events = ?, status = 'indexed', error = NULL, indexed_at = ?
+                           WHERE id = ?""",
+                        [info["size"], info["mtime"], info.get("content_hash"), info.get("duration"), info.get("fps"),
+                         info.get("width"), info.get("height"), len(clip_vectors), len(event_vectors), _now(), video_id])
+            return self._bump(con)
+
+    def commit_failed(self, video_id: int, info: dict, error: str) -> int:
+        """Mark a video failed with a one-line reason (its old clips/events, if any, leave). Returns generation."""
+        self._writable()
+        error = " ".join(str(error).split())[:500]
+        with self.session() as con, db.transaction(con):
+            con.execute("DELETE FROM clips WHERE video_id = ?", [video_id])
+            con.execute("DELETE FROM events WHERE video_id = ?", [video_id])
+            con.execute("""UPDATE videos SET size = ?, mtime = ?, content_hash = ?, n_clips = 0, n_events = 0,
+                           status = 'failed', error = ?, indexed_at = ? WHERE id = ?""",
+                        [info.get("size"), info.get("mtime"), info.get("content_hash"), error, _now(), video_id])
+            return self._bump(con)
+
+    def touch(self, video_id: int, size: int, mtime: float) -> None:
+        """Same content, new mtime (a copy or `touch`): remember the mtime so the next run skips it quickly."""
+        self._writable()
+        with self.session() as con:
+            con.execute("UPDATE videos SET size = ?, mtime = ? WHERE id = ?", [size, mtime, video_id])
+
+    def delete_videos(self, video_ids: list[int]) -> int:
+        """Remove videos (files gone) with their clips and events, one transaction. Returns the generation."""
+        self._writable()
+        with self.session() as con, db.transaction(con):
+            for vid in video_ids:
+                for table in ("clips", "events"):
+                    con.execute(f"DELETE FROM {table} WHERE video_id = ?", [vid])
+                con.execute("DELETE FROM videos WHERE id = ?", [vid])
+            return self._bump(con)
+
+    def generation(self) -> int:
+        with self._connection() as con:
+            return int(db.read_meta(con).get("generation", 0))
+
+    def open_faiss(self, force_rebuild: bool = False) -> vectors.FaissFiles:
+        """The writer's FAISS indexes: loaded if current, else rebuilt from DuckDB."""
+        self._writable()
+        with self.session() as con:
+            meta = db.read_meta(con)
+            return vectors.FaissFiles.open(self.index_dir, con, int(meta["generation"]), int(meta["embed_dim"]),
+                                           force_rebuild=force_rebuild)
+
+    def save_faiss(self, files: vectors.FaissFiles) -> None:
+        self._writable()
+        with self.session() as con:
+            files.save(con, int(db.read_meta(con)["generation"]))
+
+    @staticmethod
+    def _bump(con) -> int:
+        generation = int(db.read_meta(con).get("generation", 0)) + 1
+        db.write_meta(con, {"generation": generation})
+        return generation
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def wait_for_index(index_dir, timeout: float = 30.0) -> None:
+    """Block until an index exists at index_dir (tests and tools that start a reader beside a fresh ingest)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.isfile(db.db_path(index_dir)):
+        if time.monotonic() > deadline:
+            raise VmrError(f"no index appeared at {index_dir}")
+        time.sleep(0.05)

@@ -1,0 +1,46 @@
+"""`vmr status`: the counts of an index as JSON (DESIGN.md) and as text."""
+from __future__ import annotations
+
+from store.library import Library
+
+
+def library_status(index_dir) -> dict:
+    """{"videos", "indexed", "failed": [{"path", "error"}], "pending", "clips", "events", "clip_model", ...}."""
+    with Library(index_dir, read_only=True) as lib:
+        meta = lib.meta()
+        videos = lib.videos()
+        counts = lib.counts()
+    indexed = [v for v in videos if v["status"] == "indexed"]
+    return {
+        "videos": len(videos),
+        "indexed": len(indexed),
+        "failed": [{"path": v["path"], "error": v["error"]} for v in videos if v["status"] == "failed"],
+        "pending": len([v for v in videos if v["status"] == "pending"]),
+        "clips": int(counts["clips"]),
+        "events": int(counts["events"]),
+        "hours": round(sum(v["duration"] or 0.0 for v in indexed) / 3600.0, 3),
+        "clip_model": meta.get("clip_model"),
+        "embed_dim": meta.get("embed_dim"),
+        "root": meta.get("root"),
+        "schema_version": meta.get("schema_version"),
+        "faiss": {k: meta["faiss"].get(k) for k in ("clips_type", "events_type", "n_clips", "n_events")
+                  if k in meta["faiss"]},
+        "faiss_current": meta["faiss"].get("generation") == meta.get("generation"),
+        "index": str(index_dir),
+    }
+
+
+def describe_status(info: dict) -> str:
+    """Human-readable status: counts, the CLIP model, the failed files with their reasons."""
+    lines = [
+        f"index {info['index']}  (videos from {info['root']})",
+        f"  videos {info['videos']}: {info['indexed']} indexed, {len(info['failed'])} failed, {info['pending']} pending",
+        f"  clips {info['clips']}, events {info['events']}, {info['hours']:.2f} h of video",
+        f"  CLIP {info['clip_model']} ({info['embed_dim']}-d)",
+        f"  FAISS {info['faiss'].get('clips_type', 'none')}" + ("" if info["faiss_current"] else
+                                                               " (behind DuckDB: the next `vmr index` rebuilds it)"),
+    ]
+    if info["failed"]:
+        lines.append("  failed:")
+        lines += [f"    {f['path']}: {f['error']}" for f in info["failed"]]
+    return "\n".join(lines)
