@@ -122,8 +122,7 @@ def build_settings(dataset: str, config_path: str | None = None, overrides: list
         k, v = item.split("=", 1)
         layered[k.strip()] = v.strip()
 
-    model_fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)
-                    if f.default is not dataclasses.MISSING}
+    model_fields = ModelConfig().to_dict()
     data_fields = {f.name: getattr(DataConfig(), f.name) for f in dataclasses.fields(DataConfig)}
     train_fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     model_over, data_kw, train_kw = {}, {}, {}
