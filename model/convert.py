@@ -10,6 +10,7 @@ Tensors their forward never reads are dropped (UNUSED_PREFIXES).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 import torch
@@ -171,23 +172,44 @@ def convert_authors_checkpoint(src: str, out: str) -> ModelConfig:
 
     ckpt = load_authors_checkpoint(src)
     cfg, state = convert_state_dict(ckpt["model"], ckpt.get("opt"))
-    model = LLMEPET(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with torch.device("meta"):  # no second copy of the (large) LLM blocks: take the tensors as they are
+        model = LLMEPET(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ModelError(f"converted state_dict does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    _save(model, cfg, out)
+    model.llm.freeze()
+    _save(model, cfg, ckpt.get("opt"), out)
     return cfg
 
 
-def _save(model, cfg: ModelConfig, out: str):
-    """Write with the project's checkpoint format when available (model.checkpoint), else a plain dict."""
-    try:
-        from model.checkpoint import save_checkpoint
-    except ImportError:
-        save_checkpoint = None
-    feature_spec = {"converted": True, "vid_dim": cfg.vid_dim, "txt_dim": cfg.txt_dim,
-                    "clip_seconds": cfg.extra.get("clip_length", 2.0), "v_feat_dirs": cfg.extra.get("v_feat_dirs")}
-    if save_checkpoint is not None:
-        save_checkpoint(out, model=model, cfg=cfg, feature_spec=feature_spec)
-    else:
-        torch.save({"config": cfg.to_dict(), "model": model.state_dict(), "feature_spec": feature_spec}, out)
+KNOWN_FEATURE_DIMS = {"slowfast": 2304, "clip": 512}  # the public releases' per-clip feature widths
+DATASET_NAMES = {"hl": "qvhighlights", "charadesSTA": "charades", "tacos": "tacos"}
+
+
+def data_settings_from_authors(cfg: ModelConfig, opt) -> tuple[dict, dict, str]:
+    """(DataConfig fields, feature spec, dataset) their options describe."""
+    o = vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt or {})
+    use_tef = "tef" in o.get("ctx_mode", "video_tef")
+    dirs = [os.path.basename(os.path.normpath(d)) for d in (o.get("v_feat_dirs") or [])] or ["clip_features"]
+    kinds = [{"clip_features": "clip", "slowfast_features": "slowfast"}.get(d, d) for d in dirs]
+    video_dim = cfg.vid_dim - (2 if use_tef else 0)
+    dims = [KNOWN_FEATURE_DIMS.get(k) for k in kinds]
+    if None in dims or sum(dims) != video_dim:
+        dims = [video_dim] if len(kinds) == 1 else dims
+    data = dict(max_q_l=int(o.get("max_q_l", cfg.max_q_l)), max_v_l=int(o.get("max_v_l", cfg.max_v_l)),
+                clip_length=float(o.get("clip_length", 2.0)), max_windows=int(o.get("max_windows", 5)),
+                normalize_v=not o.get("no_norm_vfeat", False), normalize_t=not o.get("no_norm_tfeat", False),
+                use_tef=use_tef, v_feat_dirs=dirs,
+                t_feat_dir=os.path.basename(os.path.normpath(o.get("t_feat_dir") or "clip_text_features")))
+    spec = {"clip_model": "ViT-B-32:openai", "video_kinds": kinds, "video_dims": dims, "text_dim": cfg.txt_dim,
+            "clip_seconds": data["clip_length"]}
+    return data, spec, DATASET_NAMES.get(o.get("dset_name", "hl"), "custom")
+
+
+def _save(model, cfg: ModelConfig, opt, out: str):
+    """Write in the project's checkpoint format, the LLM blocks embedded (their source is not known)."""
+    from model.checkpoint import save_checkpoint
+    from model.data import DataConfig
+
+    data, spec, dataset = data_settings_from_authors(cfg, opt)
+    save_checkpoint(out, model, DataConfig.from_dict(data), spec, dataset, embed_llm=True)
