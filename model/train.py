@@ -205,8 +205,10 @@ class Trainer:
             vids = [m["vid"] for m in batch["meta"]]
             with self._autocast():
                 outputs = self.model(**inputs, targets=targets, vid=vids)
-                losses = self.criterion(outputs, targets)
-                total = self.criterion.total(losses)
+            # Losses in float32, outside autocast: CUDA autocast refuses binary_cross_entropy, and bf16 sums of
+            # many small terms lose precision.
+            losses = self.criterion(_to_float32(outputs), targets)
+            total = self.criterion.total(losses)
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             if self.cfg.grad_clip > 0:
@@ -272,6 +274,17 @@ class Trainer:
             _append_jsonl(log_path, record)
         return {"best_score": None if not math.isfinite(self.best) else self.best, "epochs": epoch + 1,
                 "history": self.history, "checkpoint": self.out_path}
+
+
+def _to_float32(obj):
+    """Floating tensors of a nested dict/list structure cast to float32 (others untouched)."""
+    if torch.is_tensor(obj):
+        return obj.float() if obj.is_floating_point() and obj.dtype != torch.float32 else obj
+    if isinstance(obj, dict):
+        return {k: _to_float32(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_float32(v) for v in obj)
+    return obj
 
 
 def _latest_path(out_path: str) -> str:

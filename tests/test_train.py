@@ -199,3 +199,20 @@ def test_resume_rejects_other_dataset(tmp_path):
     with pytest.raises(ModelError, match="trained for tacos"):
         build_run(str(tmp_path / "a.jsonl"), None, None, str(tmp_path / "o.pt"), "qvhighlights",
                   resume=str(tmp_path / "c.pt"), device="cpu", provider=provider)
+
+
+def test_bf16_autocast_training_step_runs(tmp_path):
+    """The CUDA path (bf16 autocast for the forward, float32 losses) exercised with CPU autocast."""
+    provider, anns = synthetic_set(n=4)
+    cfg = ModelConfig(txt_dim=16, vid_dim=18, vid_has_window_suffix=False, **TINY)
+    model = build_model(cfg)
+    tcfg = TrainConfig(bsz=4, n_epoch=1, progress=False)
+    ds = MomentDataset(anns, provider, DataConfig(), seed=0)
+    trainer = Trainer(model, build_criterion(cfg), ds, None, provider, DataConfig(), tcfg, "custom",
+                      provider.feature_spec(), str(tmp_path / "m.pt"), torch.device("cpu"))
+    trainer.autocast_dtype = torch.bfloat16
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    losses = trainer.train_epoch(0)
+    assert np.isfinite(losses["loss_overall"])
+    after = [p for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
