@@ -140,7 +140,8 @@ def _index_bytes(index) -> int:
         return os.path.getsize(path)
 
 
-def measure_size(n: int, n_queries: int, flat_queries: int, passes: int, seed: int = 0, sweep: bool = False) -> dict:
+def measure_size(n: int, n_queries: int, flat_queries: int, passes: int, seed: int = 0, sweep: bool = False,
+                 spec: dict | None = None) -> dict:
     """All figures for one library size (see module docstring)."""
     from store import faiss_index as fi
 
@@ -160,7 +161,7 @@ def measure_size(n: int, n_queries: int, flat_queries: int, passes: int, seed: i
     del flat
     gc.collect()
 
-    spec = fi.choose_index_spec(n, DIM)
+    spec = spec or fi.choose_index_spec(n, DIM)
     row["spec"] = spec
     t0 = time.perf_counter()
     index = fi.build_index(vectors, ids, spec)
@@ -196,13 +197,14 @@ def run(out_dir: str, quick: bool) -> Section:
 
     import faiss
 
-    if quick:  # smoke size: the IVF path still runs (it starts at store.faiss_index.FLAT_MAX_VECTORS)
-        from store.faiss_index import FLAT_MAX_VECTORS
-
-        sizes, n_queries, flat_queries, passes = [2_000, FLAT_MAX_VECTORS], 20, 10, 1
+    if quick:  # smoke size; the IVF path still runs, with a small IVF spec forced at the second size
+        sizes, n_queries, flat_queries, passes = [2_000, 6_000], 20, 10, 1
+        specs = {6_000: {"type": "ivf", "dim": DIM, "metric": "ip", "nlist": 64, "nprobe": 8, "train_points": 6_000}}
     else:
         sizes, n_queries, flat_queries, passes = [10_000, 100_000, 1_000_000], 200, 30, 3
-    rows = [measure_size(n, n_queries, flat_queries, passes, sweep=(n == sizes[-1])) for n in sizes]
+        specs = {}
+    rows = [measure_size(n, n_queries, flat_queries, passes, sweep=(n == sizes[-1]), spec=specs.get(n))
+            for n in sizes]
 
     gpu = "GPU" if faiss.get_num_gpus() > 0 else "CPU"
     lines = [

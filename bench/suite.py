@@ -1,0 +1,109 @@
+"""The benchmark suite behind `vmr bench` / `python -m bench`: runs each section, writes DIR/report.md + PNGs.
+
+Sections (each a module with `run(out_dir, quick)`; owners in parentheses):
+  1 ingest        bench.ingest        (INGEST)  end-to-end ingest vs the CLIP encoder alone, real-time factor, RSS
+  2 coarse        bench.coarse_index  (BENCH)   the store's FAISS index vs exact flat search, 1e4..1e6 vectors
+  3 model         bench.model         (MODEL)   the model's own forward/training figures
+  4 rerank        bench.rerank        (BENCH)   windows/s by LLM block shape, fp32/bf16, vs the authors' code
+  5 search        bench.search        (SEARCH)  end-to-end library search vs the exhaustive baseline
+Each section runs in its own Python process (a crash, a leaked Ray instance or memory of one section cannot take
+down the others or the caller); a section that fails or is missing is reported as "not available: reason".
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.report import Section, coerce_section, not_available, write_report
+
+# key, title, module
+SECTIONS = [
+    ("ingest", "Ingest", "bench.ingest"),
+    ("coarse", "Coarse index (FAISS)", "bench.coarse_index"),
+    ("model", "Rerank: the model's forward (MODEL)", "bench.model"),
+    ("rerank", "Rerank: LLMEPET by LLM block shape, fp32/bf16, vs the authors' code", "bench.rerank"),
+    ("search", "Library search", "bench.search"),
+]
+# Per-section wall-clock limits (s). Quick mode is CI's smoke size: the whole suite must stay well under a minute.
+TIMEOUT_QUICK, TIMEOUT_FULL = 90, 900
+
+
+def run_section(module: str, title: str, out_dir: str, quick: bool) -> Section:
+    """Run one section in this process (what the child process does)."""
+    import importlib
+
+    t0 = time.perf_counter()
+    mod = importlib.import_module(module)
+    section = coerce_section(title, mod.run(out_dir, quick), out_dir)
+    section.seconds = time.perf_counter() - t0
+    if not section.title:
+        section.title = title
+    return section
+
+
+def _run_child(key: str, title: str, module: str, out_dir: str, quick: bool, timeout: float) -> Section:
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(module) is None:
+            return not_available(title, f"{module} is not written yet (module not found)")
+    except (ImportError, ValueError) as err:
+        return not_available(title, f"{module}: {err}")
+    fd, result = tempfile.mkstemp(prefix=f"bench_{key}_", suffix=".pkl")
+    os.close(fd)
+    cmd = [sys.executable, "-m", "bench", "--child-module", module, "--child-title", title, "--out", out_dir,
+           "--result", result]
+    if quick:
+        cmd.append("--quick")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 and os.path.getsize(result) > 0:
+            with open(result, "rb") as f:
+                section = pickle.load(f)
+            section.seconds = section.seconds or time.perf_counter() - t0
+            return section
+        tail = [ln for ln in (proc.stderr or proc.stdout or "").strip().splitlines() if ln.strip()]
+        reason = tail[-1] if tail else f"exit code {proc.returncode}"
+        return not_available(title, f"{module} failed (exit {proc.returncode}): {reason[:300]}")
+    except subprocess.TimeoutExpired:
+        return not_available(title, f"{module} did not finish within {timeout:.0f} s")
+    finally:
+        if os.path.exists(result):
+            os.unlink(result)
+
+
+def run_suite(out_dir: str, quick: bool = False, sections: list[str] | None = None, timeout: float | None = None) -> str:
+    """Run the sections (default: all), write out_dir/report.md with the PNGs beside it; returns the report path.
+
+    quick: the smoke size (seconds per section). Never raises for a failing section: it is reported instead.
+    """
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    keys = [k for k, _, _ in SECTIONS]
+    unknown = set(sections or []) - set(keys)
+    if unknown:
+        from store.errors import VmrError
+
+        raise VmrError(f"unknown bench section(s) {', '.join(sorted(unknown))}; known: {', '.join(keys)}")
+    timeout = timeout or (TIMEOUT_QUICK if quick else TIMEOUT_FULL)
+    t0 = time.perf_counter()
+    done = []
+    for key, title, module in SECTIONS:
+        if sections and key not in sections:
+            continue
+        print(f"[bench] {key}: {module} ...", file=sys.stderr, flush=True)
+        section = _run_child(key, title, module, out_dir, quick, timeout)
+        print(f"[bench] {key}: {section.headline or section.markdown[:120]} ({section.seconds:.0f} s)",
+              file=sys.stderr, flush=True)
+        done.append(section)
+    path = write_report(done, out_dir, quick, time.perf_counter() - t0)
+    print(f"[bench] report: {path}", file=sys.stderr, flush=True)
+    return path
