@@ -93,17 +93,19 @@ def read_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def load_checkpoint(path: str, device="cpu", features: dict | None = None, what: str = "these features"):
+def load_checkpoint(path: str, device="cpu", features: dict | None = None, what: str = "these features",
+                    ckpt: dict | None = None):
     """Rebuild the model of a checkpoint.
 
     Args:
         features: the feature spec of the data it will see (provider.feature_spec()); refused with ModelError
             when it does not match the checkpoint's.
+        ckpt: the dict ``read_checkpoint(path)`` already returned (saves reading a large file twice).
     Returns: (model in eval mode on ``device``, checkpoint dict).
     """
     from model.llmepet import build_model
 
-    ckpt = read_checkpoint(path)
+    ckpt = ckpt if ckpt is not None else read_checkpoint(path)
     if features is not None:
         check_feature_spec(ckpt["feature_spec"], features, what)
     cfg = ModelConfig.from_dict(ckpt["model_config"])

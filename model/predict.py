@@ -21,15 +21,8 @@ from tqdm import tqdm
 from model.data import (DataConfig, MomentDataset, PublicFeatureDir, collate, load_annotations, load_video,
                         needs_windows, to_device)
 from model.errors import ModelError
+from model.features import resolve_device
 from model.postprocess import MAX_TIMESTAMP, clean_windows, decode_outputs, merge_windows
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(device)
 
 
 def prediction_windows(annotations: list[dict], provider, cfg: DataConfig) -> list[tuple[int, int | None, int | None]]:
@@ -50,10 +43,6 @@ def prediction_windows(annotations: list[dict], provider, cfg: DataConfig) -> li
             starts.append(n - limit)
         entries += [(i, s, s + limit) for s in starts]
     return entries
-
-
-def _num_clips(provider, ann: dict, cfg: DataConfig) -> int:
-    return len(load_video(provider, ann["vid"], cfg))
 
 
 @torch.no_grad()
@@ -87,7 +76,7 @@ def predict_annotations(model, annotations: list[dict], provider, data_cfg: Data
         else:
             cleaned = [(off, {"windows": clean_windows(p["windows"], data_cfg.clip_length, None),
                               "saliency": p["saliency"]}) for off, p in windows]
-            pred = merge_windows(cleaned, _num_clips(provider, ann, data_cfg), data_cfg.clip_length,
+            pred = merge_windows(cleaned, len(load_video(provider, ann["vid"], data_cfg)), data_cfg.clip_length,
                                  max_keep=model.cfg.num_queries)
         rows.append({"qid": ann["qid"], "query": ann["query"], "vid": ann["vid"],
                      "pred_relevant_windows": pred["windows"], "pred_saliency_scores": pred["saliency"]})
@@ -139,7 +128,7 @@ def predict_from_cli(checkpoint: str, index_dir: str | None, features_dir: str |
     # public features carry no CLIP id: they are assumed to be the public ViT-B/32 ones unless declared
     src = make_provider(features_dir, data_cfg, None, provider)
     what = f"the index {index_dir}" if index_dir else f"the features in {features_dir}"
-    model, ckpt = load_checkpoint(checkpoint, device=dev, features=src.feature_spec(), what=what)
+    model, ckpt = load_checkpoint(checkpoint, device=dev, features=src.feature_spec(), what=what, ckpt=ckpt_meta)
     anns = load_annotations(annotations)
     rows = predict_annotations(model, anns, src, data_cfg, ckpt["dataset"], batch_size=batch_size, device=dev)
     write_jsonl(rows, out_path)

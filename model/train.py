@@ -31,7 +31,8 @@ from model.config import ModelConfig, dataset_defaults, train_defaults
 from model.data import DataConfig, MomentDataset, collate, load_annotations, to_device
 from model.errors import ModelError
 from model.metrics import evaluate
-from model.predict import make_provider, predict_annotations, resolve_device
+from model.features import resolve_device
+from model.predict import make_provider, predict_annotations
 
 DATASETS = ("qvhighlights", "charades", "tacos", "custom")
 
@@ -168,9 +169,9 @@ class Trainer:
         if workers < 0:
             workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
         self.workers = workers
-        generator = torch.Generator().manual_seed(train_cfg.seed)
+        self.generator = torch.Generator().manual_seed(train_cfg.seed)
         self.loader = torch.utils.data.DataLoader(train_ds, batch_size=train_cfg.bsz, shuffle=True,
-                                                  collate_fn=collate, num_workers=workers, generator=generator,
+                                                  collate_fn=collate, num_workers=workers, generator=self.generator,
                                                   pin_memory=device.type == "cuda")
         use_amp = train_cfg.amp and device.type == "cuda"
         self.autocast_dtype = torch.bfloat16 if use_amp else None
@@ -238,6 +239,9 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train from ``start_epoch`` to ``n_epoch``; returns a summary (best score, epochs, history)."""
+        if self.start_epoch:  # a resumed run must not replay the first epochs' shuffles and label draws
+            self.generator.manual_seed(self.cfg.seed + self.start_epoch)
+            self.train_ds.rng.seed(self.cfg.seed + self.start_epoch)
         latest = _latest_path(self.out_path)
         log_path = _log_path(self.out_path)
         last = self.cfg.n_epoch - 1
