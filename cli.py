@@ -20,6 +20,15 @@ def _fail(err: Exception) -> None:
     sys.exit(EXIT_FATAL)
 
 
+def _index_provider(index_dir, device):
+    """Features from a vmr index for train/predict (model/ never reads an index itself); None without --index."""
+    if index_dir is None:
+        return None
+    from retriever.provider import IndexFeatureProvider
+
+    return IndexFeatureProvider(index_dir, device=device)
+
+
 def _print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 
@@ -122,7 +131,8 @@ def train(train_path, val_path, index_dir, features_dir, out_path, dataset, conf
     try:
         train_from_cli(train_path=train_path, val_path=val_path, index_dir=index_dir, features_dir=features_dir,
                        out_path=out_path, dataset=dataset, config_path=config_path, overrides=list(overrides),
-                       llm=llm, llm_layers=llm_layers, resume=resume, device=device)
+                       llm=llm, llm_layers=llm_layers, resume=resume, device=device,
+                       provider=_index_provider(index_dir, device))
     except USER_ERRORS as err:
         _fail(err)
 
@@ -143,7 +153,8 @@ def predict(checkpoint, index_dir, features_dir, annotations, out_path, batch_si
         raise click.UsageError("give exactly one of --index or --features")
     try:
         predict_from_cli(checkpoint=checkpoint, index_dir=index_dir, features_dir=features_dir,
-                         annotations=annotations, out_path=out_path, batch_size=batch_size, device=device)
+                         annotations=annotations, out_path=out_path, batch_size=batch_size, device=device,
+                         provider=_index_provider(index_dir, device))
     except USER_ERRORS as err:
         _fail(err)
 
