@@ -72,7 +72,7 @@ def test_tiny_model_overfits_synthetic_set(tmp_path):
     cfg = ModelConfig(txt_dim=16, vid_dim=18, input_dropout=0.0, dropout=0.0, vid_has_window_suffix=False, **TINY)
     model = build_model(cfg)
     data_cfg = DataConfig()
-    tcfg = TrainConfig(bsz=8, eval_bsz=8, lr=3e-3, lr_drop=80, n_epoch=100, eval_epoch=100, grad_clip=1.0,
+    tcfg = TrainConfig(bsz=8, eval_bsz=8, lr=3e-3, lr_drop=60, n_epoch=80, eval_epoch=80, grad_clip=1.0,
                        seed=0, progress=False)
     ds = MomentDataset(anns, provider, data_cfg, seed=0)
     trainer = Trainer(model, build_criterion(cfg), ds, anns, provider, data_cfg, tcfg, "custom",
