@@ -57,6 +57,7 @@ class ModelConfig:
     llm_heads: int = 32
     llm_kv_heads: int = 32
     llm_ffn_dim: int = 11008
+    llm_head_dim: int = 0         # 0 = llm_dim // llm_heads (every LLaMA release)
     llm_norm_eps: float = 1e-6
     # "time": the clips of one video attend to each other (the paper's design; padded clips masked).
     # "batch": the authors' code feeds (time, batch, dim) to a batch-first block, so each clip attends to the

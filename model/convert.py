@@ -129,6 +129,7 @@ def config_from_authors(state: dict, opt) -> ModelConfig:
         llm_kv_heads=state["transformer.llama.layers.0.attention.wk.weight"].shape[0] // LLAMA_HEAD_DIM,
         llm_ffn_dim=state["transformer.llama.layers.0.feed_forward.w1.weight"].shape[0],
         llm_norm_eps=1e-6,  # hard-coded in their LLaMA config
+        llm_head_dim=LLAMA_HEAD_DIM, llm_dtype="float32",  # their blocks run in fp32
         llm_attention="batch", t2v_cross_sample_mask=True, event_loss=False,
         vid_has_window_suffix=(dset == "hl"), saliency_loss_only=dset in ("youtube_uni", "tvsum"),
         extra={"converted_from": "fletcherjiang/LLMEPET", "dset_name": dset,

@@ -212,6 +212,13 @@ class SetCriterion(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     def forward(self, outputs: dict, targets: dict) -> dict:
         """Returns the unweighted loss terms (and class_error); weight with ``weight_dict`` (``total``)."""
+        # Losses in fp32 outside autocast: BCE is not autocast-safe, and bf16 outputs must meet fp32 targets.
+        outputs = _to_float32(outputs)
+        device_type = outputs["pred_spans"].device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._losses(outputs, targets)
+
+    def _losses(self, outputs: dict, targets: dict) -> dict:
         loss_fns = {"spans": self.loss_spans, "labels": self.loss_labels, "saliency": self.loss_saliency,
                     "ms_align": self.loss_ms_align, "distill": self.loss_distill,
                     "orthogonal_dummy": self.loss_orthogonal_dummy, "event_spans": self.loss_event_spans,
@@ -236,6 +243,16 @@ class SetCriterion(nn.Module):
     def total(self, losses: dict) -> torch.Tensor:
         """Weighted sum of the terms that have a weight."""
         return sum(losses[k] * self.weight_dict[k] for k in losses if k in self.weight_dict)
+
+
+def _to_float32(x):
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _to_float32(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_float32(v) for v in x)
+    return x
 
 
 def build_weight_dict(cfg: ModelConfig) -> dict:

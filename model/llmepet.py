@@ -104,7 +104,7 @@ class LLMEPET(nn.Module):
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
         self.llm = LLMBlocks(d, cfg.llm_dim, cfg.n_llm_layers, cfg.llm_heads, cfg.llm_kv_heads, cfg.llm_ffn_dim,
-                             cfg.llm_norm_eps, attention=cfg.llm_attention)
+                             cfg.llm_norm_eps, attention=cfg.llm_attention, head_dim=cfg.llm_head_dim or None)
 
         # heads
         self.query_anchors = nn.Embedding(cfg.num_queries, 2)  # (center, width) before sigmoid
@@ -257,6 +257,9 @@ class LLMEPET(nn.Module):
                                                     vid_valid & ~moment_mask, self.moment_encoder)
         word_memory = torch.cat([dummy_words, words], 0).permute(1, 2, 0)  # [B, D, Nd+Lt]
         moment_frames, nmoment_frames = _seq_first(moment_frames), _seq_first(nmoment_frames)
+        # Pseudo-events per video on its valid clips (the authors run one batched search whose boundary pairing
+        # wraps across videos and whose threshold and novelty include padding), from the projected clip features
+        # as theirs.
         with torch.no_grad():
             feats = vid.detach().float()
             pseudo = [pseudo_event_spans_cxw(feats[i, :int(n)]) for i, n in enumerate(vid_valid.sum(1))]
@@ -310,7 +313,9 @@ def build_model(cfg: ModelConfig, llm_weights: bool = True, device="cpu") -> LLM
             spec, weights = load_llm_layers(cfg.llm, first, end)
             cfg = cfg.replace(llm_dim=spec["llm_dim"], llm_heads=spec["llm_heads"],
                               llm_kv_heads=spec["llm_kv_heads"], llm_ffn_dim=spec["llm_ffn_dim"],
-                              llm_norm_eps=spec["llm_norm_eps"])
+                              llm_norm_eps=spec["llm_norm_eps"],
+                              llm_head_dim=0 if spec["head_dim"] * spec["llm_heads"] == spec["llm_dim"]
+                              else spec["head_dim"])
     model = LLMEPET(cfg)
     if weights is not None:
         model.llm.blocks.load_state_dict(weights, strict=True)

@@ -169,3 +169,18 @@ def test_missing_llm_is_a_model_error():
 def test_source_video_ids():
     assert source_video_ids(["ab_cd_30.0_180.0", "x_2_3", "plain"], True) == ["ab_cd", "x", "plain"]
     assert source_video_ids(["ab_cd_30.0_180.0"], False) == ["ab_cd_30.0_180.0"]
+
+
+def test_losses_under_bf16_autocast():
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    m = build_model(cfg).train()
+    lengths = [6, 5]
+    txt, tm, vid, vm = make_batch(lengths, [4, 3])
+    targets = make_targets(lengths, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(txt, tm, vid, vm, targets=targets, vid=["a", "b"])
+        losses = build_criterion(cfg)(out, targets)
+    total = build_criterion(cfg).total(losses)
+    assert total.dtype == torch.float32 and torch.isfinite(total)
+    total.backward()
