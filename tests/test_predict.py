@@ -3,6 +3,10 @@ round-trip exactly and refuse the wrong features or LLM weights, batch order in 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +187,104 @@ def test_long_video_is_covered_by_windows():
     assert 0 < len(windows) <= 5 and all(0 <= w[0] <= w[1] <= 400 for w in windows)
     assert [w[2] for w in windows] == sorted((w[2] for w in windows), reverse=True)
     assert len(rows[1]["pred_saliency_scores"]) == 20
+
+
+AUTHORS_REPO = "/work/ref/fletcherjiang+LLMEPET"
+
+# Runs in a child process: it imports the authors' dataset / inference code, with their unused heavy imports
+# (sklearn, pandas, torchtext, tensorboard, fairscale) stubbed, and prints the differences as JSON.
+PARITY_SCRIPT = r'''
+import importlib.abc, importlib.machinery, json, sys, tempfile, types
+from pathlib import Path
+import numpy as np, torch
+torch.set_num_threads(1)
+
+class Stub(types.ModuleType):
+    def __getattr__(self, k):
+        if k.startswith("__"):
+            raise AttributeError(k)
+        return Stub(k)
+    def __call__(self, *a, **k):
+        return self
+
+class StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    PREFIXES = ("torchtext", "pandas", "sklearn", "seaborn", "fairscale", "torch.utils.tensorboard", "tensorboard")
+    def find_spec(self, name, path, target=None):
+        if name.startswith(self.PREFIXES):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+    def create_module(self, spec):
+        m = Stub(spec.name); m.__path__ = []; return m
+    def exec_module(self, m):
+        pass
+
+sys.meta_path.insert(0, StubFinder())
+repo, project = sys.argv[1], sys.argv[2]
+sys.path.insert(0, repo)
+import llm_epet.postprocessing_llm as post
+sys.modules["llm_epet.postprocessing_cg_detr"] = post  # their inference imports the module's old name
+import llm_epet.inference as inference
+from llm_epet.start_end_dataset import StartEndDataset, start_end_collate
+sys.path.remove(repo)
+sys.path[:0] = [project, project + "/tests"]
+from test_train import TINY, write_public_features
+from model.config import ModelConfig
+from model.data import DataConfig, MomentDataset, PublicFeatureDir
+from model.llmepet import build_model
+from model.predict import predict_annotations
+
+anns = [json.loads(l) for l in open("/work/shared/data/qvhighlights/highlight_val_release.jsonl")][:40]
+root = Path(tempfile.mkdtemp())
+write_public_features(root, anns, slowfast_dim=64)
+(root / "a.jsonl").write_text("\n".join(json.dumps(a) for a in anns))
+dirs = [str(root / "slowfast_features"), str(root / "clip_features")]
+theirs = StartEndDataset("hl", str(root / "a.jsonl"), dirs, str(root / "clip_text_features"), max_q_l=32,
+                         max_v_l=75, ctx_mode="video_tef")
+ours = MomentDataset(anns, PublicFeatureDir(str(root)), DataConfig(max_q_l=32, max_v_l=75))
+diff = {"video": 0.0, "text": 0.0, "spans": 0.0, "saliency_all": 0.0, "hard_pairs_differ": 0}
+for i in range(len(anns)):
+    t, o = theirs[i]["model_inputs"], ours[i]
+    diff["video"] = max(diff["video"], float((t["video_feat"] - o["video"]).abs().max()))
+    diff["text"] = max(diff["text"], float((t["query_feat"] - o["text"]).abs().max()))
+    if len(anns[i]["relevant_windows"]) <= 5:  # more windows: both take a random subset
+        diff["spans"] = max(diff["spans"], float((t["span_labels"] - o["labels"]["spans"]).abs().max()))
+    diff["saliency_all"] = max(diff["saliency_all"], float(np.abs(np.asarray(t["saliency_all_labels"])
+                                                                   - o["labels"]["saliency_all"]).max()))
+    diff["hard_pairs_differ"] += int(t["saliency_pos_labels"][0] != o["labels"]["saliency_pos"][0]
+                                     or t["saliency_neg_labels"][0] != o["labels"]["saliency_neg"][0])
+
+torch.manual_seed(0)
+model = build_model(ModelConfig(**{**TINY, "txt_dim": 512, "vid_dim": 64 + 512 + 2, "llm_attention": "batch"})).eval()
+rows = predict_annotations(model, anns, PublicFeatureDir(str(root)), DataConfig(max_q_l=32, max_v_l=75),
+                           "qvhighlights", batch_size=16, progress=False)
+theirs.load_labels = False
+loader = torch.utils.data.DataLoader(theirs, batch_size=16, collate_fn=start_end_collate, shuffle=False)
+
+class DropQid(torch.nn.Module):  # their loop passes qid, which our forward does not take
+    def __init__(self, m):
+        super().__init__(); self.m = m
+    def forward(self, qid=None, **kw):
+        return self.m(**kw)
+
+opt = types.SimpleNamespace(span_loss_type="l1", dset_name="hl", clip_length=2, v_feat_dim=578,
+                            no_sort_results=False, debug=False, device="cpu", pin_memory=False)
+their_rows, _ = inference.compute_mr_results(DropQid(model), loader, opt)
+diff["rows_differ"] = sum(a != b for a, b in zip(rows, their_rows)) + abs(len(rows) - len(their_rows))
+print("PARITY " + json.dumps(diff))
+'''
+
+
+@pytest.mark.skipif(not (os.path.isdir(AUTHORS_REPO) and os.path.isdir("/work/shared/data/qvhighlights")),
+                    reason="authors' code or shared data not present")
+def test_same_samples_and_predictions_as_authors_code(tmp_path):
+    """Our samples equal their StartEndDataset's (features, TEF, text, span and saliency targets), and
+    `predict_annotations` writes exactly the rows their inference + post-processing write (batch LLM mode)."""
+    script = tmp_path / "parity.py"
+    script.write_text(PARITY_SCRIPT)
+    project = str(Path(__file__).resolve().parents[1])
+    res = subprocess.run([sys.executable, str(script), AUTHORS_REPO, project], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("PARITY ")]
+    assert line, res.stderr[-2000:]
+    diff = json.loads(line[0][len("PARITY "):])
+    assert diff == {"video": 0.0, "text": 0.0, "spans": 0.0, "saliency_all": 0.0, "hard_pairs_differ": 0,
+                    "rows_differ": 0}
