@@ -272,6 +272,9 @@ def evaluate(submission: list[dict], ground_truth: list[dict], variant: str = "c
         raise ModelError(f"submission and ground truth have different qids ({missing} GT qids without a "
                          f"prediction, {extra} predicted qids not in the GT)")
 
+    for d in ground_truth:
+        if not d.get("relevant_windows"):
+            raise ModelError(f"ground truth qid {d['qid']!r} has no relevant_windows (an unlabelled split?)")
     metrics, brief = {}, OrderedDict()
     if "pred_relevant_windows" in submission[0]:
         for d in submission:

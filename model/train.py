@@ -50,7 +50,8 @@ class TrainConfig:
     max_es_cnt: int = 200       # evaluations without improvement before stopping; -1: never
     seed: int = 2018
     amp: bool = True            # bf16 autocast on CUDA (ignored on CPU)
-    num_workers: int = 0        # DataLoader workers (-1: a few on CUDA, none on CPU)
+    num_workers: int = -1       # DataLoader workers; -1: 4 on CUDA with public feature files, else 0 (an index
+                                # provider holds a database connection that must not be forked)
     embed_llm: bool = False     # store the frozen LLM blocks in the checkpoint instead of a hashed reference
     clip_model: str = ""        # CLIP id of public features (default: the public ViT-B-32:openai)
     progress: bool = True
@@ -167,7 +168,10 @@ class Trainer:
         self.history: list[dict] = []
         workers = train_cfg.num_workers
         if workers < 0:
-            workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+            from model.data import PublicFeatureDir
+
+            public = isinstance(provider, PublicFeatureDir)
+            workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" and public else 0
         self.workers = workers
         self.generator = torch.Generator().manual_seed(train_cfg.seed)
         self.loader = torch.utils.data.DataLoader(train_ds, batch_size=train_cfg.bsz, shuffle=True,
@@ -355,6 +359,10 @@ def build_run(train_path: str, val_path: str | None, features_dir: str | None, o
 
     train_anns = load_annotations(train_path)
     val_anns = load_annotations(val_path) if val_path else None
+    for a in val_anns or []:
+        if not a.get("relevant_windows"):
+            raise ModelError(f"--val {val_path}: qid {a['qid']!r} has no relevant_windows (a test split cannot "
+                             f"validate)")
     if resumed is not None:
         model, _ = load_checkpoint(resume, device=dev)
         model.train()

@@ -130,6 +130,8 @@ def test_mismatched_qids_and_bad_file(tmp_path):
         evaluate([{"qid": 2, "pred_relevant_windows": [[0, 4, 1.0]]}], gt)
     with pytest.raises(ModelError, match="empty"):
         evaluate([{"qid": 1, "pred_relevant_windows": []}], gt)
+    with pytest.raises(ModelError, match="no relevant_windows"):
+        evaluate([{"qid": 1, "pred_relevant_windows": [[0, 4, 1.0]]}], [{"qid": 1, "duration": 10}])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"qid": 1}\n{oops\n')
     with pytest.raises(ModelError, match="bad.jsonl:2"):
