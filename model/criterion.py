@@ -197,7 +197,8 @@ class SetCriterion(nn.Module):
         teacher = outputs["moment2txt_similarity"].softmax(-1).detach().reshape(b * lv, -1)
         kl = F.kl_div(torch.log(attn + 1e-6).reshape(b * lv, -1), teacher, reduction="none").mean(1)
         moment = outputs["moment_mask"].int().reshape(-1)
-        return {"loss_distill": (kl * moment).sum() / moment.sum()}
+        # (a batch without any moment clip would divide by zero in the authors' code; clamped here)
+        return {"loss_distill": (kl * moment).sum() / moment.sum().clamp(min=1)}
 
     def loss_orthogonal_dummy(self, outputs, targets, indices):
         def off_diagonal_similarity(x):  # x [..., N, D]; gradient only through the left factor
