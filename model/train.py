@@ -349,7 +349,8 @@ def build_run(train_path: str, val_path: str | None, features_dir: str | None, o
         from model.data import check_feature_spec
         check_feature_spec(resumed["feature_spec"], spec, "the training features")
     if float(spec.get("clip_seconds", data_cfg.clip_length)) != float(data_cfg.clip_length):
-        raise ModelError(f"features have {spec['clip_seconds']}-s clips but clip_length is {data_cfg.clip_length}")
+        raise ModelError(f"features have {spec['clip_seconds']}-s clips but clip_length is {data_cfg.clip_length} "
+                         f"(--set clip_length={spec['clip_seconds']})")
     if hasattr(src, "v_feat_dirs"):
         data_cfg.v_feat_dirs = list(src.v_feat_dirs)
     model_over["txt_dim"] = int(spec["text_dim"])
