@@ -33,6 +33,9 @@ BATCH_FRAMES = 64  # frames per CLIP call (across videos)
 FLUSH_SECONDS = 0.5  # commit finished videos at most this often (the DuckDB file is locked only meanwhile)
 FAISS_SAVE_SECONDS = 30.0
 ACTOR_QUEUE = 2  # CLIP calls in flight per actor
+# CLIP actors kept between run_ingest calls of one process when the CALLER owns the Ray session (tests, notebooks,
+# long-lived services): loading a model into a fresh worker costs seconds. Key: (Ray job, CLIP arguments).
+_ACTOR_CACHE: dict = {}
 
 
 @dataclass
@@ -189,13 +192,25 @@ class _Pipeline:
                 raise VmrError("--device cuda asked for, but the Ray cluster has no GPU")
             # One CPU actor per 8 CPUs; it reserves 1 CPU but uses the node's cores between decode bursts.
             n_actors, options, actor_device, threads = max(1, cpus // 8), {"num_cpus": 1}, "cpu", None
-        actor_cls = ray.remote(max_restarts=4, max_task_retries=4, **options)(ClipWorker)
-        self.actors = [actor_cls.remote(clip_model, clip_pretrained, actor_device, allow_random, threads)
-                       for _ in range(n_actors)]
-        try:
-            described = ray.get([a.describe.remote() for a in self.actors])
-        except Exception as err:  # noqa: BLE001 - the actor's own error (e.g. a bad checkpoint) is in the text
-            raise VmrError(f"CLIP worker failed to start: {_first_line(err)}") from None
+        key = (ray.get_runtime_context().get_job_id(), clip_model, clip_pretrained, actor_device, allow_random,
+               n_actors)
+        cached = None if self.started_ray else _ACTOR_CACHE.get(key)
+        if cached is not None:
+            self.actors, described = cached
+        else:
+            actor_cls = ray.remote(max_restarts=4, max_task_retries=4, **options)(ClipWorker)
+            self.actors = [actor_cls.remote(clip_model, clip_pretrained, actor_device, allow_random, threads)
+                           for _ in range(n_actors)]
+            try:
+                described = ray.get([a.describe.remote() for a in self.actors])
+            except Exception as err:  # noqa: BLE001 - the actor's own error (e.g. a bad checkpoint) is in the text
+                for actor in self.actors:
+                    ray.kill(actor)
+                self.actors = []
+                raise VmrError(f"CLIP worker failed to start: {_first_line(err)}") from None
+            if not self.started_ray:
+                _ACTOR_CACHE.clear()  # one model resident at a time
+                _ACTOR_CACHE[key] = (self.actors, described)
         if described[0]["model_id"] != model_id:
             raise VmrError(f"CLIP worker loaded {described[0]['model_id']}, expected {model_id}")
         self.preprocess_json = json.dumps(described[0]["preprocess"], sort_keys=True)
@@ -214,10 +229,8 @@ class _Pipeline:
             self._loop(ray, videos, tqdm(total=len(videos), unit="video", disable=not self.progress,
                                          file=sys.stderr, dynamic_ncols=True))
         finally:
-            for actor in getattr(self, "actors", []):
-                ray.kill(actor)
             if self.started_ray:
-                ray.shutdown()
+                ray.shutdown()  # ends our actors too
 
     def _loop(self, ray, videos, bar):
         todo = collections.deque(videos)

@@ -1,0 +1,123 @@
+"""Ingest benchmark: whole-pipeline clips/s vs the CLIP image encoder alone on the same frames; peak RSS vs size.
+
+    run(out_dir, quick) -> dict of figures (the BENCH suite puts them in its report)
+
+- encoder_clips_per_s: ClipEncoder.encode_frames_uint8 in batches of BATCH_FRAMES on frames decoded beforehand
+  (one process, all cores): the ceiling for the pipeline.
+- ingest_clips_per_s: run_ingest on the same library into a fresh index, Ray already up and the CLIP actor warm
+  (steady state; Ray/model start-up is reported separately as startup_s).
+- ratio = ingest / encoder (target >= 0.8).
+- peak_rss_mb_{1,2,4}x: the ingest driver's peak RSS (fresh process each) for 1x, 2x, 4x the library: flat if
+  the streaming bound works (the FAISS index of a library this size is a few MB).
+Full runs use the ViT-B-32 architecture (random weights: no download; compute is what matters here); quick runs
+a tiny config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests" / "clip_tiny.json")
+BATCH_FRAMES = 64
+
+
+def _make_library(folder: Path, n_videos: int, seconds: float) -> list[Path]:
+    sys.path.insert(0, str(ROOT))
+    from tests import videos
+
+    paths = []
+    for i in range(n_videos):
+        spec = videos.make_video(folder / f"v{i:03d}.mp4", duration=seconds, fps=5, size=(128, 96),
+                                 scene_seconds=4.0 + i % 5)
+        paths.append(spec.path)
+    return paths
+
+
+def _encoder_rate(model: str, paths: list[Path]) -> tuple[float, int]:
+    from indexer.decode import sample_clip_frames
+    from model.features import ClipEncoder, frame_resizer
+
+    enc = ClipEncoder.load(model, None, device="auto", allow_random=True)
+    resize = frame_resizer(enc.preprocess_cfg)
+    frames = np.concatenate([sample_clip_frames(str(p), resize)[0] for p in paths])
+    enc.encode_frames_uint8(frames[:BATCH_FRAMES])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(frames), BATCH_FRAMES):
+        enc.encode_frames_uint8(frames[i: i + BATCH_FRAMES])
+    return len(frames) / (time.perf_counter() - start), len(frames)
+
+
+def _ingest_rate(model: str, video_dir: Path, work: Path) -> tuple[float, float, int]:
+    import ray
+
+    from indexer.ingest import run_ingest
+
+    t0 = time.perf_counter()
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        warm = work / "warm"
+        warm.mkdir(exist_ok=True)
+        shutil.copy(next(video_dir.iterdir()), warm / "w.mp4")
+        run_ingest(warm, work / "idx_warm", model, None, allow_random=True, progress=False)  # Ray + actor up
+        startup = time.perf_counter() - t0
+        start = time.perf_counter()
+        summary = run_ingest(video_dir, work / "idx_bench", model, None, allow_random=True, progress=False)
+        elapsed = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    return summary.clips / elapsed, startup, summary.clips
+
+
+RSS_SCRIPT = """
+import resource, sys, json
+sys.path.insert(0, {root!r})
+from indexer.ingest import run_ingest
+s = run_ingest({video_dir!r}, {index_dir!r}, {model!r}, None, allow_random=True, progress=False)
+print(json.dumps({{"clips": s.clips, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def _peak_rss(model: str, video_dir: Path, index_dir: Path) -> dict:
+    code = RSS_SCRIPT.format(root=str(ROOT), video_dir=str(video_dir), index_dir=str(index_dir), model=model)
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(out_dir, quick: bool = False) -> dict:
+    out = Path(out_dir) / "ingest_bench"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    model = TINY if quick else "ViT-B-32"
+    n_videos, seconds = (4, 20.0) if quick else (16, 120.0)
+    base = out / "videos_1x"
+    paths = _make_library(base, n_videos, seconds)
+    encoder_rate, n_frames = _encoder_rate(model, paths)
+    ingest_rate, startup, clips = _ingest_rate(model, base, out)
+    figures = {"model": model, "videos": n_videos, "clips": clips, "encoder_clips_per_s": round(encoder_rate, 1),
+               "ingest_clips_per_s": round(ingest_rate, 1), "ratio": round(ingest_rate / encoder_rate, 3),
+               "startup_s": round(startup, 1)}
+    for factor in (1, 2, 4):
+        folder = out / f"videos_{factor}x"
+        if factor > 1:
+            for k in range(factor):
+                shutil.copytree(base, folder / f"copy{k}")
+        figures[f"peak_rss_mb_{factor}x"] = round(_peak_rss(model, folder, out / f"idx_rss_{factor}x")["peak_rss_mb"], 1)
+    (out / "figures.json").write_text(json.dumps(figures, indent=2))
+    shutil.rmtree(out / "videos_2x", ignore_errors=True)
+    shutil.rmtree(out / "videos_4x", ignore_errors=True)
+    return figures
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(sys.argv[1] if len(sys.argv) > 1 else "out/bench", quick="--quick" in sys.argv), indent=2))
