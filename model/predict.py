@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 
 import torch
 from tqdm import tqdm
@@ -129,6 +130,10 @@ def predict_from_cli(checkpoint: str, index_dir: str | None, features_dir: str |
     src = make_provider(features_dir, data_cfg, None, provider)
     what = f"the index {index_dir}" if index_dir else f"the features in {features_dir}"
     model, ckpt = load_checkpoint(checkpoint, device=dev, features=src.feature_spec(), what=what, ckpt=ckpt_meta)
+    if model.cfg.llm_attention == "batch":
+        print(f"note: this checkpoint's LLM blocks attend across the batch (the authors' code); its predictions "
+              f"depend on --batch-size (now {batch_size}; the authors evaluate QVHighlights with 100, in file order)",
+              file=sys.stderr)
     anns = load_annotations(annotations)
     rows = predict_annotations(model, anns, src, data_cfg, ckpt["dataset"], batch_size=batch_size, device=dev)
     write_jsonl(rows, out_path)
