@@ -55,7 +55,10 @@ def save_checkpoint(path: str, model, data_cfg: DataConfig, feature_spec: dict, 
     if _embeds_llm(cfg, embed_llm):
         llm = {"mode": "embedded"}
     else:
-        llm = {"mode": "reference", "source": cfg.llm, "layers": cfg.llm_layers, "sha256": llm_blocks_sha256(model)}
+        # the blocks are frozen, so their digest is computed once per model (it reads ~1 GB for LLaMA-7B layers)
+        digest = getattr(model.llm, "_vmr_sha256", None) or llm_blocks_sha256(model)
+        model.llm._vmr_sha256 = digest
+        llm = {"mode": "reference", "source": cfg.llm, "layers": cfg.llm_layers, "sha256": digest}
         state = {k: v for k, v in state.items() if not k.startswith(LLM_BLOCK_PREFIX)}
     ckpt = {"format": FORMAT, "version": VERSION, "model_config": cfg.to_dict(), "data_config": data_cfg.to_dict(),
             "feature_spec": dict(feature_spec), "dataset": dataset,
@@ -118,6 +121,7 @@ def load_checkpoint(path: str, device="cpu", features: dict | None = None, what:
             raise ModelError(f"{path}: inconsistent LLM reference")
         model = build_model(cfg, llm_weights=True, device=device)
         digest = llm_blocks_sha256(model)
+        model.llm._vmr_sha256 = digest
         if digest != llm["sha256"]:
             raise ModelError(f"LLM weights read from {llm['source']} (layers {llm['layers']}) differ from those "
                              f"{path} was trained with (sha256 {digest[:12]} != {llm['sha256'][:12]})")
