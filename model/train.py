@@ -251,10 +251,9 @@ class Trainer:
         last = self.cfg.n_epoch - 1
         epoch = self.start_epoch - 1
         for epoch in range(self.start_epoch, self.cfg.n_epoch):
-            t0 = time.time()
+            t0, lr = time.time(), self.optimizer.param_groups[0]["lr"]
             losses = self.train_epoch(epoch)
-            record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.time() - t0,
-                      **losses}
+            record = {"epoch": epoch + 1, "lr": lr, "seconds": time.time() - t0, **losses}
             if (epoch + 1) % self.cfg.eval_epoch == 0 or epoch == last:
                 brief = None
                 if self.val_anns:
@@ -272,7 +271,8 @@ class Trainer:
                 else:
                     self.es_count += 1
                 self.save(latest, epoch, brief)
-                tqdm.write(_describe(record)) if self.cfg.progress else None
+                if self.cfg.progress:
+                    tqdm.write(_describe(record))
                 if self.cfg.max_es_cnt != -1 and self.es_count > self.cfg.max_es_cnt:
                     record["early_stop"] = True
                     self.history.append(record)
