@@ -216,3 +216,38 @@ def test_bf16_autocast_training_step_runs(tmp_path):
     assert np.isfinite(losses["loss_overall"])
     after = [p for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_cli_train_predict_eval_on_an_index(tmp_path):
+    """`--index` as the data source (features through retriever.provider), with a 600-s video: training crops
+    75-clip windows around its moments, prediction covers it with windows and scores all its 300 clips."""
+    world = pytest.importorskip("bench.world")
+    from bench.world.generator import build_world, write_jsonl
+    from bench.world.synthetic import write_library
+    from cli import main
+    from model.features import ClipEncoder
+
+    videos, rows = build_world(tmp_path, n_videos=6, seed=7, long_videos=1, write=False)
+    encoder = ClipEncoder.load(str(world.WORLD_CLIP_CONFIG), str(world.WORLD_CLIP_WEIGHTS), device="cpu")
+    write_library(tmp_path / "index", videos, encoder, seed=7)
+    write_jsonl(rows, tmp_path / "ann.jsonl")
+    long_rows = [r for r in rows if r["duration"] > 150]
+    assert long_rows and all(r["relevant_windows"][0][0] >= 150 for r in long_rows)
+    (tmp_path / "tiny.json").write_text(json.dumps(dict(TINY, bsz=8, eval_bsz=8, n_epoch=1, progress=False,
+                                                        vid_has_window_suffix=False)))
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", "--train", str(tmp_path / "ann.jsonl"), "--val", str(tmp_path / "ann.jsonl"),
+                               "--index", str(tmp_path / "index"), "--out", str(tmp_path / "m.pt"), "--dataset",
+                               "custom", "--config", str(tmp_path / "tiny.json"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["predict", "--checkpoint", str(tmp_path / "m.pt"), "--index", str(tmp_path / "index"),
+                               "--annotations", str(tmp_path / "ann.jsonl"), "--out", str(tmp_path / "p.jsonl"),
+                               "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    preds = {p["qid"]: p for p in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines())}
+    for r in rows:
+        assert len(preds[r["qid"]]["pred_saliency_scores"]) == int(r["duration"] // 2)
+        assert all(0 <= w[0] <= w[1] <= r["duration"] for w in preds[r["qid"]]["pred_relevant_windows"])
+    res = runner.invoke(main, ["eval", "--submission", str(tmp_path / "p.jsonl"), "--gt", str(tmp_path / "ann.jsonl"),
+                               "--json"])
+    assert res.exit_code == 0 and "MR-full-mAP" in json.loads(res.output)["brief"]
