@@ -176,6 +176,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(train_cfg.seed)
         self.loader = torch.utils.data.DataLoader(train_ds, batch_size=train_cfg.bsz, shuffle=True,
                                                   collate_fn=collate, num_workers=workers, generator=self.generator,
+                                                  worker_init_fn=_seed_worker,
                                                   pin_memory=device.type == "cuda")
         use_amp = train_cfg.amp and device.type == "cuda"
         self.autocast_dtype = torch.bfloat16 if use_amp else None
@@ -282,6 +283,13 @@ class Trainer:
             _append_jsonl(log_path, record)
         return {"best_score": None if not math.isfinite(self.best) else self.best, "epochs": epoch + 1,
                 "history": self.history, "checkpoint": self.out_path}
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Each DataLoader worker draws its own labels (a forked copy of the dataset's RNG would repeat them);
+    torch seeds workers from the loader's generator, so runs stay reproducible."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.rng.seed(torch.initial_seed() % 2**32)
 
 
 def _to_float32(obj):
