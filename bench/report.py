@@ -33,23 +33,32 @@ def not_available(title: str, reason: str) -> Section:
     return Section(title, f"not available: {reason}", [], f"{title}: not available", available=False)
 
 
-def coerce_section(title: str, result, out_dir: str) -> Section:
+def coerce_section(title: str, result, out_dir: str, describe=None) -> Section:
     """A Section from whatever another helper's `run(out_dir, quick)` returned.
 
-    Accepted: a Section; a str (markdown); a dict with any of markdown/text/report, figures/pngs, headline/summary
-    (other keys are shown as a JSON block); None (then any PNG written under out_dir is listed).
+    Accepted: a Section; a str (markdown); a dict with any of markdown/text/report, figures/pngs, headline/summary;
+    a dict of figures without markdown (rendered with the module's `describe(result)` when it has one, else as a
+    table of its scalar values plus its nested values as JSON); None.
     """
     if isinstance(result, Section):
         return result
     if isinstance(result, str):
         return Section(title, result, [], "")
     if isinstance(result, dict):
+        text_keys = {"markdown", "text", "report", "figures", "pngs", "headline", "summary"}
         md = result.get("markdown") or result.get("text") or result.get("report") or ""
         figs = list(result.get("figures") or result.get("pngs") or [])
         head = str(result.get("headline") or result.get("summary") or "")
-        rest = {k: v for k, v in result.items() if k not in {"markdown", "text", "report", "figures", "pngs", "headline", "summary"}}
-        if rest:
-            md += "\n\n```json\n" + json.dumps(rest, indent=2, default=str)[:6000] + "\n```"
+        rest = {k: v for k, v in result.items() if k not in text_keys}
+        if not md and describe is not None:
+            md = str(describe(result))
+        elif rest:
+            scalars = {k: v for k, v in rest.items() if isinstance(v, (int, float, str, bool)) or v is None}
+            nested = {k: v for k, v in rest.items() if k not in scalars}
+            if scalars:
+                md += "\n\n| figure | value |\n|---|---:|\n" + "\n".join(f"| {k} | {v} |" for k, v in scalars.items())
+            if nested:
+                md += "\n\n```json\n" + json.dumps(nested, indent=1, default=str)[:8000] + "\n```"
         return Section(title, md.strip(), figs, head)
     if result is None:
         return Section(title, "(the section returned nothing)", [], "")

@@ -46,7 +46,7 @@ def test_quick_suite_writes_report_and_plots(tmp_path, fake_sections):
     assert re.search(r"\| 2,000 \| flat \|", text)
     ivf = re.search(r"\| 6,000 \| ivf \(nlist 64, nprobe 8\) \|[^\n]*", text)
     assert ivf, text
-    recall = float(ivf.group(0).split("|")[6])
+    recall = float(ivf.group(0).split("|")[7])
     assert 0.5 < recall <= 1.0
     # a failing and a missing section are reported, not raised
     assert "## 2. Broken piece\n\nnot available: vmr_bench_broken failed" in text and "boom: no data here" in text
