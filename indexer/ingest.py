@@ -14,6 +14,7 @@ size. Ray retries tasks of a lost node (and rebuilds lost frame objects from lin
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import sys
@@ -190,8 +191,9 @@ class _Pipeline:
         else:
             if device == "cuda":
                 raise VmrError("--device cuda asked for, but the Ray cluster has no GPU")
-            # One CPU actor per 8 CPUs; it reserves 1 CPU but uses the node's cores between decode bursts.
-            n_actors, options, actor_device, threads = max(1, cpus // 8), {"num_cpus": 1}, "cpu", None
+            # One CPU actor per 8 CPUs. It and the decode tasks reserve half a CPU each: a 1-CPU cluster still runs
+            # both, and the actor's torch threads use the cores the (light, bursty) decode tasks leave.
+            n_actors, options, actor_device, threads = max(1, cpus // 8), {"num_cpus": 0.5}, "cpu", None
         key = (ray.get_runtime_context().get_job_id(), clip_model, clip_pretrained, actor_device, allow_random,
                n_actors)
         cached = None if self.started_ray else _ACTOR_CACHE.get(key)
@@ -199,8 +201,13 @@ class _Pipeline:
             self.actors, described = cached
         else:
             actor_cls = ray.remote(max_restarts=4, max_task_retries=4, **options)(ClipWorker)
-            self.actors = [actor_cls.remote(clip_model, clip_pretrained, actor_device, allow_random, threads)
-                           for _ in range(n_actors)]
+            # Named actors: another ingest on the same cluster with the same model (a second `vmr index`
+            # joined with --ray-address) reuses the loaded model instead of loading its own.
+            tag = hashlib.sha1(json.dumps([clip_model, clip_pretrained, actor_device, allow_random]).encode())
+            self.actors = [actor_cls.options(name=f"vmr-clip-{tag.hexdigest()[:12]}-{i}", namespace="vmr",
+                                             get_if_exists=True).remote(clip_model, clip_pretrained, actor_device,
+                                                                        allow_random, threads)
+                           for i in range(n_actors)]
             try:
                 described = ray.get([a.describe.remote() for a in self.actors])
             except Exception as err:  # noqa: BLE001 - the actor's own error (e.g. a bad checkpoint) is in the text
@@ -214,7 +221,7 @@ class _Pipeline:
         if described[0]["model_id"] != model_id:
             raise VmrError(f"CLIP worker loaded {described[0]['model_id']}, expected {model_id}")
         self.preprocess_json = json.dumps(described[0]["preprocess"], sort_keys=True)
-        self.decode_task = ray.remote(num_cpus=1, max_retries=5, num_returns=2,
+        self.decode_task = ray.remote(num_cpus=0.5, max_retries=5, num_returns=2,
                                       scheduling_strategy="SPREAD")(decode_segment)
         workers = self.workers or cpus
         self.max_inflight = max(2, 2 * int(workers))
