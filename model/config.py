@@ -83,6 +83,11 @@ class ModelConfig:
     # Active here (the paper's method); their released code never adds it to the loss list (off when converted).
     event_loss: bool = True
     event_coef: float = 0.1
+    # What pseudo-events are computed from: "input" = the clip features as given, without the trailing TEF
+    # columns (what the index stores; stable targets); "projected" = the projected clip tokens, after input
+    # dropout in training (the authors' choice; their event loss is never active, so nothing depends on it).
+    pseudo_events_from: str = "input"
+    tef_dims: int = 2             # trailing TEF columns of src_vid (0 when the data adds no TEF)
     saliency_loss_only: bool = False  # highlight-only datasets (their youtube_uni / tvsum): no matcher
 
     extra: dict = field(default_factory=dict)  # free-form provenance (e.g. "converted_from")
@@ -93,6 +98,8 @@ class ModelConfig:
             raise ModelError(f"llm_attention must be 'time' or 'batch', not {self.llm_attention!r}")
         if self.llm_dtype not in ("auto", "float32", "bfloat16"):
             raise ModelError(f"llm_dtype must be auto, float32 or bfloat16, not {self.llm_dtype!r}")
+        if self.pseudo_events_from not in ("input", "projected"):
+            raise ModelError(f"pseudo_events_from must be 'input' or 'projected', not {self.pseudo_events_from!r}")
         self.llm_layer_range()  # validates the slice
 
     def llm_layer_range(self) -> tuple[int, int]:

@@ -130,7 +130,8 @@ def config_from_authors(state: dict, opt) -> ModelConfig:
         llm_ffn_dim=state["transformer.llama.layers.0.feed_forward.w1.weight"].shape[0],
         llm_norm_eps=1e-6,  # hard-coded in their LLaMA config
         llm_head_dim=LLAMA_HEAD_DIM, llm_dtype="float32",  # their blocks run in fp32
-        llm_attention="batch", t2v_cross_sample_mask=True, event_loss=False,
+        llm_attention="batch", t2v_cross_sample_mask=True, event_loss=False, pseudo_events_from="projected",
+        tef_dims=2 if "tef" in o.get("ctx_mode", "video_tef") else 0,
         vid_has_window_suffix=(dset == "hl"), saliency_loss_only=dset in ("youtube_uni", "tvsum"),
         extra={"converted_from": "fletcherjiang/LLMEPET", "dset_name": dset,
                "clip_length": float(o.get("clip_length", 2.0)), "v_feat_dirs": list(o.get("v_feat_dirs") or []),

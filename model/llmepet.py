@@ -228,6 +228,9 @@ class LLMEPET(nn.Module):
         if targets is not None:
             out.update(self._training_tensors(targets, vid_feat, vid_valid, vid_pos, txt, txt_valid, txt_pos,
                                               dummy_ctx, dummy_pos))
+            event_source = vid_feat if cfg.pseudo_events_from == "projected" \
+                else src_vid[..., :src_vid.shape[-1] - cfg.tef_dims]
+            out["pseudo_event_spans"] = self.pseudo_events(event_source, vid_valid)
         if negative_pass is None:
             negative_pass = self.training and targets is not None
         out.update(saliency_scores_neg=None, t2vattnvalues_neg=None, real_neg_mask=None)
@@ -236,7 +239,7 @@ class LLMEPET(nn.Module):
         return out
 
     def _training_tensors(self, targets, vid, vid_valid, vid_pos, txt, txt_valid, txt_pos, dummy_ctx, dummy_pos):
-        """Moment / non-moment token encodings, sentence tokens, pseudo-events (CG-DETR training inputs)."""
+        """Moment / non-moment token encodings and sentence tokens (CG-DETR training inputs)."""
         b, nd = vid.shape[0], self.cfg.num_dummies
         relevant = targets.get("relevant_clips", targets.get("saliency_all_labels"))
         moment_mask = relevant.clamp(0, 1).bool()  # [B, Lv]
@@ -257,20 +260,25 @@ class LLMEPET(nn.Module):
                                                     vid_valid & ~moment_mask, self.moment_encoder)
         word_memory = torch.cat([dummy_words, words], 0).permute(1, 2, 0)  # [B, D, Nd+Lt]
         moment_frames, nmoment_frames = _seq_first(moment_frames), _seq_first(nmoment_frames)
-        # Pseudo-events per video on its valid clips (the authors run one batched search whose boundary pairing
-        # wraps across videos and whose threshold and novelty include padding), from the projected clip features
-        # as theirs.
-        with torch.no_grad():
-            feats = vid.detach().float()
-            pseudo = [pseudo_event_spans_cxw(feats[i, :int(n)]) for i, n in enumerate(vid_valid.sum(1))]
         return dict(
             memory_moment=memory_moment, nmmemory_moment=nmemory_moment,
             sentence_txt=sentence_txt, sentence_dummy=sentence_dummy,
             moment2txt_similarity=moment_frames @ word_memory, nmoment2txt_similarity=nmoment_frames @ word_memory,
             moment_mask=moment_mask,
             src_vid=torch.where(moment_mask[:, :, None], moment_frames, nmoment_frames),
-            pseudo_event_spans=pseudo,
         )
+
+    @staticmethod
+    @torch.no_grad()
+    def pseudo_events(feats, valid):
+        """Pseudo-event targets [K_i, 2] (normalised center, width) per video, on its valid clips only.
+
+        (The authors run one batched search whose boundary pairing wraps across videos - a negative-width span
+        when the batch size is odd - and whose threshold and novelty include the padding.)
+        feats [B, Lv, D], valid [B, Lv] -> list of B tensors.
+        """
+        feats = feats.detach().float()
+        return [pseudo_event_spans_cxw(feats[i, :int(n)]) for i, n in enumerate(valid.sum(1))]
 
     def _negative_pass(self, vids, vid, vid_valid, vid_pos, keys, keys_valid, keys_pos, ctx):
         """Each video with the NEXT sample's sentence (skipping pairs from one source video): saliency

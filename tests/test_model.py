@@ -129,11 +129,17 @@ def test_pseudo_events_per_video_on_valid_clips(model):
     txt, tm, vid, vm = make_batch(lengths, [3, 3, 3])
     with torch.no_grad():
         out = model(txt, tm, vid, vm, targets=make_targets(lengths, 9))
-        projected = model.vid_proj(vid) + model.token_type.weight[1]
     for i, n in enumerate(lengths):
         spans = out["pseudo_event_spans"][i]
-        torch.testing.assert_close(spans, pseudo_event_spans_cxw(projected[i, :n]))
+        # default: the input clip features without the 2 TEF columns (what the index stores)
+        torch.testing.assert_close(spans, pseudo_event_spans_cxw(vid[i, :n, :VID_DIM - 2]))
         assert (spans[:, 1] > 0).all() and abs(float(spans[:, 1].sum()) - (n - 1) / n) < 1e-5
+    torch.manual_seed(0)
+    authors_like = build_model(tiny_cfg(pseudo_events_from="projected")).eval()
+    with torch.no_grad():
+        out = authors_like(txt, tm, vid, vm, targets=make_targets(lengths, 9))
+        projected = authors_like.vid_proj(vid) + authors_like.token_type.weight[1]
+    torch.testing.assert_close(out["pseudo_event_spans"][2], pseudo_event_spans_cxw(projected[2, :7]))
 
 
 def test_event_loss_switch_and_weights():
