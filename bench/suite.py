@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from bench.report import Section, coerce_section, not_available, write_report
+from bench.report import Section, coerce_section, machine_line, not_available, write_report
 
 # key, title, module
 SECTIONS = [
@@ -31,7 +31,7 @@ SECTIONS = [
     ("search", "Library search", "bench.search"),
 ]
 # Per-section wall-clock limits (s). Quick mode is CI's smoke size: the whole suite must stay well under a minute.
-TIMEOUT_QUICK, TIMEOUT_FULL = 240, 900
+TIMEOUT_QUICK, TIMEOUT_FULL = 240, 720
 
 
 def run_section(module: str, title: str, out_dir: str, quick: bool) -> Section:
@@ -114,6 +114,8 @@ def run_suite(out_dir: str, quick: bool = False, sections: list[str] | None = No
             continue
         print(f"[bench] {key}: {module} ...", file=sys.stderr, flush=True)
         section = _run_child(key, title, module, out_dir, quick, timeout)
+        if section.available and "Machine" not in section.markdown:  # every figure names its machine
+            section.markdown += f"\n\nMachine: {machine_line()}."
         print(f"[bench] {key}: {section.headline or section.markdown[:120]} ({section.seconds:.0f} s)",
               file=sys.stderr, flush=True)
         done.append(section)
