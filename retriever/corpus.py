@@ -38,7 +38,7 @@ def percentiles(values: list[float]) -> dict:
 
 
 def corpus_metrics(engine, annotations: list[dict], mode: str = "rerank", ks=KS, ious=IOUS,
-                   warmup: int = 1) -> dict:
+                   warmup: int = 1, **search_kw) -> dict:
     """Metrics of ``engine`` (retriever.search.SearchEngine) over ``annotations`` (jsonl rows with vid,
     query, relevant_windows). Percentages in [0, 100]; latencies in seconds."""
     if mode not in ("coarse", "rerank", "exhaustive"):
@@ -58,7 +58,8 @@ def corpus_metrics(engine, annotations: list[dict], mode: str = "rerank", ks=KS,
     timings = {key: [] for key in LATENCY_KEYS}
     for ann in annotations:
         gt_video = vid_of[ann["vid"]]
-        results = engine.search(ann["query"], top_k=max(ks), exhaustive=mode == "exhaustive", rerank=rerank)
+        results = engine.search(ann["query"], top_k=max(ks), exhaustive=mode == "exhaustive", rerank=rerank,
+                                **search_kw)
         for key in LATENCY_KEYS:
             timings[key].append(engine.last_timings.get(key, 0.0))
         videos = list(dict.fromkeys(engine.last_window_videos))

@@ -19,7 +19,7 @@ import numpy as np
 
 from model.errors import ModelError
 from retriever.coarse import CoarseConfig, all_windows, coarse_candidates, video_table
-from retriever.merge import Moment, final_score, nms_merge
+from retriever.merge import COARSE_WEIGHT, Moment, final_score, nms_merge
 from retriever.windows import Window
 from store.errors import VmrError
 
@@ -75,11 +75,13 @@ class SearchEngine:
     """An open library with its query encoder and (optionally) a reranker, for many queries.
 
     Args: index_dir; checkpoint: LLMEPET checkpoint path or None (coarse only); rerank: False forces coarse only;
-    device: "auto" | "cpu" | "cuda"; coarse: CoarseConfig.
+    device: "auto" | "cpu" | "cuda"; coarse: CoarseConfig; hold_connection: keep one DuckDB read connection open
+    for the engine's life (a query server with no writer beside it: saves the file open per query, ~0.1 s, but
+    an ingest cannot write while it is held). Off by default, so a search never holds an ingest up.
     """
 
     def __init__(self, index_dir, checkpoint: str | None = None, rerank: bool = True, device: str = "auto",
-                 coarse: CoarseConfig | None = None):
+                 coarse: CoarseConfig | None = None, hold_connection: bool = False):
         from store.library import Library
 
         self.index_dir = str(index_dir)
@@ -111,8 +113,15 @@ class SearchEngine:
             self.fallback_reason = "no reranker checkpoint given (--checkpoint): coarse moments only"
         self.last_timings: dict = {}
         self.last_window_videos: list[int] = []
+        self._held = None
+        if hold_connection:
+            self._held = self.library.session()
+            self._held.__enter__()
 
     def close(self) -> None:
+        if self._held is not None:
+            self._held.__exit__(None, None, None)
+            self._held = None
         self.library.close()
 
     def __enter__(self):
@@ -136,8 +145,13 @@ class SearchEngine:
         return pooled, tokens
 
     def candidates(self, pooled: np.ndarray, exhaustive: bool = False, timings: dict | None = None) -> list[Window]:
+        """Scored candidate windows (coarse) or every window (exhaustive). ``timings`` gets "coarse" (opening the
+        index for this query, the video table, FAISS) and "windows" (exact scores, window placement)."""
+        t0 = time.perf_counter()
         with self.library.session():  # one read connection for the whole query
             videos = video_table(self.library)
+            if timings is not None:
+                timings["coarse"] = timings.get("coarse", 0.0) + time.perf_counter() - t0
             if exhaustive:
                 t0 = time.perf_counter()
                 windows = all_windows(self.library, pooled, videos)
@@ -146,9 +160,12 @@ class SearchEngine:
                 return windows
             return coarse_candidates(self.library, pooled, self.coarse_cfg, videos, timings)
 
-    def search(self, query: str, top_k: int = 10, exhaustive: bool = False, rerank: bool | None = None
-               ) -> list[dict]:
-        """Best moments for ``query``, best first, as DESIGN.md's JSON dicts. Stage seconds in ``last_timings``."""
+    def search(self, query: str, top_k: int = 10, exhaustive: bool = False, rerank: bool | None = None,
+               coarse_weight: float = COARSE_WEIGHT) -> list[dict]:
+        """Best moments for ``query``, best first, as DESIGN.md's JSON dicts. Stage seconds in ``last_timings``.
+
+        exhaustive: rerank every window of every video (the baseline); coarse_weight: of the final-score rule.
+        """
         timings = dict.fromkeys(STAGES, 0.0)
         t0 = time.perf_counter()
         use_rerank = self.reranker is not None if rerank is None else (rerank and self.reranker is not None)
@@ -164,7 +181,7 @@ class SearchEngine:
         t2 = time.perf_counter()
         timings["rerank"] = t2 - t1 if use_rerank else 0.0
         for m in moments:
-            m.score = final_score(m.confidence, m.coarse)
+            m.score = final_score(m.confidence, m.coarse, coarse_weight)
         ranked = nms_merge(moments, top_k=top_k)
         timings["merge"] = time.perf_counter() - t2 + (0.0 if use_rerank else t2 - t1)
         timings["total"] = time.perf_counter() - t0

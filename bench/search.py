@@ -1,0 +1,141 @@
+"""Library search benchmark: per-stage latency and VCMR recall of coarse + rerank vs the exhaustive baseline.
+
+    python -m bench.search --out DIR [--quick]
+
+For each library size (10^2, 10^3, 10^4 videos; --quick: 30, 100) a synthetic-vector test-world library is written
+(bench/world/synthetic.py: decoding 10^4 videos is out of reach here): ``N_TARGETS`` target videos whose objects
+are unique in the library (the queries: one sentence per target event) among distractor videos drawn from the
+other objects. Both systems answer the same queries with the same world CLIP and world reranker:
+
+- coarse + rerank: retriever.search (FAISS candidates -> ≤24 windows -> LLMEPET -> merge);
+- exhaustive: the reranker over every window of every video (a single-video tool run over the library), ranked by
+  the same final-score rule.
+
+Reported per size and system: p50/p95 seconds of each stage (text_encode, coarse, windows, rerank, merge, total),
+video recall@k and VCMR R@1/5/10 at IoU 0.5/0.7, and the speed-up of the total p50. The exhaustive baseline runs
+on at most ``EXHAUSTIVE_QUERIES`` queries at the largest sizes (its latency grows linearly with the library).
+Also: the final-score rule study (coarse weight 0 = model confidence alone ... coarse alone) on the target queries.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_RERANKER
+from bench.world.generator import ObjectPool, annotations, sample_video
+from bench.world.scene import ALL_OBJECTS
+
+SIZES, QUICK_SIZES = (100, 1000, 10000), (30, 100)
+N_TARGETS = 12  # target videos (each 1-3 events = queries) per library
+EXHAUSTIVE_QUERIES = {100: 1000, 1000: 12, 10000: 4}  # queries the baseline answers per size (others: all)
+RULE_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 8.0, 1e6)  # coarse weights of the final-score rule study (1e6 ~ coarse only)
+
+
+def make_library(index_dir, n_videos: int, encoder, seed: int = 0):
+    """Write a synthetic library of ``n_videos``; returns the query annotations (target events)."""
+    from bench.world.synthetic import write_library
+
+    rng = np.random.default_rng(seed)
+    objects = list(ALL_OBJECTS)
+    rng.shuffle(objects)
+    target_objects = set(objects[: len(objects) // 2])
+    distractor_objects = set(objects) - target_objects
+    targets_pool = ObjectPool(rng, exclude=distractor_objects)
+    distract_pool = ObjectPool(rng, exclude=target_objects)
+    n_targets = min(N_TARGETS, n_videos)
+    videos = [sample_video(rng, f"t{i:05d}", 2 * int(rng.integers(30, 76)), targets_pool) for i in range(n_targets)]
+    videos += [sample_video(rng, f"d{i:05d}", 2 * int(rng.integers(30, 76)), distract_pool)
+               for i in range(n_videos - n_targets)]
+    write_library(index_dir, videos, encoder, seed=seed, progress=n_videos >= 1000)
+    return annotations(videos[:n_targets])
+
+
+def _round(d):
+    if isinstance(d, dict):
+        return {k: _round(v) for k, v in d.items()}
+    return round(d, 5) if isinstance(d, float) else d
+
+
+def run(out_dir, quick: bool = False, sizes=None, device: str = "cpu") -> dict:
+    """Run the benchmark; writes search.json and search.md into ``out_dir``. Returns the results dict."""
+    from model.features import ClipEncoder
+    from retriever.corpus import corpus_metrics
+    from retriever.search import SearchEngine
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = sizes or (QUICK_SIZES if quick else SIZES)
+    encoder = ClipEncoder.load(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS), device=device)
+    results = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, {device}", "sizes": {}}
+    for n in sizes:
+        index = out_dir / f"library_{n}"
+        t0 = time.perf_counter()
+        if (index / "library.duckdb").exists():
+            import shutil
+            shutil.rmtree(index)
+        queries = make_library(index, n, encoder, seed=n)
+        build = time.perf_counter() - t0
+        with SearchEngine(index, checkpoint=str(WORLD_RERANKER), device=device) as engine:
+            engine.encoder = encoder
+            fast = corpus_metrics(engine, queries, mode="rerank")
+            coarse = corpus_metrics(engine, queries, mode="coarse")
+            limit = EXHAUSTIVE_QUERIES.get(n, len(queries))
+            exhaustive = corpus_metrics(engine, queries[:limit], mode="exhaustive")
+            fast_same = corpus_metrics(engine, queries[:limit], mode="rerank") if limit < len(queries) else fast
+            rules = {}
+            if n == sizes[0]:
+                for w in RULE_WEIGHTS:
+                    m = corpus_metrics(engine, queries, mode="rerank", coarse_weight=w)
+                    rules[str(w)] = {k: v for k, v in m.items() if k.startswith("VCMR")}
+        speedup = exhaustive["latency"]["total"]["p50"] / max(fast_same["latency"]["total"]["p50"], 1e-9)
+        results["sizes"][str(n)] = _round({
+            "videos": n, "queries": len(queries), "library_build_s": build,
+            "coarse_only": coarse, "coarse_rerank": fast, "exhaustive": exhaustive,
+            "coarse_rerank_on_exhaustive_queries": fast_same, "speedup_p50": speedup, "score_rules": rules})
+        print(f"{n} videos: coarse+rerank p50 {1000 * fast['latency']['total']['p50']:.1f} ms "
+              f"(R@5 IoU.5 {fast['VCMR_R5@0.5']:.1f}), exhaustive p50 {1000 * exhaustive['latency']['total']['p50']:.1f}"
+              f" ms (R@5 {exhaustive['VCMR_R5@0.5']:.1f}), speed-up {speedup:.1f}x", flush=True)
+    (out_dir / "search.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "search.md").write_text(describe(results))
+    return results
+
+
+def describe(results: dict) -> str:
+    lines = ["# Library search: coarse + rerank vs exhaustive rerank", "",
+             f"Machine: {results['machine']}. Synthetic-vector test-world libraries, world CLIP + world reranker.", "",
+             "| videos | system | queries | text | coarse | windows | rerank | merge | total p50 | total p95 "
+             "| video R@1 | R@1 IoU.5 | R@5 IoU.5 | R@5 IoU.7 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, r in results["sizes"].items():
+        for name in ("coarse_only", "coarse_rerank", "exhaustive"):
+            m = r[name]
+            lat = m["latency"]
+            ms = lambda key, q="p50": f"{1000 * lat[key][q]:.1f}"  # noqa: E731
+            lines.append(f"| {n} | {name} | {m['queries']} | {ms('text_encode')} | {ms('coarse')} | {ms('windows')} "
+                         f"| {ms('rerank')} | {ms('merge')} | {ms('total')} | {ms('total', 'p95')} "
+                         f"| {m['video_R@1']:.1f} | {m['VCMR_R1@0.5']:.1f} | {m['VCMR_R5@0.5']:.1f} "
+                         f"| {m['VCMR_R5@0.7']:.1f} |")
+        lines.append(f"| {n} | speed-up (p50, same queries) | | | | | | | {r['speedup_p50']:.1f}x | | | | | |")
+    lines += ["", "Stage latencies in ms (p50). Final-score rule study (coarse weight w in confidence + w * coarse):", ""]
+    for n, r in results["sizes"].items():
+        for w, m in r["score_rules"].items():
+            lines.append(f"- {n} videos, w={w}: " + ", ".join(f"{k} {v:.1f}" for k, v in m.items()))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    run(args.out, quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()

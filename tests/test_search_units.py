@@ -1,0 +1,91 @@
+"""Search pieces without Ray: window placement, tiling, merge/NMS, coarse stage on a synthetic world library."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
+from bench.world.generator import WorldEvent, WorldVideo
+from bench.world.scene import WorldObject
+from retriever.merge import Moment, final_score, nms_merge, span_coarse_score
+from retriever.windows import MAX_WINDOW_CLIPS, best_event_moment, tile_video, window_around
+
+
+def test_window_around_short_video_is_whole_video():
+    assert window_around(10, 40, [(0, 20), (20, 40)]) == (0, 40)
+
+
+def test_window_around_keeps_hit_event_whole_and_snaps_to_boundary():
+    spans = [(0, 100), (100, 130), (130, 170), (170, 300)]
+    first, n = window_around(140, 300, spans)
+    assert n == MAX_WINDOW_CLIPS
+    assert first <= 130 and 170 <= first + n  # the hit's event [130, 170) is inside
+    assert first in {a for a, _ in spans} | {b for _, b in spans}  # snapped to a boundary
+    first, n = window_around(299, 300, [(0, 300)])  # no events to snap to: clamped to the video end
+    assert first + n == 300
+
+
+def test_tile_video_covers_every_clip_with_half_overlap():
+    tiles = tile_video(300)
+    covered = np.zeros(300, bool)
+    for first, n in tiles:
+        assert n == MAX_WINDOW_CLIPS
+        covered[first:first + n] = True
+    assert covered.all() and tiles[1][0] - tiles[0][0] == MAX_WINDOW_CLIPS // 2
+    assert tile_video(30) == [(0, 30)]
+
+
+def test_best_event_moment_picks_highest_mean_event():
+    scores = np.array([0.1, 0.1, 0.9, 0.8, 0.2, 0.95, 0.1, 0.1], np.float32)
+    (a, b), s = best_event_moment(scores, [(0, 2), (2, 4), (4, 8)], first_clip=0)
+    assert (a, b) == (2, 4) and s == pytest.approx(0.85)
+
+
+def test_span_coarse_score_and_final_rule():
+    scores = np.array([0.0, 0.5, 1.0, 0.5], np.float32)
+    assert span_coarse_score(scores, 10, 22.0, 26.0) == pytest.approx(0.75)  # clips 11, 12
+    assert final_score(None, 0.3) == 0.3
+    assert final_score(0.9, 0.1) < final_score(0.2, 0.3)  # the cross-video signal dominates
+
+
+def test_nms_merge_suppresses_overlaps_within_a_video_only():
+    ms = [Moment(1, "a", 10, 20, 0.9, 0.5, score=3), Moment(1, "a", 11, 21, 0.8, 0.5, score=2),
+          Moment(2, "b", 10, 20, 0.7, 0.5, score=1), Moment(1, "a", 40, 50, 0.6, 0.5, score=0.5)]
+    kept = nms_merge(ms)
+    assert [(m.video_id, m.start) for m in kept] == [(1, 10), (2, 10), (1, 40)]
+    assert len(nms_merge(ms, top_k=2)) == 2
+
+
+@pytest.fixture(scope="module")
+def synthetic_index(tmp_path_factory):
+    """A synthetic-vector library: 30 short videos + a 10-minute one whose only events lie past 150 s."""
+    from bench.world.generator import ObjectPool, sample_video
+    from bench.world.synthetic import write_library
+    from model.features import ClipEncoder
+
+    rng = np.random.default_rng(0)
+    target = WorldObject("purple", "cross", "left")
+    pool = ObjectPool(rng, exclude={target})
+    videos = [sample_video(rng, f"v{i:03d}", 2 * int(rng.integers(30, 76)), pool) for i in range(30)]
+    videos.append(WorldVideo("long", 600.0, 40, [WorldEvent(target, 400.0, 430.0)]))
+    encoder = ClipEncoder.load(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS), device="cpu")
+    index = tmp_path_factory.mktemp("synthetic") / "index"
+    write_library(index, videos, encoder)
+    return index, videos, target
+
+
+def test_coarse_finds_moment_past_150s_in_10_minute_video(synthetic_index):
+    from retriever.search import SearchEngine
+
+    index, videos, target = synthetic_index
+    with SearchEngine(index, rerank=False, device="cpu") as engine:
+        pooled, _ = engine.encode_query(target.sentence())
+        windows = engine.candidates(pooled)
+        results = engine.search(target.sentence(), top_k=5)
+    assert windows[0].path == "long.mp4" and windows[0].n_clips == MAX_WINDOW_CLIPS
+    assert windows[0].first_clip <= 200 and 215 <= windows[0].last_clip  # the window holds the event
+    top = results[0]
+    assert top["path"] == "long.mp4" and top["reranked"] is False
+    inter = min(top["end"], 430) - max(top["start"], 400)
+    assert inter / (max(top["end"], 430) - min(top["start"], 400)) >= 0.5
+    assert len(top["saliency"]) == MAX_WINDOW_CLIPS
