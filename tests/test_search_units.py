@@ -3,12 +3,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
 from bench.world.generator import WorldEvent, WorldVideo
 from bench.world.scene import WorldObject
 from retriever.merge import Moment, final_score, nms_merge, span_coarse_score
 from retriever.windows import MAX_WINDOW_CLIPS, best_event_moment, tile_video, window_around
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The world's models are tiny: one thread is fastest on a shared machine (and is what bench/search uses)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_window_around_short_video_is_whole_video():

@@ -11,6 +11,15 @@ from bench.world.generator import build_world, read_jsonl
 from bench.world.scene import ALL_OBJECTS, COLORS, POSITION_X, render_frame
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The world's models are tiny: one thread is fastest on a shared machine (and is what bench/search uses)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")

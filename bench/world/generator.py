@@ -134,8 +134,9 @@ def build_world(out_dir: str | Path, n_videos: int = 16, seed: int = 0, long_vid
         duration = 2 * int(rng.integers(min_duration // 2, max_duration // 2 + 1))
         videos.append(sample_video(rng, f"{prefix}_{seed}_{i:04d}", duration, pool))
     for j in range(long_videos):
+        first = 160.0 + 2 * int(rng.integers(0, max(1, (long_duration - 160) // 6)))  # past 150 s, room left
         videos.append(sample_video(rng, f"{prefix}_{seed}_long{j}", long_duration, pool, max_events=3,
-                                   first_start=160.0 + 100 * int(rng.integers(0, 3))))
+                                   first_start=first))
     rows = annotations(videos)
     if write:
         (out_dir / "videos").mkdir(parents=True, exist_ok=True)
