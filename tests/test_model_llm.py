@@ -96,3 +96,14 @@ def test_time_mode_masks_padding_batch_mode_mixes_batch():
         blocks.attention = "batch"
         y_batch = blocks(x, None)
         assert (y_batch[:, 0] - blocks(x[:, :1], None)[:, 0]).abs().max() > 1e-4
+        # at batch size 1 each time step attends only to itself: a fixed per-token map
+        y_one = blocks(x[:, :1], None)
+        torch.testing.assert_close(y_one[2], blocks(x[2:3, :1], None)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_sharded_safetensors(tiny_llama_dir, tmp_path):
+    _, hf = tiny_llama_dir
+    hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="60KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    _, weights = load_llm_layers(str(tmp_path), 3, 4)
+    torch.testing.assert_close(weights["0.feed_forward.w2.weight"], hf.model.layers[3].mlp.down_proj.weight)
