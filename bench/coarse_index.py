@@ -141,6 +141,15 @@ def load_average() -> float:
         return float("nan")
 
 
+def _rss_bytes() -> int:
+    """Current resident set size of this process (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _index_bytes(index) -> int:
     from store.faiss_index import write_index_atomic
 
@@ -173,9 +182,12 @@ def measure_size(n: int, n_queries: int, flat_queries: int, passes: int, seed: i
 
     spec = spec or fi.choose_index_spec(n, DIM)
     row["spec"] = spec
+    gc.collect()
+    rss0 = _rss_bytes()
     t0 = time.perf_counter()
     index = fi.build_index(vectors, ids, spec)
     row["build_s"] = time.perf_counter() - t0
+    row["rss_growth_bytes"] = _rss_bytes() - rss0
     row["type"] = fi.index_type(index)
     row["index_bytes"] = _index_bytes(index)
     it, ic, found = time_single_queries(index, queries, passes=passes)
@@ -212,7 +224,8 @@ def run(out_dir: str, quick: bool) -> Section:
 
     if quick:  # smoke size; the IVF path still runs, with a small IVF spec forced at the second size
         sizes, n_queries, flat_queries, passes = [2_000, 6_000], 20, 10, 1
-        specs = {6_000: {"type": "ivf", "dim": DIM, "metric": "ip", "nlist": 64, "nprobe": 8, "train_points": 6_000}}
+        specs = {6_000: {"type": "ivf", "dim": DIM, "metric": "ip", "codec": "fp16", "nlist": 64, "nprobe": 8,
+                         "train_points": 6_000}}
     else:
         sizes, n_queries, flat_queries, passes = [10_000, 100_000, 1_000_000], 200, 20, 3
         specs = {}
@@ -232,15 +245,17 @@ def run(out_dir: str, quick: bool) -> Section:
         "shared: the 1-min load average during each measurement is given; wall figures above ~2 load are inflated.",
         "",
         "| vectors | chosen index | build s | p50 ms wall | p95 ms wall | p50 ms CPU | recall@100 | flat p50 ms wall "
-        "| flat p50 ms CPU | speed-up p50 (wall / CPU) | index / raw bytes | load |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| flat p50 ms CPU | speed-up p50 (wall / CPU) | index file / raw vectors | RSS growth at build / raw | load |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         s = r["spec"]
-        label = r["type"] + (f" (nlist {s['nlist']}, nprobe {s['nprobe']})" if r["type"] == "ivf" else "")
+        label = (f"ivf-{s.get('codec', 'flat')} (nlist {s['nlist']}, nprobe {s['nprobe']})" if r["type"] == "ivf"
+                 else r["type"])
         lines.append(f"| {r['n']:,} | {label} | {r['build_s']:.2f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
                      f"{r['cpu_p50_ms']:.2f} | {r['recall']:.3f} | {r['flat_p50_ms']:.2f} | {r['flat_cpu_p50_ms']:.2f} | "
                      f"{r['speedup_p50']:.0f}x / {r['speedup_cpu_p50']:.0f}x | {r['index_bytes'] / r['raw_bytes']:.2f} | "
+                     f"{r['rss_growth_bytes'] / r['raw_bytes']:.2f} | "
                      f"{r['load']:.1f} |")
     big = rows[-1]
     if "sweep" in big:

@@ -38,7 +38,7 @@ def coerce_section(title: str, result, out_dir: str, describe=None) -> Section:
 
     Accepted: a Section; a str (markdown); a dict with any of markdown/text/report, figures/pngs, headline/summary;
     a dict of figures without markdown (rendered with the module's `describe(result)` when it has one, else as a
-    table of its scalar values plus its nested values as JSON); None.
+    table of its scalar values plus its nested values as JSON; extra keys beside a markdown are not shown); None.
     """
     if isinstance(result, Section):
         return result
@@ -52,7 +52,7 @@ def coerce_section(title: str, result, out_dir: str, describe=None) -> Section:
         rest = {k: v for k, v in result.items() if k not in text_keys}
         if not md and describe is not None:
             md = str(describe(result))
-        elif rest:
+        elif not md and rest:  # a bare dict of figures
             scalars = {k: v for k, v in rest.items() if isinstance(v, (int, float, str, bool)) or v is None}
             nested = {k: v for k, v in rest.items() if k not in scalars}
             if scalars:

@@ -44,7 +44,7 @@ def test_quick_suite_writes_report_and_plots(tmp_path, fake_sections):
         assert (out / png).stat().st_size > 1000
     # coarse-index table: flat row and an IVF row with a recall figure
     assert re.search(r"\| 2,000 \| flat \|", text)
-    ivf = re.search(r"\| 6,000 \| ivf \(nlist 64, nprobe 8\) \|[^\n]*", text)
+    ivf = re.search(r"\| 6,000 \| ivf-fp16 \(nlist 64, nprobe 8\) \|[^\n]*", text)
     assert ivf, text
     recall = float(ivf.group(0).split("|")[7])
     assert 0.5 < recall <= 1.0
@@ -55,5 +55,7 @@ def test_quick_suite_writes_report_and_plots(tmp_path, fake_sections):
 
 def test_coerce_section_accepts_other_helpers_results(tmp_path):
     s = coerce_section("X", {"markdown": "| a |", "figures": ["x.png"], "headline": "fast", "clips_per_s": 3.5}, str(tmp_path))
-    assert isinstance(s, Section) and s.figures == ["x.png"] and s.headline == "fast" and "clips_per_s" in s.markdown
+    assert isinstance(s, Section) and s.figures == ["x.png"] and s.headline == "fast" and s.markdown == "| a |"
+    bare = coerce_section("Z", {"clips_per_s": 3.5, "rows": [1, 2]}, str(tmp_path))
+    assert "| clips_per_s | 3.5 |" in bare.markdown and "\"rows\"" in bare.markdown
     assert coerce_section("Y", "plain text", str(tmp_path)).markdown == "plain text"

@@ -18,8 +18,8 @@ def library():
     return clip_like_library(6_000, 30, seed=1)
 
 
-def _ivf_spec(n):
-    return {"type": "ivf", "dim": 512, "metric": "ip", "nlist": 64, "nprobe": 16, "train_points": n}
+def _ivf_spec(n, codec="fp16"):
+    return {"type": "ivf", "dim": 512, "metric": "ip", "codec": codec, "nlist": 64, "nprobe": 16, "train_points": n}
 
 
 def test_choose_index_spec_flat_then_ivf_and_json():
@@ -45,13 +45,17 @@ def test_flat_is_exact_and_returns_caller_ids(library):
     assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
 
 
-def test_ivf_is_approximate_with_high_recall(library):
+@pytest.mark.parametrize("codec", ["fp16", "flat", "sq8"])
+def test_ivf_is_approximate_with_high_recall(library, codec):
     vectors, ids, queries = library
-    index = fi.build_index(vectors, ids, _ivf_spec(len(ids)))
+    index = fi.build_index(vectors, ids, _ivf_spec(len(ids), codec))
     assert not fi.is_exact(index) and fi.index_type(index) == "ivf"
-    _, found = fi.search(index, queries, 100)
+    scores, found = fi.search(index, queries, 100)
     assert recall_at_k(found, exact_top_k(vectors, ids, queries, 100)) >= 0.9
     assert set(found.ravel()) <= set(ids.tolist())
+    row = {int(i): r for r, i in enumerate(ids)}
+    exact = vectors[[row[int(i)] for i in found[0]]] @ queries[0]
+    assert np.abs(scores[0] - exact).max() < (2e-2 if codec == "sq8" else 2e-3)  # codes approximate the scores
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
@@ -102,6 +106,8 @@ def test_bad_input_is_a_one_line_vmr_error(tmp_path, library):
         fi.build_index(vectors[:2], np.array([7, 7]))
     with pytest.raises(VmrError, match="ids"):
         fi.build_index(vectors[:2], np.array([1]))
+    with pytest.raises(VmrError, match="codec"):
+        fi.build_index(vectors, ids, _ivf_spec(len(ids), "pq"))
     with pytest.raises(VmrError, match="needs at least"):
         fi.build_index(vectors[:10], ids[:10], _ivf_spec(10))
     index = fi.build_index(vectors[:10], ids[:10])
