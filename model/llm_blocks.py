@@ -112,12 +112,13 @@ class LLMBlocks(nn.Module):
     """
 
     def __init__(self, hidden_dim: int, dim: int, n_layers: int, n_heads: int, n_kv_heads: int, ffn_dim: int,
-                 norm_eps: float, attention: str = "time", head_dim: int | None = None):
+                 norm_eps: float, attention: str = "time", head_dim: int | None = None, blocks_on_meta: bool = False):
         super().__init__()
         self.attention = attention
         self.to_llm = nn.Linear(hidden_dim, dim, bias=False)
-        self.blocks = nn.ModuleList(LlamaBlock(dim, n_heads, n_kv_heads, ffn_dim, norm_eps, head_dim)
-                                    for _ in range(n_layers))
+        with torch.device("meta" if blocks_on_meta else torch.get_default_device()):
+            self.blocks = nn.ModuleList(LlamaBlock(dim, n_heads, n_kv_heads, ffn_dim, norm_eps, head_dim)
+                                        for _ in range(n_layers))
         # The authors' final norm is never loaded from the LLM (it stays at ones) and is frozen with the blocks.
         self.norm = RMSNorm(dim, norm_eps)
         self.from_llm = nn.Linear(dim, hidden_dim, bias=False)

@@ -68,7 +68,8 @@ def _seq_first(x):
 
 
 class LLMEPET(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, llm_blocks_on_meta: bool = False):
+        """``llm_blocks_on_meta``: allocate no storage for the LLM blocks (the caller assigns loaded weights)."""
         super().__init__()
         self.cfg = cfg
         d, nd = cfg.hidden_dim, cfg.num_dummies
@@ -104,7 +105,8 @@ class LLMEPET(nn.Module):
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
         self.llm = LLMBlocks(d, cfg.llm_dim, cfg.n_llm_layers, cfg.llm_heads, cfg.llm_kv_heads, cfg.llm_ffn_dim,
-                             cfg.llm_norm_eps, attention=cfg.llm_attention, head_dim=cfg.llm_head_dim or None)
+                             cfg.llm_norm_eps, attention=cfg.llm_attention, head_dim=cfg.llm_head_dim or None,
+                             blocks_on_meta=llm_blocks_on_meta)
 
         # heads
         self.query_anchors = nn.Embedding(cfg.num_queries, 2)  # (center, width) before sigmoid
@@ -324,9 +326,10 @@ def build_model(cfg: ModelConfig, llm_weights: bool = True, device="cpu") -> LLM
                               llm_norm_eps=spec["llm_norm_eps"],
                               llm_head_dim=0 if spec["head_dim"] * spec["llm_heads"] == spec["llm_dim"]
                               else spec["head_dim"])
-    model = LLMEPET(cfg)
+    model = LLMEPET(cfg, llm_blocks_on_meta=weights is not None)  # no random init of ~0.6B parameters
     if weights is not None:
-        model.llm.blocks.load_state_dict(weights, strict=True)
+        model.llm.blocks.load_state_dict(weights, strict=True, assign=True)
+        model.llm.freeze()
     model.llm.blocks.to(_llm_dtype(cfg, device))
     model.llm.norm.to(_llm_dtype(cfg, device))
     return model.to(device)

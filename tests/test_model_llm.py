@@ -65,12 +65,16 @@ def test_meta_consolidated_matches_hf(tiny_llama_dir, tmp_path):
 
 
 def test_build_model_reads_llm_shapes(tiny_llama_dir):
-    path, _ = tiny_llama_dir
-    cfg = ModelConfig(llm=str(path), llm_layers="0:2", llm_dim=4096, hidden_dim=32, nheads=4, dim_feedforward=48,
+    path, hf = tiny_llama_dir
+    cfg = ModelConfig(llm=str(path), llm_layers="1:3", llm_dim=4096, hidden_dim=32, nheads=4, dim_feedforward=48,
                       num_dummies=3, total_prompts=4, num_queries=5, txt_dim=16, vid_dim=10)
     model = build_model(cfg)
     assert model.cfg.llm_dim == 64 and model.cfg.llm_kv_heads == 2 and len(model.llm.blocks) == 2
     assert not any(p.requires_grad for p in model.llm.blocks.parameters())
+    torch.testing.assert_close(model.llm.blocks[1].feed_forward.w3.weight, hf.model.layers[2].mlp.up_proj.weight)
+    txt, vid = torch.randn(1, 3, 16), torch.randn(1, 6, 10)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(txt, torch.ones(1, 3), vid, torch.ones(1, 6))["pred_spans"]).all()
     with pytest.raises(ModelError, match="beyond"):
         load_llm_layers(str(path), 2, 9)
 
