@@ -179,7 +179,7 @@ def resolve_weights(model_name_or_config_json: str, pretrained: str | None, allo
     model_id = f"{name}:{pretrained}"
     weights = _cached_weights(tag_cfg)
     if weights is None:
-        if _offline():
+        if hub_offline():
             raise ModelError(f"CLIP weights {model_id} are not in the local cache and there is no network: "
                              "download them once online, or pass a local checkpoint with "
                              "--clip-pretrained /path/to/open_clip_model.safetensors")
@@ -279,7 +279,7 @@ def _cached_weights(tag_cfg: dict) -> str | None:
     return None
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     """True when downloads are off (HF_HUB_OFFLINE) or the hub does not answer within a few seconds."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return True

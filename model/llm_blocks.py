@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.errors import ModelError
+from model.features import hub_offline
 
 LLAMA_HEAD_DIM = 128  # every LLaMA release uses 128-d heads; used when only weight shapes are known
 
@@ -216,6 +217,12 @@ def _hf_files(source: str) -> tuple[dict, callable]:
         raise _offline_error(source, "huggingface_hub is not installed") from None
 
     def fetch(name):
+        try:  # the HF cache first: no network round trip when the files are already here
+            return Path(hf_hub_download(source, name, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached; try the hub below
+            pass
+        if hub_offline():  # fail at once instead of spending ~20 s in the hub client's retries
+            raise _offline_error(source, "offline and not in the Hugging Face cache")
         try:
             return Path(hf_hub_download(source, name))
         except Exception as exc:  # noqa: BLE001 - offline, gated, missing: one line for the user

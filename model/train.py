@@ -363,6 +363,7 @@ def build_run(train_path: str, val_path: str | None, features_dir: str | None, o
         data_cfg.v_feat_dirs = list(src.v_feat_dirs)
     model_over["txt_dim"] = int(spec["text_dim"])
     model_over["vid_dim"] = int(sum(spec["video_dims"])) + (2 if data_cfg.use_tef else 0)
+    model_over["tef_dims"] = 2 if data_cfg.use_tef else 0
     model_over.setdefault("max_q_l", data_cfg.max_q_l)
     model_over.setdefault("max_v_l", data_cfg.max_v_l)
 
