@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
@@ -83,14 +84,22 @@ def _run_child(key: str, title: str, module: str, out_dir: str, quick: bool, tim
                 section = pickle.load(f)
             section.seconds = section.seconds or time.perf_counter() - t0
             return section
-        tail = [ln for ln in (proc.stderr or proc.stdout or "").strip().splitlines() if ln.strip()]
-        reason = tail[-1] if tail else f"exit code {proc.returncode}"
+        reason = _failure_reason(proc.stderr or proc.stdout or "", proc.returncode)
         return not_available(title, f"{module} failed (exit {proc.returncode}): {reason[:300]}")
     except subprocess.TimeoutExpired:
         return not_available(title, f"{module} did not finish within {timeout:.0f} s")
     finally:
         if os.path.exists(result):
             os.unlink(result)
+
+
+def _failure_reason(output: str, returncode: int) -> str:
+    """The most telling line of a failed child's output: its last exception line, else its last line."""
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b", ln) or "Error:" in ln]
+    if returncode < 0:
+        return f"killed by signal {-returncode}" + (f"; last error: {errors[-1]}" if errors else "")
+    return errors[-1] if errors else (lines[-1] if lines else f"exit code {returncode}")
 
 
 def run_suite(out_dir: str, quick: bool = False, sections: list[str] | None = None, timeout: float | None = None) -> str:
