@@ -125,11 +125,15 @@ def _build_ivf(vectors: np.ndarray, spec: dict, seed: int) -> faiss.Index:
     ivf.cp.seed = seed
     ivf.cp.niter = int(spec.get("niter", IVF_KMEANS_ITERATIONS))
     ivf.cp.spherical = True  # centroids stay on the unit sphere, as the data: better IP assignment
-    if gpu_available():
-        # Train (and later search) on the GPU; the CPU object is kept as the canonical form.
-        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(dim))
-    ivf.train(sample)
-    ivf.clustering_index = None
+    # k-means on the GPU when there is one (the local variable keeps the GPU index alive: the C++ field does not)
+    gpu_kmeans = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(dim)) if gpu_available() else None
+    if gpu_kmeans is not None:
+        ivf.clustering_index = gpu_kmeans
+    try:
+        ivf.train(sample)
+    finally:
+        if gpu_kmeans is not None:
+            ivf.clustering_index = None
     return _to_gpu(ivf)
 
 
