@@ -86,7 +86,7 @@ def _assert_faiss_matches_duckdb(index_dir):
 
 @pytest.fixture(scope="module")
 def first_run(ray_session, tmp_path_factory, checkpoint):
-    lib = videos.make_library(tmp_path_factory.mktemp("videos"))
+    lib = videos.make_library(tmp_path_factory.mktemp("videos"), long_hours=0.5)  # + a 900-clip video (8 segments)
     index_dir = tmp_path_factory.mktemp("index") / "lib"
     result = _index(lib.root, index_dir, checkpoint)
     return lib, index_dir, result
