@@ -117,17 +117,20 @@ def run_suite(out_dir: str, quick: bool = False, sections: list[str] | None = No
         raise VmrError(f"unknown bench section(s) {', '.join(sorted(unknown))}; known: {', '.join(keys)}")
     timeout = timeout or (TIMEOUT_QUICK if quick else TIMEOUT_FULL)
     t0 = time.perf_counter()
-    done = []
-    for key, title, module in SECTIONS:
-        if sections and key not in sections:
-            continue
+    chosen = [(k, t, m) for k, t, m in SECTIONS if not sections or k in sections]
+    # Run order: the sections named in env VMR_BENCH_FIRST (comma-separated keys) first; report order
+    # stays SECTIONS'. Lets a long suite measure the settled pieces first and the others as late as possible.
+    first = [k for k in os.environ.get("VMR_BENCH_FIRST", "").split(",") if k]
+    order = sorted(chosen, key=lambda kt: (kt[0] not in first, first.index(kt[0]) if kt[0] in first else 0))
+    done = {}
+    for key, title, module in order:
         print(f"[bench] {key}: {module} ...", file=sys.stderr, flush=True)
         section = _run_child(key, title, module, out_dir, quick, timeout)
         if section.available and "Machine" not in section.markdown:  # every figure names its machine
             section.markdown += f"\n\nMachine: {machine_line()}."
         print(f"[bench] {key}: {section.headline or section.markdown[:120]} ({section.seconds:.0f} s)",
               file=sys.stderr, flush=True)
-        done.append(section)
-    path = write_report(done, out_dir, quick, time.perf_counter() - t0)
+        done[key] = section
+    path = write_report([done[k] for k, _, _ in chosen], out_dir, quick, time.perf_counter() - t0)
     print(f"[bench] report: {path}", file=sys.stderr, flush=True)
     return path
