@@ -13,7 +13,7 @@ from model.data import (DataConfig, MomentDataset, PublicFeatureDir, check_featu
                         training_crop)
 from model.errors import ModelError
 
-DATA = Path("/work/shared/data")
+from shared_data import SHARED_DATA as DATA
 needs_data = pytest.mark.skipif(not DATA.exists(), reason="shared data not present")
 
 

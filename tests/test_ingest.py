@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import SHARED_DATA
 from click.testing import CliRunner
 
 from cli import main as cli_main
@@ -27,7 +28,7 @@ from tests import videos
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "clip_tiny.json")
-REAL_VIDEO = ROOT.parent / "shared" / "data" / "real_video" / "charades.mp4"
+REAL_VIDEO = SHARED_DATA / "real_video" / "charades.mp4"
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,14 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from shared_data import SHARED_DATA
 
 from indexer.decode import DecodeError, sample_clip_frames
 from indexer.discover import discover, looks_like_video
 from model.spans import num_clips
 from tests import videos
 
-REAL_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_video" / "charades.mp4"
+REAL_VIDEO = SHARED_DATA / "real_video" / "charades.mp4"
 
 
 def keep(rgb):

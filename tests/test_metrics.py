@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from model.errors import ModelError
 from model.metrics import (describe_metrics, detection_ap, evaluate, evaluate_files, load_jsonl, saliency_ap)
 
-DATA = Path("/work/shared/data")
+from shared_data import SHARED_DATA as DATA
 QVH = DATA / "qvhighlights"
 SAMPLES = QVH / "official_eval_samples"
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from shared_data import SHARED_DATA
 from model.checkpoint import llm_blocks_sha256, load_checkpoint, read_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.data import DataConfig, MomentDataset, collate
@@ -232,7 +233,7 @@ from model.data import DataConfig, MomentDataset, PublicFeatureDir
 from model.llmepet import build_model
 from model.predict import predict_annotations
 
-anns = [json.loads(l) for l in open("/work/shared/data/qvhighlights/highlight_val_release.jsonl")][:40]
+anns = [json.loads(l) for l in open(os.path.join(sys.argv[3], "qvhighlights/highlight_val_release.jsonl"))][:40]
 root = Path(tempfile.mkdtemp())
 write_public_features(root, anns, slowfast_dim=64)
 (root / "a.jsonl").write_text("\n".join(json.dumps(a) for a in anns))
@@ -273,7 +274,7 @@ print("PARITY " + json.dumps(diff))
 '''
 
 
-@pytest.mark.skipif(not (os.path.isdir(AUTHORS_REPO) and os.path.isdir("/work/shared/data/qvhighlights")),
+@pytest.mark.skipif(not (os.path.isdir(AUTHORS_REPO) and os.path.isdir(SHARED_DATA / "qvhighlights")),
                     reason="authors' code or shared data not present")
 def test_same_samples_and_predictions_as_authors_code(tmp_path):
     """Our samples equal their StartEndDataset's (features, TEF, text, span and saliency targets), and
@@ -281,7 +282,7 @@ def test_same_samples_and_predictions_as_authors_code(tmp_path):
     script = tmp_path / "parity.py"
     script.write_text(PARITY_SCRIPT)
     project = str(Path(__file__).resolve().parents[1])
-    res = subprocess.run([sys.executable, str(script), AUTHORS_REPO, project], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, str(script), AUTHORS_REPO, project, str(SHARED_DATA)], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("PARITY ")]
     assert line, res.stderr[-2000:]

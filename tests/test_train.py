@@ -17,7 +17,8 @@ from model.errors import ModelError
 from model.llmepet import build_model
 from model.train import Trainer, TrainConfig, best_score, build_run, build_settings
 
-QVH = Path("/work/shared/data/qvhighlights")
+from shared_data import SHARED_DATA
+QVH = SHARED_DATA / "qvhighlights"
 needs_data = pytest.mark.skipif(not QVH.exists(), reason="shared data not present")
 
 TINY = dict(hidden_dim=32, nheads=4, dim_feedforward=64, enc_layers=1, dec_layers=2, t2v_layers=1, dummy_layers=1,
