@@ -81,7 +81,7 @@ def run(out_dir, quick: bool = False, sizes=None, device: str = "cpu") -> dict:
             shutil.rmtree(index)
         queries = make_library(index, n, encoder, seed=n)
         build = time.perf_counter() - t0
-        with SearchEngine(index, checkpoint=str(WORLD_RERANKER), device=device) as engine:
+        with SearchEngine(index, checkpoint=str(WORLD_RERANKER), device=device, hold_connection=True) as engine:
             engine.encoder = encoder
             fast = corpus_metrics(engine, queries, mode="rerank")
             coarse = corpus_metrics(engine, queries, mode="coarse")
@@ -104,6 +104,22 @@ def run(out_dir, quick: bool = False, sizes=None, device: str = "cpu") -> dict:
     (out_dir / "search.json").write_text(json.dumps(results, indent=2))
     (out_dir / "search.md").write_text(describe(results))
     return results
+
+
+def decoded_world_study(index_dir, annotations: list[dict], device: str = "cpu") -> dict:
+    """Quality on an index of DECODED world videos (real ingest): coarse alone, coarse + rerank, exhaustive, and
+    the final-score rule study. Returns {"coarse", "rerank", "exhaustive", "rules"}."""
+    from retriever.corpus import corpus_metrics
+    from retriever.search import SearchEngine
+
+    out = {}
+    with SearchEngine(index_dir, checkpoint=str(WORLD_RERANKER), device=device, hold_connection=True) as engine:
+        for mode in ("coarse", "rerank", "exhaustive"):
+            out[mode] = corpus_metrics(engine, annotations, mode=mode)
+        out["rules"] = {str(w): {k: v for k, v in corpus_metrics(engine, annotations, mode="rerank",
+                                                                 coarse_weight=w).items() if k.startswith("VCMR")}
+                        for w in RULE_WEIGHTS}
+    return _round(out)
 
 
 def describe(results: dict) -> str:

@@ -1,15 +1,19 @@
 """Moments from candidate windows -> one ranked list: the final-score rule and NMS across overlapping windows.
 
-The final score (FINAL_SCORE_RULE, measured in bench/search.py on the test world):
+The final score:
 
     final = confidence + COARSE_WEIGHT * coarse
 
-``confidence`` is the reranker's foreground probability of the moment (softmax of its class logits), which the
-model only learned to compare WITHIN a window: every training window holds its moment, so a window of the wrong
-video still gets a confident best moment. ``coarse`` is the mean CLIP cosine between the query and the moment's
-clips (exact, from the stored vectors), comparable ACROSS videos. The sum ranks moments of the right video first
-(coarse) and, within a video, the better-localised moment first (confidence). Without the reranker, the coarse
-moment's score is its coarse score.
+``confidence`` is the reranker's foreground probability of the moment (softmax of its class logits). The model only
+learned to compare moments WITHIN a window: every training window holds its moment, so a window of the wrong video
+still gets a confident best moment. ``coarse`` is the mean CLIP cosine between the query and the clips of the
+moment's span (exact, from the stored vectors), which IS comparable across videos. So the coarse term orders the
+videos and the spans, and the confidence breaks near-ties (cosines within ~1/COARSE_WEIGHT of each other).
+
+Measured on a decoded test world (23 videos, 66 sentences; bench/search.py decoded_world_study), VCMR R@1 at
+IoU 0.5 / 0.7 by coarse weight: 0 (confidence alone) 31.8 / 31.8; 1 and 4: 95.5 / 90.9; 8: 97.0 / 93.9;
+16 and 32: 98.5 / 95.5; 100: 98.5 / 98.5; 1e6 (span cosine alone): 98.5 / 97.0. Coarse alone (its best
+pseudo-event, no reranker): 83.3 / 74.2. Without the reranker a coarse moment's score is its coarse score.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import numpy as np
 
 from model.spans import CLIP_SECONDS
 
-COARSE_WEIGHT = 4.0  # cosines of a matching vs a non-matching clip differ by ~0.2-0.5; confidences by ~0.1-0.5
+COARSE_WEIGHT = 100.0  # measured (module docstring); confidence then separates spans of near-equal cosine
 NMS_IOU = 0.5  # moments of one video overlapping a better one by more than this are dropped
 
 
