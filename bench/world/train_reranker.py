@@ -5,7 +5,8 @@
 Builds a training world (its own seed: its sentences and videos are not the test library's), indexes it with the
 real ingest (world CLIP), and trains with model.train on that index through retriever.provider (what
 `vmr train --index` does), using the architecture and schedule in ``world_reranker.json`` (random, tiny LLM
-blocks). ``--synthetic`` indexes synthetic clip vectors instead of decoded videos (bench/world/synthetic.py), for
+blocks). The shipped world_reranker.pt: 84 videos (230 sentences, 207 train / 23 val), 120 epochs, ~12 min on
+one busy CPU core; val R1@0.5 = R1@0.7 = 91.3, mIoU 88.3 (its optimizer state stripped). ``--synthetic`` indexes synthetic clip vectors instead of decoded videos (bench/world/synthetic.py), for
 when decoding is too slow. TEST WORLD ONLY.
 """
 from __future__ import annotations
@@ -70,6 +71,9 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # a tiny model: one thread is as fast, and ~15x faster on a busy shared machine
     if args.work:
         print(train_reranker(args.work, args.out, args.videos, args.synthetic, args.overrides))
     else:
