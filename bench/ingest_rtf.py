@@ -27,7 +27,8 @@ import numpy as np
 from bench.report import Section, machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_VIDEO = Path("/work/shared/data/real_video/charades.mp4")
+# the checkout sits beside ../shared (VMR_SHARED_DATA overrides, as in the tests)
+REAL_VIDEO = Path(os.environ.get("VMR_SHARED_DATA") or ROOT.parent / "shared" / "data") / "real_video" / "charades.mp4"
 CLIP_SECONDS = 2.0
 BATCH = 64
 RESOLUTIONS = {"240p": (426, 240), "480p": (854, 480), "1080p": (1920, 1080)}

@@ -11,7 +11,7 @@ A window is one QVHighlights-sized input: 75 clips (150 s) of 514-d video featur
 fp32: everything fp32. bf16: the frozen LLM blocks are stored and run in bfloat16, the rest fp32 (what
 model.llmepet does on GPU). Inference mode, eval(), no negative pass, batch of B windows per forward.
 
-The authors' implementation (github fletcherjiang/LLMEPET, read from /work/ref) runs side by side from a throwaway
+The authors' implementation (github fletcherjiang/LLMEPET, read from ../ref) runs side by side from a throwaway
 copy under /tmp with the minimal patches needed to run without their checkpoint on this machine (listed in the
 report); their code is never imported from or copied into this repository.
 """
@@ -29,7 +29,9 @@ import numpy as np
 
 from bench.report import Section, machine_line
 
-AUTHORS_REPO = "/work/ref/fletcherjiang+LLMEPET"
+# a read-only checkout of github fletcherjiang/LLMEPET beside this one (../ref), or where VMR_AUTHORS_LLMEPET says
+AUTHORS_REPO = os.environ.get("VMR_AUTHORS_LLMEPET") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "ref", "fletcherjiang+LLMEPET")
 N_CLIPS, N_TOKENS, TXT_DIM, VID_DIM = 75, 20, 512, 514
 
 
