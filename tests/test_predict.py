@@ -233,7 +233,7 @@ from model.data import DataConfig, MomentDataset, PublicFeatureDir
 from model.llmepet import build_model
 from model.predict import predict_annotations
 
-anns = [json.loads(l) for l in open(os.path.join(sys.argv[3], "qvhighlights/highlight_val_release.jsonl"))][:40]
+anns = [json.loads(l) for l in open(sys.argv[3] + "/qvhighlights/highlight_val_release.jsonl")][:40]
 root = Path(tempfile.mkdtemp())
 write_public_features(root, anns, slowfast_dim=64)
 (root / "a.jsonl").write_text("\n".join(json.dumps(a) for a in anns))
