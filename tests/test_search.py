@@ -33,7 +33,7 @@ def world_index(tmp_path_factory, ray_session):
     from indexer.ingest import run_ingest
 
     root = tmp_path_factory.mktemp("search_world")
-    videos, rows = build_world(root, n_videos=8, seed=5, long_videos=1, long_duration=600)
+    videos, rows = build_world(root, n_videos=6, seed=5, long_videos=1, long_duration=600)
     summary = run_ingest(str(root / "videos"), str(root / "index"), clip_model=str(WORLD_CLIP_CONFIG),
                          clip_pretrained=str(WORLD_CLIP_WEIGHTS), device="cpu", progress=False)
     assert not summary.failed
@@ -142,21 +142,23 @@ def test_no_checkpoint_falls_back_to_coarse_flagged(world_index, caplog):
     assert any("coarse moments only" in m for m in caplog.messages)
 
 
-def test_query_during_ingest(world_index, tmp_path):
+def test_query_during_ingest(world_index, tmp_path, ray_session):
     """A search against an index that a separate `vmr index` process is writing answers (or says the index is
-    not ready yet) and never crashes; after the ingest it finds the right video."""
+    not ready yet) and never crashes; after the ingest it finds the right video. The ingest joins this session's
+    Ray cluster (--ray-address), so it reuses its CLIP actor instead of starting a second Ray."""
     from retriever.search import search_library
     from store.library import wait_for_index
 
     src = world_index[0] / "videos"
     videos = tmp_path / "videos"
     videos.mkdir()
-    for p in sorted(src.iterdir())[:5]:
+    for p in sorted(src.iterdir())[:3]:
         shutil.copy(p, videos / p.name)
     index = tmp_path / "index"
     proc = subprocess.Popen([sys.executable, "-m", "cli", "index", str(videos), "--index", str(index),
                              "--clip-model", str(WORLD_CLIP_CONFIG), "--clip-pretrained", str(WORLD_CLIP_WEIGHTS),
-                             "--device", "cpu", "--workers", "1"],
+                             "--device", "cpu", "--workers", "1",
+                             "--ray-address", ray_session.get_runtime_context().gcs_address],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for_index(index, timeout=120)
