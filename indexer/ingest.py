@@ -101,6 +101,8 @@ def run_ingest(video_dir, index_dir, clip_model: str = "ViT-B-32", clip_pretrain
         raise VmrError(f"not a folder: {video_dir}")
     summary = IngestSummary(index_dir)
     if rebuild_faiss:
+        if not os.path.isfile(os.path.join(index_dir, "library.duckdb")):
+            raise VmrError(f"no vmr index at {index_dir} to rebuild")
         with Library(index_dir, read_only=False) as lib:
             if not lib.meta().get("clip_model"):
                 raise VmrError(f"no vmr index at {index_dir} to rebuild")
