@@ -31,8 +31,6 @@ def run_demo(work_dir: str | None = None, n_videos: int = 10, n_shown: int = 5) 
         with tempfile.TemporaryDirectory(prefix="vmr-demo-") as tmp:
             return run_demo(tmp, n_videos, n_shown)
     from bench.world.train_reranker import index_world, train_reranker
-    from retriever.corpus import corpus_metrics, describe_corpus_metrics
-    from retriever.search import SearchEngine
 
     work = Path(work_dir)
     click.echo("vmr demo - synthetic TEST world (coloured shapes; not a model for real videos)")
@@ -51,7 +49,22 @@ def run_demo(work_dir: str | None = None, n_videos: int = 10, n_shown: int = 5) 
         train_reranker(work / "train", out=checkpoint, n_videos=40, synthetic=True)
     else:
         click.echo(f"[3/4] reranker: {checkpoint} (trained with `vmr train` on another world)")
-    with SearchEngine(index_dir, checkpoint=str(checkpoint), device="cpu") as engine:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny world models: one thread is as fast, and far faster on a busy machine
+    try:
+        return _answer(index_dir, checkpoint, rows, n_shown)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _answer(index_dir, checkpoint, rows, n_shown) -> dict:
+    from retriever.corpus import corpus_metrics, describe_corpus_metrics
+    from retriever.search import SearchEngine
+
+    # No ingest runs beside the demo's queries, so one read connection serves them all.
+    with SearchEngine(index_dir, checkpoint=str(checkpoint), device="cpu", hold_connection=True) as engine:
         click.echo(f"[4/4] queries ({n_shown} of {len(rows)} shown; the 10-min video's are last)")
         shown = rows[: n_shown - 2] + [r for r in rows if "long" in r["vid"]][:2]
         for row in shown:
