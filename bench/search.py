@@ -22,10 +22,12 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_RERANKER
 from bench.world.generator import ObjectPool, annotations, sample_video
@@ -65,45 +67,73 @@ def _round(d):
 def run(out_dir, quick: bool = False, sizes=None, device: str = "cpu") -> dict:
     """Run the benchmark; writes search.json and search.md into ``out_dir``. Returns the results dict."""
     from model.features import ClipEncoder
-    from retriever.corpus import corpus_metrics
-    from retriever.search import SearchEngine
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = sizes or (QUICK_SIZES if quick else SIZES)
     encoder = ClipEncoder.load(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS), device=device)
-    results = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, {device}", "sizes": {}}
+    results = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, {device}, torch threads "
+                          f"{torch.get_num_threads()}", "sizes": {}}
     for n in sizes:
-        index = out_dir / f"library_{n}"
-        t0 = time.perf_counter()
-        if (index / "library.duckdb").exists():
-            import shutil
-            shutil.rmtree(index)
-        queries = make_library(index, n, encoder, seed=n)
-        build = time.perf_counter() - t0
-        with SearchEngine(index, checkpoint=str(WORLD_RERANKER), device=device, hold_connection=True) as engine:
-            engine.encoder = encoder
-            fast = corpus_metrics(engine, queries, mode="rerank")
-            coarse = corpus_metrics(engine, queries, mode="coarse")
-            limit = EXHAUSTIVE_QUERIES.get(n, len(queries))
-            exhaustive = corpus_metrics(engine, queries[:limit], mode="exhaustive")
-            fast_same = corpus_metrics(engine, queries[:limit], mode="rerank") if limit < len(queries) else fast
-            rules = {}
-            if n == sizes[0]:
-                for w in RULE_WEIGHTS:
-                    m = corpus_metrics(engine, queries, mode="rerank", coarse_weight=w)
-                    rules[str(w)] = {k: v for k, v in m.items() if k.startswith("VCMR")}
-        speedup = exhaustive["latency"]["total"]["p50"] / max(fast_same["latency"]["total"]["p50"], 1e-9)
-        results["sizes"][str(n)] = _round({
-            "videos": n, "queries": len(queries), "library_build_s": build,
-            "coarse_only": coarse, "coarse_rerank": fast, "exhaustive": exhaustive,
-            "coarse_rerank_on_exhaustive_queries": fast_same, "speedup_p50": speedup, "score_rules": rules})
-        print(f"{n} videos: coarse+rerank p50 {1000 * fast['latency']['total']['p50']:.1f} ms "
-              f"(R@5 IoU.5 {fast['VCMR_R5@0.5']:.1f}), exhaustive p50 {1000 * exhaustive['latency']['total']['p50']:.1f}"
-              f" ms (R@5 {exhaustive['VCMR_R5@0.5']:.1f}), speed-up {speedup:.1f}x", flush=True)
+        with tempfile.TemporaryDirectory(prefix=f"vmr-search-bench-{n}-") as tmp:
+            results["sizes"][str(n)] = _run_size(Path(tmp) / "index", n, sizes[0], encoder, device)
     (out_dir / "search.json").write_text(json.dumps(results, indent=2))
     (out_dir / "search.md").write_text(describe(results))
+    plot(results, out_dir / "search_latency.png")
     return results
+
+
+def _run_size(index, n: int, first_size: int, encoder, device: str) -> dict:
+    from retriever.corpus import corpus_metrics
+    from retriever.search import SearchEngine
+
+    t0 = time.perf_counter()
+    queries = make_library(index, n, encoder, seed=n)
+    build = time.perf_counter() - t0
+    with SearchEngine(index, checkpoint=str(WORLD_RERANKER), device=device, hold_connection=True) as engine:
+        engine.encoder = encoder
+        fast = corpus_metrics(engine, queries, mode="rerank")
+        coarse = corpus_metrics(engine, queries, mode="coarse")
+        limit = EXHAUSTIVE_QUERIES.get(n, len(queries))
+        exhaustive = corpus_metrics(engine, queries[:limit], mode="exhaustive")
+        fast_same = corpus_metrics(engine, queries[:limit], mode="rerank") if limit < len(queries) else fast
+        rules = {}
+        if n == first_size:
+            for w in RULE_WEIGHTS:
+                m = corpus_metrics(engine, queries, mode="rerank", coarse_weight=w)
+                rules[str(w)] = {k: v for k, v in m.items() if k.startswith("VCMR")}
+    speedup = exhaustive["latency"]["total"]["p50"] / max(fast_same["latency"]["total"]["p50"], 1e-9)
+    print(f"{n} videos: coarse+rerank p50 {1000 * fast['latency']['total']['p50']:.1f} ms "
+          f"(R@5 IoU.5 {fast['VCMR_R5@0.5']:.1f}), exhaustive p50 {1000 * exhaustive['latency']['total']['p50']:.1f}"
+          f" ms (R@5 {exhaustive['VCMR_R5@0.5']:.1f}), speed-up {speedup:.1f}x", flush=True)
+    return _round({
+        "videos": n, "queries": len(queries), "library_build_s": build,
+        "coarse_only": coarse, "coarse_rerank": fast, "exhaustive": exhaustive,
+        "coarse_rerank_on_exhaustive_queries": fast_same, "speedup_p50": speedup, "score_rules": rules})
+
+
+def plot(results: dict, path) -> None:
+    """Total p50 latency vs library size, coarse + rerank vs exhaustive (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [int(n) for n in results["sizes"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, label in (("coarse_rerank", "coarse + rerank"), ("exhaustive", "exhaustive rerank (baseline)"),
+                        ("coarse_only", "coarse only")):
+        ax.plot(sizes, [1000 * results["sizes"][str(n)][name]["latency"]["total"]["p50"] for n in sizes], "o-",
+                label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("videos in the library")
+    ax.set_ylabel("query latency p50 (ms)")
+    ax.set_title(f"Library search ({results['machine']})", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def decoded_world_study(index_dir, annotations: list[dict], device: str = "cpu") -> dict:
