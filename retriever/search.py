@@ -50,8 +50,9 @@ def load_query_encoder(meta: dict, device: str = "auto"):
     if not name or not weights:
         raise VmrError(f"the index names no usable CLIP model ({model_id!r}); re-index it")
     if weights.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        raise VmrError(f"the index was built with the local CLIP checkpoint {weights}, whose location it does not "
-                       "record; re-index with a registry tag or keep the checkpoint where the index says")
+        raise VmrError(f"the index was built with a local CLIP checkpoint ({model_id}) and does not record where "
+                       "it lives, so queries cannot be encoded with it; index with a registry tag (e.g. "
+                       "--clip-model ViT-B-32 --clip-pretrained openai)")
     return ClipEncoder.load(name, weights, device=device)
 
 
