@@ -88,6 +88,14 @@ class _Video:
         return all(first in self.vectors or self.infos[first]["n"] == 0 for first in self.planned)
 
 
+def _clip_source(clip_model: str, clip_pretrained: str | None) -> dict:
+    """How search reloads this CLIP: names/tags as given, local files as absolute paths."""
+    def absolute(value):
+        return os.path.abspath(value) if value and os.path.isfile(value) else value
+
+    return {"model": absolute(clip_model), "pretrained": absolute(clip_pretrained) or None}
+
+
 def run_ingest(video_dir, index_dir, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
                device: str = "auto", ray_address: str | None = None, workers: int | None = None,
                rebuild_faiss: bool = False, allow_random: bool = False, progress: bool = True) -> IngestSummary:
@@ -115,7 +123,7 @@ def run_ingest(video_dir, index_dir, clip_model: str = "ViT-B-32", clip_pretrain
     _, model_id, _, _ = resolve_weights(clip_model, clip_pretrained, allow_random)  # fail fast (offline, typo)
     embed_dim = model_embed_dim(clip_model)
     lib = Library(index_dir, read_only=False)
-    lib.prepare(model_id, embed_dim, root)
+    lib.prepare(model_id, embed_dim, root, clip_source=_clip_source(clip_model, clip_pretrained))
 
     candidates = discover(root, exclude=[index_dir])
     states = lib.file_states()

@@ -28,39 +28,23 @@ STAGES = ("text_encode", "coarse", "windows", "rerank", "merge")
 
 
 def load_query_encoder(meta: dict, device: str = "auto"):
-    """The CLIP model that built the index (meta ``clip_model`` = "<model>:<weights>"), for encoding queries.
+    """The CLIP model that built the index, for encoding queries.
 
-    Open_clip names with a pretrained tag load from the registry/cache; the synthetic test world's model is found
-    in bench/world; an index made with a local checkpoint must record where it came from (``clip_source``).
+    The index records how its CLIP was loaded (meta ``clip_source``: model name or config path, pretrained tag or
+    checkpoint path); random weights only where the index itself was built with them (tests: seeded, so equal).
     """
     from model.features import ClipEncoder
 
-    model_id = str(meta.get("clip_model") or "")
     source = meta.get("clip_source") or {}
-    name, _, weights = model_id.partition(":")
-    if source.get("model"):
-        return ClipEncoder.load(source["model"], source.get("pretrained"), device=device,
-                                allow_random=not source.get("pretrained"))
-    if weights == "random":  # tests only: random weights are seeded, so this is the index's model
-        return ClipEncoder.load(_config_path(name), None, device=device, allow_random=True)
-    from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
-
-    if name == WORLD_CLIP_CONFIG.stem and weights == WORLD_CLIP_WEIGHTS.name:
-        return ClipEncoder.load(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS), device=device)
-    if not name or not weights:
-        raise VmrError(f"the index names no usable CLIP model ({model_id!r}); re-index it")
-    if weights.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        raise VmrError(f"the index was built with a local CLIP checkpoint ({model_id}) and does not record where "
-                       "it lives, so queries cannot be encoded with it; index with a registry tag (e.g. "
-                       "--clip-model ViT-B-32 --clip-pretrained openai)")
-    return ClipEncoder.load(name, weights, device=device)
-
-
-def _config_path(name: str) -> str:
-    """A model name as given at indexing: a built-in open_clip name, or the stem of a config JSON we know."""
-    from bench.world import WORLD_CLIP_CONFIG
-
-    return str(WORLD_CLIP_CONFIG) if name == WORLD_CLIP_CONFIG.stem else name
+    if not source.get("model"):
+        raise VmrError(f"the index does not record how its CLIP ({meta.get('clip_model')!r}) was loaded; "
+                       "re-index it with this vmr")
+    encoder = ClipEncoder.load(source["model"], source.get("pretrained"), device=device,
+                               allow_random=not source.get("pretrained"))
+    if encoder.model_id != meta.get("clip_model"):
+        raise VmrError(f"the index was built with CLIP {meta.get('clip_model')} but {source['model']} / "
+                       f"{source.get('pretrained')} now loads as {encoder.model_id}: restore that checkpoint or re-index")
+    return encoder
 
 
 def query_tokens(encoder, query: str) -> int:

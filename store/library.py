@@ -199,8 +199,12 @@ class Library:
         if self.read_only:
             raise VmrError("this Library was opened read-only")
 
-    def prepare(self, clip_model: str, embed_dim: int, root: str) -> dict:
-        """Create the schema (first run) or check the index matches this CLIP model and root. Returns meta."""
+    def prepare(self, clip_model: str, embed_dim: int, root: str, clip_source: dict | None = None) -> dict:
+        """Create the schema (first run) or check the index matches this CLIP model and root. Returns meta.
+
+        ``clip_source`` ({"model": name or config path, "pretrained": tag or checkpoint path}) tells search how to
+        load the same CLIP for queries; it is refreshed on every run, since a local checkpoint may have moved.
+        """
         self._writable()
         with self.session() as con:
             meta = db.read_meta(con)
@@ -213,6 +217,9 @@ class Library:
                                    f"{clip_model}: use the same --clip-model/--clip-pretrained or a new --index")
                 if meta.get("root") != root:
                     raise VmrError(f"index {self.index_dir} indexes {meta.get('root')}, not {root}: use a new --index")
+                if clip_source and meta.get("clip_source") != clip_source:
+                    db.write_meta(con, {"clip_source": clip_source})
+                    meta["clip_source"] = clip_source
                 return meta
             with db.transaction(con):
                 for sql in db.schema_sql(embed_dim):
@@ -220,6 +227,8 @@ class Library:
                 meta = {"schema_version": db.SCHEMA_VERSION, "clip_model": clip_model, "embed_dim": int(embed_dim),
                         "root": root, "clip_seconds": 2.0, "generation": 0, "next_video_id": 1,
                         "created_at": _now().isoformat()}
+                if clip_source:
+                    meta["clip_source"] = clip_source
                 db.write_meta(con, meta)
             return meta
 

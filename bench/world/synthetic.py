@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
 from bench.world.generator import CLIP_SECONDS, WorldVideo
 from bench.world.scene import render_frame
 from model.pseudo_events import pseudo_event_clip_spans
@@ -69,7 +70,9 @@ def write_library(index_dir, videos: list[WorldVideo], encoder, seed: int = 0, p
     rng = np.random.default_rng(seed)
     embed = StateEmbedder(encoder, seed)
     with Library(index_dir, read_only=False) as lib:
-        lib.prepare(encoder.model_id, encoder.embed_dim, root="synthetic")
+        # Synthetic libraries are world libraries: queries are encoded with the world CLIP (``encoder``).
+        lib.prepare(encoder.model_id, encoder.embed_dim, root="synthetic",
+                    clip_source={"model": str(WORLD_CLIP_CONFIG), "pretrained": str(WORLD_CLIP_WEIGHTS)})
         ids = lib.add_pending([(f"{v.vid}.mp4", 0, 0.0) for v in videos])
         with lib.session():
             for v in tqdm(videos, desc="synthetic library", disable=not progress):
