@@ -16,13 +16,7 @@ from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_RERANKER
 from bench.world.generator import build_world
 from store.errors import VmrError
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The world's models are tiny: one thread is fastest on a shared machine (and is what bench/search uses)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 pytestmark = pytest.mark.skipif(not WORLD_RERANKER.is_file(), reason="world reranker not trained")

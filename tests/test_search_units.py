@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
 from bench.world.generator import WorldEvent, WorldVideo
@@ -12,13 +11,7 @@ from retriever.merge import Moment, final_score, nms_merge, span_coarse_score
 from retriever.windows import MAX_WINDOW_CLIPS, best_event_moment, tile_video, window_around
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The world's models are tiny: one thread is fastest on a shared machine (and is what bench/search uses)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_window_around_short_video_is_whole_video():

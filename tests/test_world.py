@@ -11,13 +11,7 @@ from bench.world.generator import build_world, read_jsonl
 from bench.world.scene import ALL_OBJECTS, COLORS, POSITION_X, render_frame
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The world's models are tiny: one thread is fastest on a shared machine (and is what bench/search uses)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
