@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from providers import ArrayProvider
 from model.data import (DataConfig, MomentDataset, PublicFeatureDir, check_feature_spec, collate, crop_annotation,
                         load_annotations, make_labels, saliency_from_scores, saliency_from_window, span_targets,
                         training_crop)
@@ -15,23 +16,6 @@ from model.errors import ModelError
 
 from shared_data import SHARED_DATA as DATA
 needs_data = pytest.mark.skipif(not DATA.exists(), reason="shared data not present")
-
-
-class DictProvider:
-    """An index-like feature source (what the CLI builds from a vmr index)."""
-
-    def __init__(self, videos: dict, texts: dict, dim=8, tdim=4, clip_model="ViT-B-32:openai"):
-        self.videos, self.texts, self.dim, self.tdim, self.clip_model = videos, texts, dim, tdim, clip_model
-
-    def video_features(self, vid):
-        return self.videos[vid]
-
-    def text_features(self, query):
-        return self.texts[query]
-
-    def feature_spec(self):
-        return {"clip_model": self.clip_model, "video_kinds": ["clip"], "video_dims": [self.dim],
-                "text_dim": self.tdim, "clip_seconds": 2.0}
 
 
 def _write_public(root: Path, vid: str, qid, slowfast: np.ndarray, clip: np.ndarray, text: np.ndarray):
@@ -111,7 +95,7 @@ def test_qvh_labels_when_every_clip_is_relevant():
 def test_index_provider_long_video_training_crop():
     rng = np.random.default_rng(1)
     video = rng.normal(size=(200, 8)).astype(np.float32)
-    prov = DictProvider({"long": video}, {"a dog": rng.normal(size=(3, 4)).astype(np.float32)})
+    prov = ArrayProvider({"long": video}, {"a dog": rng.normal(size=(3, 4)).astype(np.float32)}, dim=8, tdim=4)
     ann = {"qid": "x1", "query": "a dog", "vid": "long", "duration": 400.0, "relevant_windows": [[300.0, 320.0]]}
     cfg = DataConfig(max_v_l=75)
     ds = MomentDataset([ann], prov, cfg, seed=0)
@@ -136,7 +120,7 @@ def test_collate_pads_and_masks():
     texts = {"qa": rng.normal(size=(3, 4)).astype(np.float32), "qb": rng.normal(size=(5, 4)).astype(np.float32)}
     anns = [{"qid": 1, "query": "qa", "vid": "a", "duration": 20, "relevant_windows": [[2, 6]]},
             {"qid": 2, "query": "qb", "vid": "b", "duration": 12, "relevant_windows": [[0, 4], [6, 12]]}]
-    ds = MomentDataset(anns, DictProvider(vids, texts), DataConfig(), seed=0)
+    ds = MomentDataset(anns, ArrayProvider(vids, texts, dim=8, tdim=4), DataConfig(), seed=0)
     batch = collate([ds[0], ds[1]])
     inp, tgt = batch["inputs"], batch["targets"]
     assert inp["src_vid"].shape == (2, 10, 10) and inp["src_txt"].shape == (2, 5, 4)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from shared_data import SHARED_DATA
+from providers import ArrayProvider
 from model.checkpoint import llm_blocks_sha256, load_checkpoint, read_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.data import DataConfig, MomentDataset, collate
@@ -27,27 +28,7 @@ TINY = dict(hidden_dim=32, nheads=4, dim_feedforward=64, enc_layers=1, dec_layer
             vid_has_window_suffix=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class ArrayProvider:
-    def __init__(self, videos, texts, clip_model="ViT-B-32:openai", dim=16, tdim=8):
-        self.videos, self.texts, self.clip_model, self.dim, self.tdim = videos, texts, clip_model, dim, tdim
-
-    def video_features(self, vid):
-        return self.videos[vid]
-
-    def text_features(self, query):
-        return self.texts[query]
-
-    def feature_spec(self):
-        return {"clip_model": self.clip_model, "video_kinds": ["clip"], "video_dims": [self.dim],
-                "text_dim": self.tdim, "clip_seconds": 2.0}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_world(n=7, seed=0, lengths=None):

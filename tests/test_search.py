@@ -16,10 +16,8 @@ from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_RERANKER
 from bench.world.generator import build_world
 from store.errors import VmrError
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-pytestmark = pytest.mark.skipif(not WORLD_RERANKER.is_file(), reason="world reranker not trained")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.skipif(not WORLD_RERANKER.is_file(), reason="world reranker not trained")]
 
 
 @pytest.fixture(scope="module")

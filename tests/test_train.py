@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from providers import ArrayProvider
 from model.config import ModelConfig
 from model.criterion import build_criterion
 from model.data import DataConfig, MomentDataset
@@ -26,28 +27,7 @@ TINY = dict(hidden_dim=32, nheads=4, dim_feedforward=64, enc_layers=1, dec_layer
             llm_heads=4, llm_kv_heads=4, llm_ffn_dim=64, llm_layers="0:1")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine is shared: one intra-op thread is faster than fighting over two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class ArrayProvider:
-    def __init__(self, videos, texts, dim, tdim):
-        self.videos, self.texts, self.dim, self.tdim = videos, texts, dim, tdim
-
-    def video_features(self, vid):
-        return self.videos[vid]
-
-    def text_features(self, query):
-        return self.texts[query]
-
-    def feature_spec(self):
-        return {"clip_model": "test", "video_kinds": ["clip"], "video_dims": [self.dim], "text_dim": self.tdim,
-                "clip_seconds": 2.0}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic_set(n=8, n_clips=20, dim=16, seed=0):
@@ -64,7 +44,7 @@ def synthetic_set(n=8, n_clips=20, dim=16, seed=0):
         texts[f"q{i}"] = (np.stack([protos[i % 4]] * 2) + rng.normal(size=(2, dim)) * 0.1).astype(np.float32)
         anns.append({"qid": i, "query": f"q{i}", "vid": f"v{i}", "duration": 2 * n_clips,
                      "relevant_windows": [[2 * s, 2 * e]]})
-    return ArrayProvider(videos, texts, dim, dim), anns
+    return ArrayProvider(videos, texts, dim, dim, clip_model="test"), anns
 
 
 def test_tiny_model_overfits_synthetic_set(tmp_path):
