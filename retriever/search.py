@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import ModelError
-from retriever.coarse import CoarseConfig, all_windows, coarse_candidates, video_table
+from retriever.coarse import CoarseConfig, all_windows, coarse_candidates, video_features, video_table
 from retriever.merge import COARSE_WEIGHT, Moment, final_score, nms_merge
 from retriever.windows import Window
 from store.errors import VmrError
@@ -98,10 +98,19 @@ class SearchEngine:
             self.fallback_reason = "no reranker checkpoint given (--checkpoint): coarse moments only"
         self.last_timings: dict = {}
         self.last_window_videos: list[int] = []
+        self._features = None  # preloaded clip features (preload_features), for repeated exhaustive queries
         self._held = None
         if hold_connection:
             self._held = self.library.session()
             self._held.__enter__()
+
+    def preload_features(self) -> None:
+        """Read every video's clip features once and keep them for the exhaustive modes (benchmarks running many
+        exhaustive queries). Needs ``hold_connection=True``: the held read connection keeps writers out, so the
+        cached features cannot go stale."""
+        if self._held is None:
+            raise ValueError("preload_features needs hold_connection=True")
+        self._features = {vid: video_features(self.library, vid) for vid in video_table(self.library)}
 
     def close(self) -> None:
         if self._held is not None:
@@ -139,7 +148,7 @@ class SearchEngine:
                 timings["coarse"] = timings.get("coarse", 0.0) + time.perf_counter() - t0
             if exhaustive:
                 t0 = time.perf_counter()
-                windows = all_windows(self.library, pooled, videos)
+                windows = all_windows(self.library, pooled, videos, self._features)
                 if timings is not None:
                     timings["windows"] = time.perf_counter() - t0
                 return windows
@@ -149,7 +158,9 @@ class SearchEngine:
                coarse_weight: float = COARSE_WEIGHT) -> list[dict]:
         """Best moments for ``query``, best first, as DESIGN.md's JSON dicts. Stage seconds in ``last_timings``.
 
-        exhaustive: rerank every window of every video (the baseline); coarse_weight: of the final-score rule.
+        exhaustive: True reranks every window of every video (the baseline); "pruned" returns the same top_k
+        without reranking the windows that cannot reach it (``pruned_moments``); coarse_weight: of the final-score
+        rule.
         """
         timings = dict.fromkeys(STAGES, 0.0)
         t0 = time.perf_counter()
@@ -159,7 +170,9 @@ class SearchEngine:
         windows = self.candidates(pooled, exhaustive, timings)
         self.last_window_videos = [w.video_id for w in windows]  # coarse video ranking (corpus metrics)
         t1 = time.perf_counter()
-        if use_rerank:
+        if use_rerank and exhaustive == "pruned":
+            moments = pruned_moments(self.reranker, windows, tokens, top_k, coarse_weight)
+        elif use_rerank:
             moments = self.reranker.moments(windows, tokens)
         else:
             moments = [coarse_moment(w) for w in windows]
@@ -172,6 +185,32 @@ class SearchEngine:
         timings["total"] = time.perf_counter() - t0
         self.last_timings = timings
         return [m.to_dict(reranked=use_rerank) for m in ranked]
+
+
+def pruned_moments(reranker, windows: list[Window], tokens: np.ndarray, top_k: int,
+                   coarse_weight: float = COARSE_WEIGHT, batch: int = 64) -> list[Moment]:
+    """Reranked moments of ``windows`` sufficient for the exact final top_k (scored), skipping hopeless windows.
+
+    A moment's final score is confidence + w * coarse with confidence ≤ 1 (a probability) and coarse the mean
+    cosine of clips inside its window, so ≤ the window's best clip cosine: 1 + w * max(clip_scores) bounds every
+    moment a window can give. Windows are reranked in order of that bound; once the next bound is below the
+    top_k-th score after the merge, no remaining window can enter or change the top_k (NMS only removes a moment
+    for a better one of the same video). So nms_merge(result, top_k) equals the merge over all windows, ties aside.
+    """
+    if coarse_weight < 0:
+        raise ValueError("pruning needs a non-negative coarse weight")
+    order = sorted(windows, key=lambda w: -float(np.max(w.clip_scores)))
+    moments: list[Moment] = []
+    for start in range(0, len(order), batch):
+        if start and len(moments) >= top_k:
+            kept = nms_merge(moments, top_k=top_k)
+            if len(kept) >= top_k and 1.0 + coarse_weight * float(np.max(order[start].clip_scores)) < kept[-1].score:
+                break
+        new = reranker.moments(order[start: start + batch], tokens)
+        for m in new:
+            m.score = final_score(m.confidence, m.coarse, coarse_weight)
+        moments += new
+    return moments
 
 
 def coarse_moment(window: Window) -> Moment:

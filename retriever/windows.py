@@ -21,7 +21,7 @@ class Window:
     """A stretch [first_clip, first_clip + n_clips) of one video, with its exact clip similarities to the query.
 
     feats: np.float32 [n_clips, D] clip embeddings; clip_scores: np.float32 [n_clips] cosine to the query.
-    score: the window's coarse score; moment: the coarse moment (start_clip, end_clip_exclusive) in video clips.
+    score: the window's coarse score (retriever.coarse); moment: the coarse moment (start_clip, end_clip_exclusive) in video clips.
     """
     video_id: int
     path: str
@@ -117,3 +117,23 @@ def best_event_moment(clip_scores: np.ndarray, event_spans: list[tuple[int, int]
     if best_score == -np.inf:
         best_score = float(clip_scores.max())
     return best, best_score
+
+
+EVIDENCE_CLIPS = 3  # shortest stretch (6 s) whose mean cosine ranks a window; see best_stretch_mean
+
+
+def best_stretch_mean(clip_scores: np.ndarray, min_clips: int = EVIDENCE_CLIPS) -> float:
+    """The highest mean clip score over any run of ≥ ``min_clips`` consecutive clips (all clips if fewer).
+
+    A pseudo-event can hold a short moment together with unrelated clips around it (the segmentation is
+    query-blind), and its mean then hides the moment. The best run of a few clips does not. Runs shorter than
+    ``min_clips`` are too easily won by one noisy clip of a distractor video. Only lengths < 2 * min_clips need
+    checking: a longer run splits into two runs of ≥ min_clips, one of which has at least its mean.
+    """
+    scores = np.asarray(clip_scores, dtype=np.float64)
+    n = len(scores)
+    if n <= min_clips:
+        return float(scores.mean())
+    prefix = np.concatenate([[0.0], np.cumsum(scores)])
+    return max(float(((prefix[length:] - prefix[:-length]) / length).max())
+               for length in range(min_clips, min(2 * min_clips, n + 1)))

@@ -59,6 +59,34 @@ def test_rerank_improves_vcmr_r1_over_coarse(metrics):
     assert rerank["VCMR_R1@0.5"] >= coarse["VCMR_R1@0.5"]
 
 
+def test_pruned_exhaustive_equals_exhaustive(engine, world_index):
+    """The pruned exhaustive search returns exactly the full exhaustive top-k while reranking fewer windows."""
+    from retriever.coarse import all_windows
+    from retriever.merge import final_score, nms_merge
+    from retriever.search import pruned_moments
+
+    rows = world_index[2]
+    for row in rows[:4]:
+        assert engine.search(row["query"], top_k=10, exhaustive="pruned") == \
+            engine.search(row["query"], top_k=10, exhaustive=True)
+    pooled, tokens = engine.encode_query(rows[0]["query"])
+    with engine.library.session():
+        windows = all_windows(engine.library, pooled)
+    full = engine.reranker.moments(windows, tokens)
+    for m in full:
+        m.score = final_score(m.confidence, m.coarse)
+    seen = []
+    real = engine.reranker.moments
+    engine.reranker.moments = lambda ws, t: seen.extend(ws) or real(ws, t)
+    try:
+        pruned = pruned_moments(engine.reranker, windows, tokens, top_k=3, batch=2)
+    finally:
+        engine.reranker.moments = real
+    key = lambda ms: [(m.video_id, m.start, m.end, round(m.score, 6)) for m in ms]  # noqa: E731
+    assert key(nms_merge(pruned, top_k=3)) == key(nms_merge(full, top_k=3))
+    assert len(seen) < len(windows)
+
+
 def test_moments_in_10_minute_video_found_past_150s(engine, world_index):
     rows = [r for r in world_index[2] if "long" in r["vid"]]
     assert rows

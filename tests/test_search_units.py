@@ -8,7 +8,7 @@ from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
 from bench.world.generator import WorldEvent, WorldVideo
 from bench.world.scene import WorldObject
 from retriever.merge import Moment, final_score, nms_merge, span_coarse_score
-from retriever.windows import MAX_WINDOW_CLIPS, best_event_moment, tile_video, window_around
+from retriever.windows import MAX_WINDOW_CLIPS, best_event_moment, best_stretch_mean, tile_video, window_around
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -92,3 +92,15 @@ def test_coarse_finds_moment_past_150s_in_10_minute_video(synthetic_index):
     inter = min(top["end"], 430) - max(top["start"], 400)
     assert inter / (max(top["end"], 430) - min(top["start"], 400)) >= 0.5
     assert len(top["saliency"]) == MAX_WINDOW_CLIPS
+
+
+def test_best_stretch_mean_finds_a_short_moment_inside_a_long_event():
+    scores = np.array([0.1] * 10 + [0.9, 0.8, 0.85] + [0.1] * 10, np.float32)
+    (_, _), event_mean = best_event_moment(scores, [(0, len(scores))], first_clip=0)
+    assert best_stretch_mean(scores) == pytest.approx(0.85) and event_mean < 0.3
+    # brute force over every run of >= 3 clips agrees
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 7, 40):
+        s = rng.random(n)
+        brute = max(s[a:b].mean() for a in range(n) for b in range(a + min(3, n), n + 1))
+        assert best_stretch_mean(s) == pytest.approx(brute)
