@@ -77,8 +77,8 @@ class ClipWorker:
 
         from model.features import ClipEncoder
 
-        if threads:
-            torch.set_num_threads(int(threads))
+        if threads:  # never more than the cores of the node the actor landed on
+            torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
         self.encoder = ClipEncoder.load(clip_model, clip_pretrained, device=device, allow_random=allow_random)
 
     def describe(self) -> dict:
