@@ -121,6 +121,8 @@ def run(out_dir, quick: bool = False) -> dict:
                "encoder_clips_per_s": round(encoder_rate, 1), "ingest_clips_per_s": round(ingest_rate, 1),
                "ratio": round(ingest_rate / encoder_rate, 3), "startup_s": round(startup, 1),
                "rss_model": Path(TINY).name}
+    figures["headline"] = (f"ingest {ingest_rate:.1f} clips/s end to end = {ingest_rate / encoder_rate:.2f}x the CLIP "
+                           f"encoder alone ({encoder_rate:.1f} clips/s, {Path(model).name}, same frames)")
     if quick:  # the memory runs need a second Ray start and 7x the ingest work: full runs only
         figures["peak_rss"] = "full run only"
         (out / "figures.json").write_text(json.dumps(figures, indent=2))
@@ -135,6 +137,8 @@ def run(out_dir, quick: bool = False) -> dict:
     for factor, measured in _peak_rss(TINY, folders).items():
         figures[f"clips_{factor}x"] = measured["clips"]
         figures[f"peak_rss_mb_{factor}x"] = round(measured["peak_rss_mb"], 1)
+    figures["headline"] += ("; driver peak RSS " + " / ".join(f"{figures[f'peak_rss_mb_{f}x']:.0f}" for f in (1, 2, 4))
+                            + " MB at 1x/2x/4x the library")
     _log(json.dumps(figures))
     (out / "figures.json").write_text(json.dumps(figures, indent=2))
     for factor, folder in folders:

@@ -99,7 +99,7 @@ def _run_size(index, n: int, first_size: int, encoder, device: str, quick: bool 
         engine.encoder = encoder
         fast = corpus_metrics(engine, queries, mode="rerank")
         coarse = corpus_metrics(engine, queries, mode="coarse")
-        limit = 4 if quick else EXHAUSTIVE_QUERIES.get(n, len(queries))
+        limit = min(4 if quick else EXHAUSTIVE_QUERIES.get(n, len(queries)), len(queries))
         naive = corpus_metrics(engine, queries[:limit], mode="exhaustive")
         fast_same = corpus_metrics(engine, queries[:limit], mode="rerank") if limit < len(queries) else fast
         identical = sum(engine.search(q["query"], top_k=10, exhaustive=True)

@@ -84,8 +84,10 @@ class ClipWorker:
     def describe(self) -> dict:
         enc = self.encoder
         cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in enc.preprocess_cfg.items()}
+        import torch
+
         return {"model_id": enc.model_id, "embed_dim": enc.embed_dim, "preprocess": cfg, "device": str(enc.device),
-                "node": _node_id()}
+                "node": _node_id(), "torch_threads": torch.get_num_threads()}
 
     def embed(self, *frame_batches: np.ndarray) -> list[np.ndarray]:
         """One f32 [n_i, D] (L2-normalised) per uint8 [n_i, S, S, 3] argument; frames of all run as one batch."""

@@ -143,16 +143,17 @@ class SearchEngine:
         index for this query, the video table, FAISS) and "windows" (exact scores, window placement)."""
         t0 = time.perf_counter()
         with self.library.session():  # one read connection for the whole query
-            videos = video_table(self.library)
-            if timings is not None:
-                timings["coarse"] = timings.get("coarse", 0.0) + time.perf_counter() - t0
             if exhaustive:
+                videos = video_table(self.library)
+                if timings is not None:
+                    timings["coarse"] = timings.get("coarse", 0.0) + time.perf_counter() - t0
                 t0 = time.perf_counter()
                 windows = all_windows(self.library, pooled, videos, self._features)
                 if timings is not None:
                     timings["windows"] = time.perf_counter() - t0
                 return windows
-            return coarse_candidates(self.library, pooled, self.coarse_cfg, videos, timings)
+            # the hit videos' rows are read with their features (not the whole video table)
+            return coarse_candidates(self.library, pooled, self.coarse_cfg, None, timings)
 
     def search(self, query: str, top_k: int = 10, exhaustive: bool = False, rerank: bool | None = None,
                coarse_weight: float = COARSE_WEIGHT) -> list[dict]:

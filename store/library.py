@@ -127,6 +127,44 @@ class Library:
                 out = np.zeros((0, dim), np.float32)
         return out
 
+    def videos_by_id(self, video_ids) -> dict[int, dict]:
+        """{id: row (path, duration, n_clips, n_events, status, error)} of the given videos, in one query."""
+        ids = sorted({int(v) for v in video_ids})
+        if not ids:
+            return {}
+        return {int(r["id"]): r for r in self._select_videos("id IN (SELECT unnest(?))", [ids])}
+
+    def clip_embeddings_many(self, video_ids) -> dict[int, np.ndarray]:
+        """{id: f32 [T, D]} for several videos in one query (a query's candidate videos)."""
+        ids = sorted({int(v) for v in video_ids})
+        out = {v: np.zeros((0, 0), np.float32) for v in ids}
+        if not ids:
+            return out
+        with self._connection() as con:
+            result = con.execute("SELECT video_id, embedding FROM clips WHERE video_id IN (SELECT unnest(?)) "
+                                 "ORDER BY video_id, idx", [ids]).fetchnumpy()
+        vids = np.asarray(result["video_id"])
+        if len(vids) == 0:
+            return out
+        vectors = np.stack(result["embedding"]).astype(np.float32, copy=False)
+        bounds = np.flatnonzero(np.diff(vids)) + 1
+        for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(vids)]):
+            out[int(vids[start])] = vectors[start:stop]
+        return out
+
+    def events_many(self, video_ids) -> dict[int, list[dict]]:
+        """{id: [{idx, start, end}] in order} for several videos in one query."""
+        ids = sorted({int(v) for v in video_ids})
+        out: dict[int, list[dict]] = {v: [] for v in ids}
+        if not ids:
+            return out
+        with self._connection() as con:
+            rows = con.execute('SELECT video_id, idx, start, "end" FROM events WHERE video_id IN (SELECT unnest(?)) '
+                               "ORDER BY video_id, idx", [ids]).fetchall()
+        for vid, i, st, ed in rows:
+            out[int(vid)].append({"idx": i, "start": st, "end": ed})
+        return out
+
     def clips(self, video_id: int) -> list[dict]:
         """[{idx, start, end}] of one video (seconds)."""
         return self._spans("clips", video_id)

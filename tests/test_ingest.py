@@ -110,6 +110,18 @@ def test_index_exit_code_summary_and_failures(first_run):
     assert status["clip_model"] == "clip_tiny:clip_tiny.pt" and status["embed_dim"] == 32
 
 
+def test_cpu_clip_actor_uses_the_cores(first_run):
+    """Ray sets OMP_NUM_THREADS=1 in a fractional-CPU actor; the CLIP actor must still use the node's cores."""
+    import ray
+
+    from indexer.ingest import _ACTOR_CACHE
+
+    actors, _ = next(iter(_ACTOR_CACHE.values()))
+    described = ray.get(actors[0].describe.remote())
+    assert described["device"] == "cpu"
+    assert described["torch_threads"] == min(2, os.cpu_count())  # the test cluster has 2 CPUs
+
+
 def test_rows_timestamps_events_and_faiss(first_run):
     lib, index_dir, _ = first_run
     snap = _assert_faiss_matches_duckdb(index_dir)

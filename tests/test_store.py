@@ -54,6 +54,14 @@ def test_write_read_search_delete(tmp_path):
         assert ro.clips(2)[-1] == {"idx": 2, "start": 4.0, "end": 6.0}
         assert ro.events(1) == [{"idx": 0, "start": 0.0, "end": 10.0}]
         assert ro.resolve_vid("a/c.mp4") == 2 and ro.resolve_vid("c") == 2
+        # the batched readers a search uses give what the per-video ones give
+        many = ro.clip_embeddings_many([2, 1, 3, 99])
+        np.testing.assert_array_equal(many[1], c1)
+        np.testing.assert_array_equal(many[2], c2)
+        assert len(many[3]) == 0 and len(many[99]) == 0
+        assert ro.events_many([1, 2]) == {1: ro.events(1), 2: ro.events(2)}
+        rows = ro.videos_by_id([3, 1, 99])
+        assert sorted(rows) == [1, 3] and rows[1]["path"] == "b.mp4" and rows[3]["status"] == "failed"
         with pytest.raises(VmrError):
             ro.resolve_vid("x")  # failed, not indexed
         hits = ro.search_clips(c2[1], 3)
