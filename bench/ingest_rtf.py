@@ -173,7 +173,9 @@ def run(out_dir: str, quick: bool) -> Section:
 
     lines = [
         f"Baseline: the plainest loop (PyAV decodes every frame, one frame per 2 s to CLIP, no Ray), same file, same "
-        f"process, back to back. Machine: {machine_line()}, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"process, back to back. (clip-video-encode, the tool the issue names first, does not install here: its "
+        f"1.3.0 pins torch<2, numpy<2 and pyarrow<8, and pyarrow 7 has no Python 3.11 wheel and its source build "
+        f"fails; checked in a side venv on 2026-11-25.) Machine: {machine_line()}, torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads. CLIP: {'tiny test config' if quick else 'ViT-B-32 (random weights)'}. Synthetic videos "
         f"{seconds:.0f} s, 25 fps, keyframe every 2 s; 'real 270p' is the 30.7-s real clip of shared/data. "
         f"Plain and vmr sample: median of {reps} interleaved runs after a warm-up; vmr ingest: one run into a fresh "
