@@ -82,10 +82,10 @@ class ClipWorker:
         self.encoder = ClipEncoder.load(clip_model, clip_pretrained, device=device, allow_random=allow_random)
 
     def describe(self) -> dict:
-        enc = self.encoder
-        cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in enc.preprocess_cfg.items()}
         import torch
 
+        enc = self.encoder
+        cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in enc.preprocess_cfg.items()}
         return {"model_id": enc.model_id, "embed_dim": enc.embed_dim, "preprocess": cfg, "device": str(enc.device),
                 "node": _node_id(), "torch_threads": torch.get_num_threads()}
 

@@ -49,13 +49,13 @@ def _score_window(window: Window, feats: np.ndarray, scores: np.ndarray, spans) 
     return window
 
 
-def video_windows(library, video: dict, query: np.ndarray, seeds: list[int], max_windows: int,
-                  features: tuple | None = None) -> list[Window]:
+def video_windows(video: dict, features: tuple, query: np.ndarray, seeds: list[int], max_windows: int
+                  ) -> list[Window]:
     """Windows of one video around its seed clips (best seed first), scored exactly from its stored vectors.
 
-    features: the video's ``video_features`` when already read (else read here)."""
+    features: the video's (clip embeddings [T, D], pseudo-event clip spans), as ``features_of`` reads them."""
     vid = int(video["id"])
-    feats, spans = features if features is not None else video_features(library, vid)  # [T, D], event spans
+    feats, spans = features
     n = len(feats)
     if n == 0:
         return []
@@ -102,13 +102,10 @@ def coarse_candidates(library, query: np.ndarray, cfg: CoarseConfig | None = Non
         videos = {v: row for v, row in library.videos_by_id(best).items() if row.get("status") == "indexed"}
     ranked = [v for v in sorted(best, key=lambda v: -best[v]) if v in videos][: cfg.max_videos]
     t1 = time.perf_counter()
-    feats_of = library.clip_embeddings_many(ranked)
-    events_of.update(library.events_many([v for v in ranked if v not in events_of]))
+    features = features_of(library, ranked, events_of)
     windows = []
     for vid in ranked:
-        feats = feats_of[vid]
-        features = (feats, event_clip_spans(events_of[vid], len(feats)) if len(feats) else [])
-        windows += video_windows(library, videos[vid], query, seeds[vid], cfg.max_windows_per_video, features)
+        windows += video_windows(videos[vid], features[vid], query, seeds[vid], cfg.max_windows_per_video)
     windows.sort(key=lambda w: -w.score)
     if timings is not None:
         timings["coarse"] = timings.get("coarse", 0.0) + t1 - t0
@@ -116,18 +113,31 @@ def coarse_candidates(library, query: np.ndarray, cfg: CoarseConfig | None = Non
     return windows[: cfg.n_windows]
 
 
+def _with_spans(feats: np.ndarray, events: list[dict]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    feats = np.asarray(feats, dtype=np.float32)
+    return feats, event_clip_spans(events, len(feats)) if len(feats) else []
+
+
+def features_of(library, video_ids, events_of: dict[int, list[dict]] | None = None) -> dict[int, tuple]:
+    """{id: (clip embeddings f32 [T, D], pseudo-event clip spans)} of several videos, one DuckDB query per table.
+
+    events_of: stored events already read for some of them (not read again)."""
+    events_of = dict(events_of or {})
+    events_of.update(library.events_many([v for v in video_ids if v not in events_of]))
+    return {vid: _with_spans(feats, events_of[vid]) for vid, feats in library.clip_embeddings_many(video_ids).items()}
+
+
 def video_features(library, vid: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """(clip embeddings f32 [T, D], pseudo-event clip spans) of one video, from DuckDB."""
-    feats = np.asarray(library.clip_embeddings(vid), dtype=np.float32)
-    return feats, event_clip_spans(library.events(vid), len(feats)) if len(feats) else []
+    """``features_of`` for one video, read as a single-video tool would (two small queries)."""
+    return _with_spans(library.clip_embeddings(vid), library.events(vid))
 
 
 def all_windows(library, query: np.ndarray, videos: dict[int, dict] | None = None,
                 features: dict | None = None) -> list[Window]:
     """The exhaustive baseline's candidates: every half-overlapping window of every indexed video, scored.
 
-    features: optional preloaded ``video_features`` per video id (else read from DuckDB, as a single-video tool
-    run over the library would).
+    features: optional preloaded ``features_of`` per video id (else each video is read on its own, as a
+    single-video tool run over the library would).
     """
     videos = video_table(library) if videos is None else videos
     windows = []

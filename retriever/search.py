@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import ModelError
-from retriever.coarse import CoarseConfig, all_windows, coarse_candidates, video_features, video_table
+from retriever.coarse import CoarseConfig, all_windows, coarse_candidates, features_of, video_table
 from retriever.merge import COARSE_WEIGHT, Moment, final_score, nms_merge
 from retriever.windows import Window
 from store.errors import VmrError
@@ -110,7 +110,7 @@ class SearchEngine:
         cached features cannot go stale."""
         if self._held is None:
             raise ValueError("preload_features needs hold_connection=True")
-        self._features = {vid: video_features(self.library, vid) for vid in video_table(self.library)}
+        self._features = features_of(self.library, list(video_table(self.library)))
 
     def close(self) -> None:
         if self._held is not None:

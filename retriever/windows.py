@@ -21,7 +21,8 @@ class Window:
     """A stretch [first_clip, first_clip + n_clips) of one video, with its exact clip similarities to the query.
 
     feats: np.float32 [n_clips, D] clip embeddings; clip_scores: np.float32 [n_clips] cosine to the query.
-    score: the window's coarse score (retriever.coarse); moment: the coarse moment (start_clip, end_clip_exclusive) in video clips.
+    score: the window's coarse score (retriever.coarse); moment: the coarse moment (start_clip,
+    end_clip_exclusive) in video clips.
     """
     video_id: int
     path: str
