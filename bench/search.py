@@ -100,12 +100,12 @@ def _run_size(index, n: int, first_size: int, encoder, device: str, quick: bool 
         fast = corpus_metrics(engine, queries, mode="rerank")
         coarse = corpus_metrics(engine, queries, mode="coarse")
         limit = min(4 if quick else EXHAUSTIVE_QUERIES.get(n, len(queries)), len(queries))
-        naive = corpus_metrics(engine, queries[:limit], mode="exhaustive")
+        naive_results, exact_results = [], []
+        naive = corpus_metrics(engine, queries[:limit], mode="exhaustive", keep_results=naive_results)
         fast_same = corpus_metrics(engine, queries[:limit], mode="rerank") if limit < len(queries) else fast
-        identical = sum(engine.search(q["query"], top_k=10, exhaustive=True)
-                        == engine.search(q["query"], top_k=10, exhaustive="pruned") for q in queries[:limit])
         engine.preload_features()  # quality pass: features read once, not per query
-        exact = corpus_metrics(engine, queries, mode="exhaustive_pruned")
+        exact = corpus_metrics(engine, queries, mode="exhaustive_pruned", keep_results=exact_results)
+        identical = sum(a == b for a, b in zip(naive_results, exact_results))  # the first `limit` queries
         # the baseline row: its quality on every query (identical top-10), its latency as measured without pruning
         exhaustive = {**exact, "mode": "exhaustive", "latency": naive["latency"], "latency_queries": limit,
                       "pruned_identical": f"{identical}/{limit}"}

@@ -40,9 +40,10 @@ def percentiles(values: list[float]) -> dict:
 
 
 def corpus_metrics(engine, annotations: list[dict], mode: str = "rerank", ks=KS, ious=IOUS,
-                   warmup: int = 1, **search_kw) -> dict:
+                   warmup: int = 1, keep_results: list | None = None, **search_kw) -> dict:
     """Metrics of ``engine`` (retriever.search.SearchEngine) over ``annotations`` (jsonl rows with vid,
-    query, relevant_windows). Percentages in [0, 100]; latencies in seconds."""
+    query, relevant_windows). Percentages in [0, 100]; latencies in seconds. keep_results: a list that receives
+    each annotation's ranked results, in order (to compare two modes without searching again)."""
     if mode not in EXHAUSTIVE_ARG:
         raise ValueError(f"unknown mode {mode!r}")
     exhaustive = EXHAUSTIVE_ARG[mode]
@@ -63,6 +64,8 @@ def corpus_metrics(engine, annotations: list[dict], mode: str = "rerank", ks=KS,
         gt_video = vid_of[ann["vid"]]
         results = engine.search(ann["query"], top_k=max(ks), exhaustive=exhaustive, rerank=rerank,
                                 **search_kw)
+        if keep_results is not None:
+            keep_results.append(results)
         for key in LATENCY_KEYS:
             timings[key].append(engine.last_timings.get(key, 0.0))
         videos = list(dict.fromkeys(engine.last_window_videos))
