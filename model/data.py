@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from model.errors import ModelError
-from model.spans import span_xx_to_cxw, temporal_endpoint_feature
+from model.sample import temporal_endpoint_feature
+from model.spans import span_xx_to_cxw
 
 L2_EPS = 1e-5  # the authors' l2_normalize_np_array eps
 MAX_Q_L_UNLIMITED = 100  # the authors map max_q_l = -1 to 100 tokens

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import ModelError
+from model.spans import cross_iou, paired_iou
 
 MAP_IOU_THRESHOLDS = [round(0.5 + 0.05 * i, 2) for i in range(10)]        # 0.5 .. 0.95
 R1_IOU_THRESHOLDS = {"cgdetr": [round(0.3 + 0.05 * i, 2) for i in range(14)],   # 0.3 .. 0.95
@@ -40,32 +41,12 @@ LENGTH_BUCKETS = [("short", (0, 10)), ("middle", (10, 30)), ("long", (30, 150)),
 # HL: minimum annotator score (0..4) for a clip to count as positive.
 SALIENCY_LEVELS = [("Fair", 2), ("Good", 3), ("VeryGood", 4)]
 MAX_PRED_WINDOWS = 10
-CLIP_SECONDS = 2  # the QVHighlights saliency grid (kept here: metrics must not depend on model code)
+CLIP_SECONDS = 2  # the QVHighlights saliency grid of the annotation files (an int: ``duration / 2`` as upstream)
 
 
 def _pct(x: float) -> float:
     """The official number format: percent, two decimals (string round trip, as upstream)."""
     return float(f"{100 * x:.2f}")
-
-
-# ----------------------------------------------------------------------------------------------- IoU helpers
-def _cross_iou(spans1: np.ndarray, spans2: np.ndarray) -> np.ndarray:
-    """True IoU of every pair. spans1 [N, 2], spans2 [M, 2] -> [N, M]."""
-    area1 = spans1[:, 1] - spans1[:, 0]
-    area2 = spans2[:, 1] - spans2[:, 0]
-    left = np.maximum(spans1[:, None, 0], spans2[None, :, 0])
-    right = np.minimum(spans1[:, None, 1], spans2[None, :, 1])
-    inter = np.clip(right - left, 0, None)
-    union = area1[:, None] + area2[None, :] - inter
-    return inter / union
-
-
-def _paired_iou(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """IoU of row i with row i ([N, 2] each -> [N]). The denominator is the enclosing span, as upstream; it
-    equals the union whenever the spans overlap, and the IoU is 0 anyway when they do not."""
-    inter = np.maximum(0, np.minimum(pred[:, 1], gt[:, 1]) - np.maximum(pred[:, 0], gt[:, 0]))
-    enclosing = np.maximum(pred[:, 1], gt[:, 1]) - np.minimum(pred[:, 0], gt[:, 0])
-    return np.divide(inter, enclosing, out=np.zeros_like(inter), where=enclosing != 0)
 
 
 # ------------------------------------------------------------------------------------------ moment retrieval
@@ -94,7 +75,7 @@ def detection_ap(gt_windows: np.ndarray, pred_windows: list, thresholds=MAP_IOU_
     if len(pred_windows) == 0:
         return np.zeros(n_thr)
     preds = sorted(pred_windows, key=lambda w: -w[2])
-    ious = _cross_iou(np.array([[p[0], p[1]] for p in preds], dtype=float), gt_windows)  # [P, G]
+    ious = cross_iou(np.array([[p[0], p[1]] for p in preds], dtype=float), gt_windows)  # [P, G]
     tp = np.zeros((n_thr, len(preds)))
     fp = np.zeros((n_thr, len(preds)))
     matched = np.full((n_thr, len(gt_windows)), -1)
@@ -136,10 +117,10 @@ def _mr_r1(submission: list[dict], gt_by_qid: dict, thresholds: list[float]) -> 
         pred = d["pred_relevant_windows"][0][:2]
         gts = gt_by_qid[d["qid"]]["relevant_windows"]
         # The GT window the top-1 prediction overlaps most (first one on ties).
-        best = int(np.argmax(_cross_iou(np.array([pred], dtype=float), np.array(gts, dtype=float))[0]))
+        best = int(np.argmax(cross_iou(np.array([pred], dtype=float), np.array(gts, dtype=float))[0]))
         top1.append(pred)
         best_gt.append(gts[best])
-    iou = _paired_iou(np.array(top1, dtype=float), np.array(best_gt, dtype=float))
+    iou = paired_iou(np.array(top1, dtype=float), np.array(best_gt, dtype=float))
     return {str(t): _pct(np.mean(iou >= t)) for t in thresholds}, _pct(np.mean(iou))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.spans import span_cxw_to_xx
+from model.spans import seconds_to_clip, span_cxw_to_xx, temporal_nms
 
 # max_ts of the authors' post-processor per dataset (None: no clamping step)
 MAX_TIMESTAMP = {"qvhighlights": 150.0, "charades": 150.0, "tacos": None, "custom": None}
@@ -59,24 +59,6 @@ def clean_windows(rows: list[list[float]], clip_length: float, max_ts: float | N
     return out
 
 
-def temporal_iou_pair(a, b) -> float:
-    """IoU of two [st, ed] windows (0 when they do not overlap or both are empty)."""
-    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    union = max(a[1], b[1]) - min(a[0], b[0])
-    return inter / union if union > 0 else 0.0
-
-
-def temporal_nms(rows: list[list[float]], iou_threshold: float, max_keep: int) -> list[list[float]]:
-    """Greedy NMS in score order: drop a window overlapping a kept, better one by IoU > threshold."""
-    kept = []
-    for row in sorted(rows, key=lambda r: r[2], reverse=True):
-        if all(temporal_iou_pair(row, k) <= iou_threshold for k in kept):
-            kept.append(row)
-            if len(kept) >= max_keep:
-                break
-    return kept
-
-
 def merge_windows(parts: list[tuple[float, dict]], n_clips: int, clip_length: float, nms_iou: float = 0.7,
                   max_keep: int = 10) -> dict:
     """One prediction for a long video from its windows.
@@ -87,13 +69,13 @@ def merge_windows(parts: list[tuple[float, dict]], n_clips: int, clip_length: fl
     Returns: {"windows": NMS-merged rows in video seconds, "saliency": [n_clips] mean over the covering windows}.
     """
     rows, sal_sum, sal_cnt = [], [0.0] * n_clips, [0] * n_clips
-    first_clip = lambda off: int(round(off / clip_length))  # noqa: E731
     for offset, pred in parts:
         rows += [[_round4(st + offset), _round4(ed + offset), s] for st, ed, s in pred["windows"]]
         for j, v in enumerate(pred["saliency"]):
-            c = first_clip(offset) + j
+            c = seconds_to_clip(offset, clip_length) + j
             if c < n_clips:
                 sal_sum[c] += v
                 sal_cnt[c] += 1
     saliency = [s / c if c else 0.0 for s, c in zip(sal_sum, sal_cnt)]
-    return {"windows": temporal_nms(rows, nms_iou, max_keep), "saliency": saliency}
+    kept = temporal_nms([r[:2] for r in rows], [r[2] for r in rows], nms_iou, max_keep)
+    return {"windows": [rows[i] for i in kept], "saliency": saliency}

@@ -24,6 +24,7 @@ from model.data import (DataConfig, MomentDataset, PublicFeatureDir, collate, lo
 from model.errors import ModelError
 from model.features import resolve_device
 from model.postprocess import MAX_TIMESTAMP, clean_windows, decode_outputs, merge_windows
+from model.spans import tile_windows
 
 
 def prediction_windows(annotations: list[dict], provider, cfg: DataConfig) -> list[tuple[int, int | None, int | None]]:
@@ -38,11 +39,7 @@ def prediction_windows(annotations: list[dict], provider, cfg: DataConfig) -> li
         if not needs_windows(n, ann["duration"], cfg):
             entries.append((i, None, None))
             continue
-        stride = max(1, limit // 2)
-        starts = list(range(0, n - limit + 1, stride))
-        if starts[-1] + limit < n:
-            starts.append(n - limit)
-        entries += [(i, s, s + limit) for s in starts]
+        entries += [(i, first, end) for first, end in tile_windows(n, limit)]
     return entries
 
 

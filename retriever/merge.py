@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.spans import CLIP_SECONDS
+from model.spans import CLIP_SECONDS, covering_clips, temporal_nms
 
 COARSE_WEIGHT = 100.0  # measured (module docstring); confidence then separates spans of near-equal cosine
 NMS_IOU = 0.5  # moments of one video overlapping a better one by more than this are dropped
@@ -62,28 +62,15 @@ def span_coarse_score(clip_scores: np.ndarray, first_clip: int, start: float, en
     clip_scores [n] belong to clips first_clip .. first_clip + n - 1.
     """
     n = len(clip_scores)
-    a = int(np.floor(start / CLIP_SECONDS + 1e-6)) - first_clip
-    b = int(np.ceil(end / CLIP_SECONDS - 1e-6)) - first_clip
+    a, b = covering_clips(start, end, CLIP_SECONDS)
+    a, b = a - first_clip, b - first_clip
     a = min(max(a, 0), n - 1)
     b = min(max(b, a + 1), n)
     return float(np.mean(clip_scores[a:b]))
 
 
-def iou(a: Moment, b: Moment) -> float:
-    inter = max(0.0, min(a.end, b.end) - max(a.start, b.start))
-    union = max(a.end, b.end) - min(a.start, b.start)
-    return inter / union if union > 0 else 0.0
-
-
 def nms_merge(moments: list[Moment], iou_threshold: float = NMS_IOU, top_k: int | None = None) -> list[Moment]:
     """Greedy NMS per video in final-score order; moments of different videos never suppress each other."""
-    kept: list[Moment] = []
-    by_video: dict[int, list[Moment]] = {}
-    for m in sorted(moments, key=lambda m: -m.score):
-        same = by_video.setdefault(m.video_id, [])
-        if all(iou(m, k) <= iou_threshold for k in same):
-            same.append(m)
-            kept.append(m)
-            if top_k is not None and len(kept) >= top_k:
-                break
-    return kept
+    kept = temporal_nms([(m.start, m.end) for m in moments], [m.score for m in moments], iou_threshold, top_k,
+                        groups=[m.video_id for m in moments])
+    return [moments[i] for i in kept]

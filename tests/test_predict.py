@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from shared_data import SHARED_DATA
+from shared_data import AUTHORS_REPO, SHARED_DATA
 from providers import ArrayProvider
 from model.checkpoint import llm_blocks_sha256, load_checkpoint, read_checkpoint, save_checkpoint
 from model.config import ModelConfig
 from model.data import DataConfig, MomentDataset, collate
 from model.errors import ModelError
 from model.llmepet import build_model
-from model.postprocess import clean_windows, decode_outputs, merge_windows, temporal_nms
+from model.postprocess import clean_windows, decode_outputs, merge_windows
 from model.predict import predict_annotations, predict_from_cli
 
 TINY = dict(hidden_dim=32, nheads=4, dim_feedforward=64, enc_layers=1, dec_layers=2, t2v_layers=1, dummy_layers=1,
@@ -64,9 +64,7 @@ def test_decode_and_clean_follow_the_authors_postprocessing():
     assert clean_windows([[1.4, 2.6, 0.5]], 1.0, None) == [[1.0, 3.0, 0.5]]
 
 
-def test_nms_and_window_merge():
-    rows = [[0, 10, 0.9], [1, 10, 0.8], [20, 30, 0.7], [0, 9, 0.6]]
-    assert temporal_nms(rows, 0.7, 10) == [[0, 10, 0.9], [20, 30, 0.7]]
+def test_window_merge():
     merged = merge_windows([(0.0, {"windows": [[0.0, 4.0, 0.5]], "saliency": [1.0, 1.0, 1.0]}),
                             (4.0, {"windows": [[0.0, 4.0, 0.9]], "saliency": [3.0, 3.0, 3.0]})], 5, 2.0)
     assert merged["windows"] == [[4.0, 8.0, 0.9], [0.0, 4.0, 0.5]]
