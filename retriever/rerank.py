@@ -12,7 +12,8 @@ import torch
 
 from model.data import collate, l2_normalize
 from model.postprocess import clean_windows, decode_outputs
-from model.spans import CLIP_SECONDS, temporal_endpoint_feature
+from model.sample import temporal_endpoint_feature
+from model.spans import CLIP_SECONDS
 from retriever.merge import Moment, span_coarse_score
 from retriever.windows import Window
 from store.errors import VmrError
