@@ -13,7 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = [k for k, _, _ in SECTIONS]
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--out", required=True, help="directory for report.md and the PNG plots")
-    parser.add_argument("--quick", action="store_true", help="smoke size (seconds), as CI runs it")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke sizes, as CI runs them (~2-3 min on 2 cores; the full suite ~40 min)")
     parser.add_argument("--section", action="append", choices=keys, help="run only this section (repeatable)")
     # internal (child process of run_suite): run one section module, pickle its Section to --result
     parser.add_argument("--result", help=argparse.SUPPRESS)

@@ -25,15 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from world import CLIP_TINY_CONFIG, videos
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "tests" / "clip_tiny.json")
+TINY = str(CLIP_TINY_CONFIG)
 BATCH_FRAMES = 64
 
 
 def _make_library(folder: Path, n_videos: int, seconds: float) -> list[Path]:
-    sys.path.insert(0, str(ROOT))
-    from tests import videos
-
     paths = []
     for i in range(n_videos):
         spec = videos.make_video(folder / f"v{i:03d}.mp4", duration=seconds, fps=5, size=(128, 96),
@@ -78,8 +77,7 @@ def _ingest_rate(model: str, video_dir: Path, work: Path) -> tuple[float, float,
 
 
 RSS_SCRIPT = """
-import json, resource, sys
-sys.path.insert(0, {root!r})
+import json, resource
 import ray
 from indexer.ingest import run_ingest
 ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -97,8 +95,9 @@ def _peak_rss(model: str, folders: list[tuple[int, str]]) -> dict:
 
     ru_maxrss only grows, so equal values across 1x/2x/4x mean the bigger libraries needed no more memory.
     """
-    code = RSS_SCRIPT.format(root=str(ROOT), folders=[(f, str(p)) for f, p in folders], model=model)
-    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1"}
+    code = RSS_SCRIPT.format(folders=[(f, str(p)) for f, p in folders], model=model)
+    env = {**os.environ, "RAY_DISABLE_USAGE_STATS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])

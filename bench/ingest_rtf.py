@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import Section, machine_line
+from world import CLIP_TINY_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 # the checkout sits beside ../shared (VMR_SHARED_DATA overrides, as in the tests)
@@ -125,7 +126,7 @@ def run(out_dir: str, quick: bool) -> Section:
     from indexer.ingest import run_ingest
     from model.features import ClipEncoder, frame_resizer
 
-    model = str(ROOT / "tests" / "clip_tiny.json") if quick else "ViT-B-32"
+    model = str(CLIP_TINY_CONFIG) if quick else "ViT-B-32"
     seconds = 6.0 if quick else 20.0
     reps = 1 if quick else 3
     work = Path(tempfile.mkdtemp(prefix="vmr_bench_rtf_"))

@@ -162,6 +162,23 @@ def prepare_authors_copy(dest: str, cuda: bool) -> list[str]:
     return notes
 
 
+def import_authors_copy(root: str) -> None:
+    """Import the package llm_epet from the copy in `root` without putting `root` on sys.path: the package is found
+    in `root` alone and registered, so their absolute `llm_epet.x` imports resolve through its own __path__."""
+    import importlib
+    import importlib.machinery
+    import importlib.util
+
+    spec = importlib.machinery.PathFinder.find_spec("llm_epet", [root])
+    if spec is None:
+        raise ImportError(f"no llm_epet package in {root}")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["llm_epet"] = package
+    if spec.loader is not None:  # None: a namespace package (no __init__.py), nothing to run
+        spec.loader.exec_module(package)
+    importlib.import_module("llm_epet.model")
+
+
 def authors_args(shape: dict, device: str) -> argparse.Namespace:
     """Their argparse defaults + their QVHighlights script's architecture (the same as ours)."""
     d = architecture(shape)
@@ -179,7 +196,7 @@ def authors_args(shape: dict, device: str) -> argparse.Namespace:
 def build_authors(shape: dict, dtype: str, device: str):
     import torch
 
-    from llm_epet.model import LLM_EPET  # from the throwaway copy on sys.path
+    from llm_epet.model import LLM_EPET  # from the throwaway copy (import_authors_copy)
     from llm_epet.position_encoding import build_position_encoding
     from llm_epet.transformer import build_transformer
 
@@ -256,8 +273,7 @@ def run(out_dir: str, quick: bool) -> Section:
     try:
         try:
             notes = prepare_authors_copy(tmp, cuda=device == "cuda")
-            sys.path.insert(0, tmp)
-            import llm_epet.model  # noqa: F401  (fails here if their code cannot import)
+            import_authors_copy(tmp)  # fails here if their code cannot import
         except Exception as err:  # their code cannot run here: report why, keep measuring ours
             authors_error = f"{type(err).__name__}: {err}"
         for shape in shapes(device, quick):
@@ -266,8 +282,6 @@ def run(out_dir: str, quick: bool) -> Section:
                 row.update(_measure_pair(shape, dtype, device, with_authors=authors_error is None))
                 rows.append(row)
     finally:
-        if tmp in sys.path:
-            sys.path.remove(tmp)
         for name in [m for m in sys.modules if m == "llm_epet" or m.startswith("llm_epet.")]:
             del sys.modules[name]
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,7 +3,7 @@
     python -m bench.search --out DIR [--quick]
 
 For each library size (10^2, 10^3, 10^4 videos; --quick: 30, the baseline's latency on 4 queries) a synthetic-vector test-world library is written
-(bench/world/synthetic.py: decoding 10^4 videos is out of reach here): ``N_TARGETS`` target videos whose objects
+(world/synthetic.py: decoding 10^4 videos is out of reach here): ``N_TARGETS`` target videos whose objects
 are unique in the library (the queries: one sentence per target event) among distractor videos drawn from the
 other objects. Both systems answer the same queries with the same world CLIP and world reranker:
 
@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_RERANKER
-from bench.world.generator import ObjectPool, annotations, sample_video
-from bench.world.scene import ALL_OBJECTS
+from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_RERANKER
+from world.generator import ObjectPool, annotations, sample_video
+from world.scene import ALL_OBJECTS
 
 SIZES, QUICK_SIZES = (100, 1000, 10000), (30,)
 N_TARGETS = 12  # target videos (each 1-3 events = queries) per library
@@ -46,7 +46,7 @@ RULE_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 8.0, 1e6)  # coarse weights of the final-sco
 
 def make_library(index_dir, n_videos: int, encoder, seed: int = 0):
     """Write a synthetic library of ``n_videos``; returns the query annotations (target events)."""
-    from bench.world.synthetic import write_library
+    from world.synthetic import write_library
 
     rng = np.random.default_rng(seed)
     objects = list(ALL_OBJECTS)

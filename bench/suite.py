@@ -108,7 +108,7 @@ def _failure_reason(output: str, returncode: int) -> str:
 def run_suite(out_dir: str, quick: bool = False, sections: list[str] | None = None, timeout: float | None = None) -> str:
     """Run the sections (default: all), write out_dir/report.md with the PNGs beside it; returns the report path.
 
-    quick: the smoke size (seconds per section). Never raises for a failing section: it is reported instead.
+    quick: the smoke sizes (~2-3 min for the whole suite on 2 cores). Never raises for a failing section: it is reported instead.
     """
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)

@@ -1,4 +1,4 @@
-"""store.faiss_index: real FAISS indexes on small CLIP-like data (the same generator as the coarse-index bench)."""
+"""store.faiss_index: real FAISS indexes on small CLIP-like data (world.vectors, as the coarse-index bench)."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from bench.coarse_index import clip_like_library, exact_top_k, recall_at_k
 from store import faiss_index as fi
 from store.errors import VmrError
+from world.vectors import clip_like_library, exact_top_k, recall_at_k
 
 
 @pytest.fixture(scope="module")

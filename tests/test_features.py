@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +9,9 @@ import torch
 
 from model.errors import ModelError
 from model.features import ClipEncoder, frame_resizer, model_embed_dim, resolve_weights
+from world import CLIP_TINY_CONFIG
 
-TINY = str(Path(__file__).with_name("clip_tiny.json"))
+TINY = str(CLIP_TINY_CONFIG)
 
 
 @pytest.fixture(scope="module")

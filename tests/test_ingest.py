@@ -24,10 +24,10 @@ from indexer.ingest import run_ingest
 from store import vectors
 from store.library import Library
 from store.status import library_status
-from tests import videos
+from world import CLIP_TINY_CONFIG, videos
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "tests" / "clip_tiny.json")
+TINY = str(CLIP_TINY_CONFIG)
 REAL_VIDEO = SHARED_DATA / "real_video" / "charades.mp4"
 
 

@@ -20,12 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys, threading, time
-    sys.path.insert(0, ROOT)
     import ray
     from ray.cluster_utils import Cluster
     from indexer.ingest import run_ingest
     from store.library import Library
-    from tests import videos
+    from world import CLIP_TINY_CONFIG, videos
 
     tmp = sys.argv[1]
     lib = videos.make_library(tmp + "/v", bad=False)
@@ -36,7 +35,7 @@ SCRIPT = textwrap.dedent("""
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     worker_ids = {w.node_id for w in workers}
-    tiny = ROOT + "/tests/clip_tiny.json"
+    tiny = str(CLIP_TINY_CONFIG)
 
     first = run_ingest(tmp + "/v", tmp + "/a", tiny, None, allow_random=True, progress=False)
     used = sorted(n for n in first.nodes if n in worker_ids)
@@ -70,7 +69,7 @@ SCRIPT = textwrap.dedent("""
 def test_ingest_spreads_over_nodes_and_survives_node_loss(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DISABLE_USAGE_STATS": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", f"ROOT = {str(ROOT)!r}\n" + SCRIPT, str(tmp_path)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Ray's log lines (task retries after the node loss) can follow ours on stdout: find ours by its marker.

@@ -13,7 +13,7 @@ from shared_data import SHARED_DATA
 from indexer.decode import DecodeError, sample_clip_frames
 from indexer.discover import discover, looks_like_video
 from model.spans import num_clips
-from tests import videos
+from world import videos
 
 REAL_VIDEO = SHARED_DATA / "real_video" / "charades.mp4"
 

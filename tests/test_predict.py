@@ -169,10 +169,9 @@ def test_long_video_is_covered_by_windows():
     assert len(rows[1]["pred_saliency_scores"]) == 20
 
 
-AUTHORS_REPO = "/work/ref/fletcherjiang+LLMEPET"
-
-# Runs in a child process: it imports the authors' dataset / inference code, with their unused heavy imports
-# (sklearn, pandas, torchtext, tensorboard, fairscale) stubbed, and prints the differences as JSON.
+# Runs in a child process (PYTHONPATH: this project, its tests/, then the authors' checkout): it imports the
+# authors' dataset / inference code, with their unused heavy imports (sklearn, pandas, torchtext, tensorboard,
+# fairscale) stubbed, and prints the differences as JSON.
 PARITY_SCRIPT = r'''
 import importlib.abc, importlib.machinery, json, sys, tempfile, types
 from pathlib import Path
@@ -198,21 +197,17 @@ class StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 sys.meta_path.insert(0, StubFinder())
-repo, project = sys.argv[1], sys.argv[2]
-sys.path.insert(0, repo)
 import llm_epet.postprocessing_llm as post
 sys.modules["llm_epet.postprocessing_cg_detr"] = post  # their inference imports the module's old name
 import llm_epet.inference as inference
 from llm_epet.start_end_dataset import StartEndDataset, start_end_collate
-sys.path.remove(repo)
-sys.path[:0] = [project, project + "/tests"]
 from test_train import TINY, write_public_features
 from model.config import ModelConfig
 from model.data import DataConfig, MomentDataset, PublicFeatureDir
 from model.llmepet import build_model
 from model.predict import predict_annotations
 
-anns = [json.loads(l) for l in open(sys.argv[3] + "/qvhighlights/highlight_val_release.jsonl")][:40]
+anns = [json.loads(l) for l in open(sys.argv[1] + "/qvhighlights/highlight_val_release.jsonl")][:40]
 root = Path(tempfile.mkdtemp())
 write_public_features(root, anns, slowfast_dim=64)
 (root / "a.jsonl").write_text("\n".join(json.dumps(a) for a in anns))
@@ -253,16 +248,17 @@ print("PARITY " + json.dumps(diff))
 '''
 
 
-@pytest.mark.skipif(not (os.path.isdir(AUTHORS_REPO) and os.path.isdir(SHARED_DATA / "qvhighlights")),
+@pytest.mark.skipif(not (AUTHORS_REPO.is_dir() and os.path.isdir(SHARED_DATA / "qvhighlights")),
                     reason="authors' code or shared data not present")
 def test_same_samples_and_predictions_as_authors_code(tmp_path):
     """Our samples equal their StartEndDataset's (features, TEF, text, span and saliency targets), and
     `predict_annotations` writes exactly the rows their inference + post-processing write (batch LLM mode)."""
     script = tmp_path / "parity.py"
     script.write_text(PARITY_SCRIPT)
-    project = str(Path(__file__).resolve().parents[1])
-    res = subprocess.run([sys.executable, str(script), AUTHORS_REPO, project, str(SHARED_DATA)], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    project = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(project), str(project / "tests"), str(AUTHORS_REPO)])
+    res = subprocess.run([sys.executable, str(script), str(SHARED_DATA)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("PARITY ")]
     assert line, res.stderr[-2000:]
     diff = json.loads(line[0][len("PARITY "):])

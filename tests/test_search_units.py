@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
-from bench.world.generator import WorldEvent, WorldVideo
-from bench.world.scene import WorldObject
+from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
+from world.generator import WorldEvent, WorldVideo
+from world.scene import WorldObject
 from retriever.merge import Moment, final_score, nms_merge, span_coarse_score
-from retriever.windows import MAX_WINDOW_CLIPS, best_event_moment, best_stretch_mean, tile_video, window_around
+from retriever.windows import (MAX_WINDOW_CLIPS, Window, best_event_moment, best_stretch_mean, event_clip_spans,
+                               index_clip_seconds, window_around)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,14 +29,15 @@ def test_window_around_keeps_hit_event_whole_and_snaps_to_boundary():
     assert first + n == 300
 
 
-def test_tile_video_covers_every_clip_with_half_overlap():
-    tiles = tile_video(300)
-    covered = np.zeros(300, bool)
-    for first, n in tiles:
-        assert n == MAX_WINDOW_CLIPS
-        covered[first:first + n] = True
-    assert covered.all() and tiles[1][0] - tiles[0][0] == MAX_WINDOW_CLIPS // 2
-    assert tile_video(30) == [(0, 30)]
+def test_clip_length_comes_from_the_index():
+    assert index_clip_seconds({"clip_seconds": 1.0}) == 1.0
+    assert index_clip_seconds({}) == 2.0  # indexes written before the field: the 2-s grid
+    w = Window(1, "a.mp4", 31.0, first_clip=10, n_clips=25, clip_seconds=1.0)
+    assert (w.start, w.end) == (10.0, 31.0)
+    assert Window(1, "a.mp4", 90.0, 10, 25, 2.0).end == 70.0
+    events = [{"start": 0.0, "end": 6.0}, {"start": 6.0, "end": 31.0}]
+    assert event_clip_spans(events, 31, 1.0) == [(0, 6), (6, 31)]
+    assert event_clip_spans(events, 16, 2.0) == [(0, 3), (3, 16)]
 
 
 def test_best_event_moment_picks_highest_mean_event():
@@ -62,8 +64,8 @@ def test_nms_merge_suppresses_overlaps_within_a_video_only():
 @pytest.fixture(scope="module")
 def synthetic_index(tmp_path_factory):
     """A synthetic-vector library: 30 short videos + a 10-minute one whose only events lie past 150 s."""
-    from bench.world.generator import ObjectPool, sample_video
-    from bench.world.synthetic import write_library
+    from world.generator import ObjectPool, sample_video
+    from world.synthetic import write_library
     from model.features import ClipEncoder
 
     rng = np.random.default_rng(0)
@@ -84,7 +86,7 @@ def test_coarse_finds_moment_past_150s_in_10_minute_video(synthetic_index):
     with SearchEngine(index, rerank=False, device="cpu") as engine:
         pooled, _ = engine.encode_query(target.sentence())
         windows = engine.candidates(pooled)
-        results = engine.search(target.sentence(), top_k=5)
+        results = engine.search(target.sentence(), top_k=5).moments
     assert windows[0].path == "long.mp4" and windows[0].n_clips == MAX_WINDOW_CLIPS
     assert windows[0].first_clip <= 200 and 215 <= windows[0].last_clip  # the window holds the event
     top = results[0]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
-from bench.world.generator import build_world, read_jsonl
-from bench.world.scene import ALL_OBJECTS, COLORS, POSITION_X, render_frame
+from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
+from world.generator import build_world, read_jsonl
+from world.scene import ALL_OBJECTS, COLORS, POSITION_X, render_frame
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

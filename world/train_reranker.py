@@ -1,12 +1,12 @@
 """Train the test world's tiny LLMEPET reranker with `vmr train` on an index of world videos.
 
-    python -m bench.world.train_reranker [--work DIR] [--videos 80] [--out bench/world/world_reranker.pt]
+    python -m world.train_reranker [--work DIR] [--videos 80] [--out world/world_reranker.pt]
 
 Builds a training world (its own seed: its sentences and videos are not the test library's), indexes it with the
 real ingest (world CLIP), and trains with model.train on that index through retriever.provider (what
 `vmr train --index` does), using the architecture and schedule in ``world_reranker.json`` (random, tiny LLM
 blocks). The shipped world_reranker.pt: 84 videos (230 sentences, 207 train / 23 val), 120 epochs, ~12 min on
-one busy CPU core; val R1@0.5 = R1@0.7 = 91.3, mIoU 88.3 (its optimizer state stripped). ``--synthetic`` indexes synthetic clip vectors instead of decoded videos (bench/world/synthetic.py), for
+one busy CPU core; val R1@0.5 = R1@0.7 = 91.3, mIoU 88.3 (its optimizer state stripped). ``--synthetic`` indexes synthetic clip vectors instead of decoded videos (world/synthetic.py), for
 when decoding is too slow. TEST WORLD ONLY.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import random
 import tempfile
 from pathlib import Path
 
-from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_DIR, WORLD_RERANKER
-from bench.world.generator import build_world, write_jsonl
+from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_DIR, WORLD_RERANKER
+from world.generator import build_world, write_jsonl
 
 RERANKER_CONFIG = WORLD_DIR / "world_reranker.json"
 TRAIN_SEED = 1000  # the test libraries use small seeds; this world is disjoint in seeds (videos, placements)
@@ -45,7 +45,7 @@ def train_reranker(work_dir, out=WORLD_RERANKER, n_videos: int = 80, synthetic: 
     videos, rows = build_world(work_dir, n_videos=n_videos, seed=TRAIN_SEED, long_videos=max(1, n_videos // 20),
                                write=not synthetic)
     if synthetic:
-        from bench.world.synthetic import write_library
+        from world.synthetic import write_library
         from model.features import ClipEncoder
 
         encoder = ClipEncoder.load(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS), device="cpu")

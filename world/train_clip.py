@@ -1,8 +1,8 @@
 """Train the test world's tiny open_clip model so that its sentences and frames align.
 
-    python -m bench.world.train_clip [--steps 1500] [--out bench/world/world_clip.pt]
+    python -m world.train_clip [--steps 1500] [--out world/world_clip.pt]
 
-Frames are rendered by ``bench.world.scene``, passed through an h264 round trip (the indexer sees decoded video,
+Frames are rendered by ``world.scene``, passed through an h264 round trip (the indexer sees decoded video,
 chroma-subsampled and compressed) and through the model's own open_clip preprocessing. The text side sees the
 object captions of every template plus the empty-scene caption.
 
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
-from bench.world.scene import ALL_OBJECTS, EMPTY_CAPTION, FRAME_SIZE, TEMPLATES, random_state, render_frame
+from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
+from world.scene import ALL_OBJECTS, EMPTY_CAPTION, FRAME_SIZE, TEMPLATES, random_state, render_frame
 
 
 def build_model(config_path=WORLD_CLIP_CONFIG):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.world.scene import ALL_OBJECTS, FRAME_SIZE, WorldObject, render_frame
+from world.scene import ALL_OBJECTS, FRAME_SIZE, WorldObject, render_frame
 
 FPS = 2  # frames per second of the written videos; the 2-s clip samples (t = 0, 2, 4, ...) fall on frames
 CLIP_SECONDS = 2

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench.world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
-from bench.world.generator import CLIP_SECONDS, WorldVideo
-from bench.world.scene import render_frame
+from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
+from world.generator import CLIP_SECONDS, WorldVideo
+from world.scene import render_frame
 from model.pseudo_events import pseudo_event_clip_spans
 
 CLIP_NOISE = 0.03  # std of the per-dimension noise added to a clip's state embedding (before re-normalising)

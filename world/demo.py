@@ -1,8 +1,8 @@
 """`vmr demo`: the whole pipeline on the synthetic TEST world, offline, in a few minutes on 2 cores.
 
 1. build a small world library (h264 videos of coloured shapes, one of them 10 minutes long) with its sentences;
-2. index it with the real ingest (Ray, world CLIP model from bench/world);
-3. load the world's reranker (bench/world/world_reranker.pt, trained by bench/world/train_reranker.py with
+2. index it with the real ingest (Ray, world CLIP model from world);
+3. load the world's reranker (world/world_reranker.pt, trained by world/train_reranker.py with
    `vmr train` on a separate world), or train one on the spot when it is missing;
 4. answer a few sentences, printing what was found next to the ground truth, then the corpus metrics of all the
    world's sentences: coarse stage alone vs coarse + rerank.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import click
 
-from bench.world import WORLD_RERANKER
-from bench.world.generator import build_world
+from world import WORLD_RERANKER
+from world.generator import build_world
 
 DEMO_SEED = 7
 
@@ -30,7 +30,7 @@ def run_demo(work_dir: str | None = None, n_videos: int = 10, n_shown: int = 5) 
     if work_dir is None:
         with tempfile.TemporaryDirectory(prefix="vmr-demo-") as tmp:
             return run_demo(tmp, n_videos, n_shown)
-    from bench.world.train_reranker import index_world, train_reranker
+    from world.train_reranker import index_world, train_reranker
 
     work = Path(work_dir)
     click.echo("vmr demo - synthetic TEST world (coloured shapes; not a model for real videos)")
