@@ -192,6 +192,44 @@ def convert_checkpoint(src, out):
 
 
 @main.command()
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str), help="Index directory.")
+@click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str), help="LLMEPET reranker checkpoint (default: the index's, if one was set).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (anything but localhost exposes the videos and labels: no login).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def serve(index_dir, checkpoint, host, port, device):
+    """Web page + JSON API over an index: search, watch each moment, label moments (Ctrl-C stops)."""
+    from server.app import serve as run_server
+
+    try:
+        run_server(index_dir, checkpoint=checkpoint, host=host, port=port, device=device)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@main.group()
+def labels():
+    """Labels made in `vmr serve` (stored in the index)."""
+
+
+@labels.command(name="export")
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str), help="Index directory.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=str), help="Annotation jsonl to write (`vmr train --index` reads it).")
+def labels_export(index_dir, out_path):
+    """Write the labels as training annotations: accepted windows -> relevant_windows, rejected -> negative_windows."""
+    from store.labels import export_labels
+
+    try:
+        report = export_labels(index_dir, out_path)
+    except USER_ERRORS as err:
+        _fail(err)
+    click.echo(f"wrote {report['records']} records from {report['labels']} labels -> {out_path}"
+               + (f" ({report['stale']} stale: video deleted or re-indexed with other content)" if report["stale"] else "")
+               + (f" ({report['negative_only']} query/video pairs with rejections only: left out)"
+                  if report["negative_only"] else ""))
+
+
+@main.command()
 @click.option("--out", "work_dir", default=None, type=click.Path(file_okay=False), help="Keep the demo world here (default: a temp dir).")
 def demo(work_dir):
     """Offline demo on the synthetic TEST world: build, index, train/load its reranker, answer queries."""

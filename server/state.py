@@ -1,0 +1,193 @@
+"""What `vmr serve` keeps between requests: the search engine (CLIP, reranker), the video catalogue, the locks.
+
+DuckDB gives a file to ONE writing process or to many reading ones, and inside one process it refuses a read-only
+and a read-write connection to the same file at once. So, in this process:
+  - every DuckDB use goes through ``db_lock`` (a readers-writer lock): reads (search, status, label lists) share
+    it, label writes take it alone, and writers go first once waiting, so a stream of searches cannot starve them;
+  - searches also take ``search_lock``: the engine's Library and models are not made for two threads at once;
+  - connections are opened per request and closed at once (never held), so an `vmr index` process running beside
+    the server gets the file between requests; thumbnails and video bytes need no DuckDB at all (the catalogue
+    below answers them from memory).
+The catalogue (id -> video row) is re-read when older than CATALOGUE_SECONDS, so videos an ingest adds appear
+within seconds, and deleted ones disappear with their cached thumbnails.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+from store import db
+from store.errors import VmrError
+
+CATALOGUE_SECONDS = 2.0  # the video table is re-read at most this often (plus on an unknown id)
+UNKNOWN_ID_REFRESH_SECONDS = 0.5  # an unknown id forces a re-read at most this often (ids probing cannot flood)
+VIDEO_COLUMNS = ("id", "path", "size", "mtime", "content_hash", "duration", "fps", "width", "height", "n_clips",
+                 "n_events", "status", "error")
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers (writer preference)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    def acquire_read(self):
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+
+    def release_read(self):
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
+
+    def acquire_write(self):
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+
+    def release_write(self):
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+    def reading(self):
+        return _Held(self.acquire_read, self.release_read)
+
+    def writing(self):
+        return _Held(self.acquire_write, self.release_write)
+
+
+class _Held:
+    def __init__(self, acquire, release):
+        self._acquire, self._release = acquire, release
+
+    def __enter__(self):
+        self._acquire()
+
+    def __exit__(self, *exc):
+        self._release()
+
+
+class ServerState:
+    """The loaded engine and the in-memory video catalogue of one index (see the module docstring)."""
+
+    def __init__(self, index_dir: str, checkpoint: str | None = None, device: str = "auto", engine=None):
+        from retriever.search import SearchEngine
+
+        self.index_dir = str(index_dir)
+        self.db_lock = ReadWriteLock()
+        self.search_lock = threading.Lock()
+        self._catalogue_lock = threading.Lock()
+        self.engine = engine or SearchEngine(self.index_dir, checkpoint=checkpoint, device=device)
+        self.meta = self.engine.meta
+        self.root = self.meta.get("root")
+        self._videos: dict[int, dict] = {}
+        self._by_path: dict[str, int] = {}
+        self._read_at = 0.0
+        self._forced_at = 0.0
+        self.generation = None
+        self.on_catalogue_change = []  # callables(set of live ids), e.g. the thumbnail cache's sweep
+        self.refresh(force=True)
+
+    def close(self) -> None:
+        with self.search_lock, self.db_lock.writing():
+            self.engine.close()
+
+    # ---- DuckDB access -------------------------------------------------------------------------------------
+    def read(self, fn, wait: float = db.LOCK_WAIT_SECONDS):
+        """fn(read-only connection) under the shared lock, with a connection opened for this call only."""
+        with self.db_lock.reading():
+            con = db.connect(self.index_dir, read_only=True, wait=wait)
+            try:
+                return fn(con)
+            finally:
+                con.close()
+
+    def write(self, fn):
+        """fn(read-write connection, labels table present) alone in this process; one short connection."""
+        from store.labels import write_connection
+
+        with self.db_lock.writing():
+            con = write_connection(self.index_dir)
+            try:
+                return fn(con)
+            finally:
+                con.close()
+
+    def search(self, query: str, top_k: int):
+        """(moments as `vmr search --json` dicts, stage seconds) for one query."""
+        with self.search_lock, self.db_lock.reading():
+            result = self.engine.search(query, top_k=top_k)
+            moments = getattr(result, "moments", result)
+            timings = getattr(result, "timings", None) or dict(getattr(self.engine, "last_timings", {}))
+        return moments, timings
+
+    # ---- the catalogue -------------------------------------------------------------------------------------
+    def refresh(self, force: bool = False) -> None:
+        """Re-read the video table if it is older than CATALOGUE_SECONDS (or ``force``)."""
+        now = time.monotonic()
+        if not force and now - self._read_at < CATALOGUE_SECONDS:
+            return
+        with self._catalogue_lock:
+            if not force and time.monotonic() - self._read_at < CATALOGUE_SECONDS:
+                return
+            names = ", ".join(VIDEO_COLUMNS)
+
+            def load(con):
+                rows = con.execute(f"SELECT {names} FROM videos ORDER BY id").fetchall()
+                return rows, db.read_meta(con).get("generation")
+
+            rows, generation = self.read(load)
+            videos = {int(r[0]): dict(zip(VIDEO_COLUMNS, r)) for r in rows}
+            changed = generation != self.generation or videos.keys() != self._videos.keys()
+            self._videos, self.generation = videos, generation
+            self._by_path = {v["path"]: i for i, v in videos.items()}
+            self._read_at = time.monotonic()
+        if changed:
+            live = {i for i, v in videos.items() if v["status"] == "indexed"}
+            for callback in self.on_catalogue_change:
+                callback(live)
+
+    def videos(self) -> list[dict]:
+        self.refresh()
+        return list(self._videos.values())
+
+    def video(self, video_id: int) -> dict:
+        """The catalogue row of an indexed video; VmrError when there is none (re-reads once for a new id)."""
+        self.refresh()
+        row = self._videos.get(int(video_id))
+        if row is None and time.monotonic() - self._forced_at > UNKNOWN_ID_REFRESH_SECONDS:
+            self._forced_at = time.monotonic()
+            self.refresh(force=True)
+            row = self._videos.get(int(video_id))
+        if row is None or row["status"] != "indexed":
+            raise VmrError(f"no indexed video with id {video_id}")
+        return row
+
+    def video_id_of(self, path: str) -> int | None:
+        return self._by_path.get(path)
+
+    def ingest_progress(self) -> dict:
+        """What the video table says of a running ingest: new files wait as 'pending' until indexed or failed.
+        ``writer_active``: another process holds the DuckDB file for writing right now."""
+        self.refresh(force=True)
+        counts = {"indexed": 0, "failed": 0, "pending": 0}
+        for v in self._videos.values():
+            counts[v["status"]] = counts.get(v["status"], 0) + 1
+        try:
+            self.read(lambda con: None, wait=0.0)
+            writer_active = False
+        except VmrError as err:
+            writer_active = "locked" in str(err)
+        total = sum(counts.values())
+        return {"running": counts["pending"] > 0 or writer_active, "writer_active": writer_active,
+                "done": counts["indexed"] + counts["failed"], "total": total, **counts}
