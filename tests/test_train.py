@@ -202,7 +202,7 @@ def test_bf16_autocast_training_step_runs(tmp_path):
 def test_cli_train_predict_eval_on_an_index(tmp_path):
     """`--index` as the data source (features through retriever.provider), with a 600-s video: training crops
     75-clip windows around its moments, prediction covers it with windows and scores all its 300 clips."""
-    world = pytest.importorskip("world")
+    import world
     from world.generator import build_world, write_jsonl
     from world.synthetic import write_library
     from cli import main
