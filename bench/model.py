@@ -82,7 +82,8 @@ def _timed(fn, device, reps: int) -> tuple[float, float]:
 
 def measure(llm_dim: int, batch: int, device, reps: int, attention: str = "time", llm_dtype: str = "auto") -> dict:
     cfg = ModelConfig(llm="random", llm_dim=llm_dim, llm_heads=max(1, llm_dim // 128),
-                      llm_kv_heads=max(1, llm_dim // 128), llm_ffn_dim=llama_ffn(llm_dim), llm_attention=attention,
+                      llm_kv_heads=max(1, llm_dim // 128), llm_ffn_dim=llama_ffn(llm_dim),
+                      compat="authors" if attention == "batch" else "vmr",
                       llm_dtype=llm_dtype, txt_dim=TXT_DIM, vid_dim=VID_DIM).replace(**dataset_defaults("qvhighlights"))
     torch.manual_seed(0)
     model = build_model(cfg, device=device)
@@ -195,7 +196,7 @@ def event_loss_ablation(out_dir: str, epochs: int = 90) -> list[dict]:
     rows = []
     for event_loss in (True, False):
         torch.manual_seed(0)
-        cfg = ModelConfig(event_loss=event_loss, **tiny)
+        cfg = ModelConfig(event_coef=0.1 if event_loss else 0.0, **tiny)  # event_coef 0: the ablation
         data_cfg = DataConfig()
         tcfg = TrainConfig(bsz=8, eval_bsz=24, lr=2e-3, lr_drop=epochs * 3 // 4, n_epoch=epochs, eval_epoch=epochs,
                            grad_clip=1.0, seed=0, progress=False)

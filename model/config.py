@@ -42,10 +42,9 @@ class ModelConfig:
     contrastive_align_loss: bool = False
     contrastive_hdim: int = 64
     temperature: float = 0.07
-    # Their T2V attention mask is laid out (batch-major vs head-major) inconsistently with the attention scores,
-    # so in a padded batch a clip may lose text tokens that are padding in ANOTHER sample. True reproduces that
-    # (converted checkpoints, parity); False masks each sample by its own padding only.
-    t2v_cross_sample_mask: bool = False
+    # "vmr": the paper's design. "authors": reproduce the authors' released code (converted checkpoints, parity);
+    # the behaviours that differ derive from it (COMPAT_BEHAVIOURS, the properties below the fields).
+    compat: str = "vmr"
     # QVHighlights vids are "<youtube id>_<start>_<end>": the negative pass treats windows of one video as the
     # same video (their dset_name == "hl" rule).
     vid_has_window_suffix: bool = True
@@ -59,10 +58,6 @@ class ModelConfig:
     llm_ffn_dim: int = 11008
     llm_head_dim: int = 0         # 0 = llm_dim // llm_heads (every LLaMA release)
     llm_norm_eps: float = 1e-6
-    # "time": the clips of one video attend to each other (the paper's design; padded clips masked).
-    # "batch": the authors' code feeds (time, batch, dim) to a batch-first block, so each clip attends to the
-    # clips at the same time index of the OTHER samples in the batch; needed for their checkpoints.
-    llm_attention: str = "time"
     llm_dtype: str = "auto"       # "auto" (bf16 on CUDA, fp32 elsewhere) | "float32" | "bfloat16"
 
     # --- matcher and losses (weights as the authors' build_model) ----------------------------------------
@@ -79,14 +74,9 @@ class ModelConfig:
     lw_ms_align: float = 1.0
     lw_distill: float = 1.0
     contrastive_align_loss_coef: float = 0.0
-    # Pseudo-event regulation: event-head L1 + GIoU against pseudo-events, weighted event_coef * span/giou coef.
-    # Active here (the paper's method); their released code never adds it to the loss list (off when converted).
-    event_loss: bool = True
+    # Pseudo-event regulation: event-head L1 + GIoU against pseudo-events, weighted event_coef * span/giou coef
+    # (the paper's method; off under compat "authors" and when event_coef is 0: the ablation).
     event_coef: float = 0.1
-    # What pseudo-events are computed from: "input" = the clip features as given, without the trailing TEF
-    # columns (what the index stores; stable targets); "projected" = the projected clip tokens, after input
-    # dropout in training (the authors' choice; their event loss is never active, so nothing depends on it).
-    pseudo_events_from: str = "input"
     tef_dims: int = 2             # trailing TEF columns of src_vid (0 when the data adds no TEF)
     saliency_loss_only: bool = False  # highlight-only datasets (their youtube_uni / tvsum): no matcher
 
@@ -94,22 +84,53 @@ class ModelConfig:
 
     # ------------------------------------------------------------------------------------------------------
     def __post_init__(self):
-        if self.llm_attention not in ("time", "batch"):
-            raise ModelError(f"llm_attention must be 'time' or 'batch', not {self.llm_attention!r}")
+        if self.compat not in COMPAT_BEHAVIOURS:
+            raise ModelError(f"compat must be 'vmr' or 'authors', not {self.compat!r}")
         if self.llm_dtype not in ("auto", "float32", "bfloat16"):
             raise ModelError(f"llm_dtype must be auto, float32 or bfloat16, not {self.llm_dtype!r}")
-        if self.pseudo_events_from not in ("input", "projected"):
-            raise ModelError(f"pseudo_events_from must be 'input' or 'projected', not {self.pseudo_events_from!r}")
         self.llm_layer_range()  # validates the slice
 
+    # --- the behaviours ``compat`` selects ------------------------------------------------------------------
+    @property
+    def llm_attention(self) -> str:
+        """"time": the clips of one video attend to each other (the paper's design; padded clips masked).
+        "batch": the authors' code feeds (time, batch, dim) to a batch-first block, so each clip attends to the
+        clips at the same time index of the OTHER samples in the batch."""
+        return COMPAT_BEHAVIOURS[self.compat]["llm_attention"]
+
+    @property
+    def t2v_cross_sample_mask(self) -> bool:
+        """Their T2V attention mask is laid out (batch-major vs head-major) inconsistently with the attention
+        scores, so in a padded batch a clip may lose text tokens that are padding in ANOTHER sample. True
+        reproduces that; False masks each sample by its own padding only."""
+        return COMPAT_BEHAVIOURS[self.compat]["t2v_cross_sample_mask"]
+
+    @property
+    def event_loss(self) -> bool:
+        """Pseudo-event regulation in the loss (their released code never adds it to the loss list)."""
+        return COMPAT_BEHAVIOURS[self.compat]["event_loss"] and self.event_coef > 0
+
+    @property
+    def pseudo_events_from(self) -> str:
+        """"input": pseudo-events of the clip features as given, without the TEF columns (what the index
+        stores; stable targets); "projected": of the projected clip tokens, after input dropout in training (the
+        authors' choice; their event loss is never active, so nothing depends on it)."""
+        return COMPAT_BEHAVIOURS[self.compat]["pseudo_events_from"]
+
+    @property
+    def text_encoder_heads(self) -> int:
+        """Heads of the dummy and sentence encoders: the authors' code builds both with 8 heads whatever
+        ``nheads`` is (the same at the paper's nheads 8); vmr uses ``nheads``."""
+        return AUTHORS_TEXT_ENCODER_HEADS if self.compat == "authors" else self.nheads
+
     def llm_layer_range(self) -> tuple[int, int]:
-        """(first, end) of ``llm_layers`` "a:b" (end exclusive)."""
+        """(first, end) of ``llm_layers`` "a:b" (end exclusive; "0:0" = no LLM blocks, the paper's ablation)."""
         try:
             first, end = (int(p) for p in str(self.llm_layers).split(":"))
         except ValueError:
             raise ModelError(f"llm_layers must look like '14:17', not {self.llm_layers!r}") from None
-        if not 0 <= first < end:
-            raise ModelError(f"llm_layers {self.llm_layers!r} selects no layer")
+        if not 0 <= first <= end or (first == end and first != 0):
+            raise ModelError(f"llm_layers {self.llm_layers!r} is not a range of layers ('0:0' for none)")
         return first, end
 
     @property
@@ -122,6 +143,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        d = _compat_from_legacy_fields(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -130,6 +152,35 @@ class ModelConfig:
 
     def replace(self, **overrides) -> "ModelConfig":
         return ModelConfig.from_dict({**self.to_dict(), **overrides})
+
+
+# What each ``compat`` value selects (the four switches checkpoints before ``compat`` stored one by one).
+COMPAT_BEHAVIOURS: dict[str, dict] = {
+    "vmr": dict(llm_attention="time", t2v_cross_sample_mask=False, event_loss=True, pseudo_events_from="input"),
+    "authors": dict(llm_attention="batch", t2v_cross_sample_mask=True, event_loss=False,
+                    pseudo_events_from="projected"),
+}
+
+
+AUTHORS_TEXT_ENCODER_HEADS = 8  # hard-coded in their model for the dummy and sentence encoders
+
+
+def _compat_from_legacy_fields(d: dict) -> dict:
+    """A config dict that still holds the four switches (checkpoints written before ``compat``) -> ``compat``.
+
+    All four as one ``compat`` value selects it; the event-loss ablation of a "vmr" config (event_loss False)
+    becomes event_coef 0; any other mix cannot be expressed and is refused.
+    """
+    legacy = {k: d[k] for k in COMPAT_BEHAVIOURS["vmr"] if k in d}
+    if not legacy:
+        return d
+    d = {k: v for k, v in d.items() if k not in legacy}
+    if all(COMPAT_BEHAVIOURS["vmr"][k] == v for k, v in legacy.items() if k != "event_loss"):
+        return {**d, "compat": "vmr", **({} if legacy.get("event_loss", True) else {"event_coef": 0.0})}
+    if all(COMPAT_BEHAVIOURS["authors"][k] == v for k, v in legacy.items()):
+        return {**d, "compat": "authors"}
+    raise ModelError(f"model config mixes the paper's and the authors' behaviours ({legacy}); "
+                     f"set compat to 'vmr' or 'authors' instead")
 
 
 # The authors' per-dataset scripts, as overrides of ModelConfig (architecture + losses).

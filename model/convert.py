@@ -2,8 +2,9 @@
 
 Parameter names are renamed by prefix (AUTHORS_TO_OURS); shapes (hidden size, layer counts, dummy/prompt/query
 counts, LLM width, heads, FFN width and the number of LLM layers) are read from the state_dict, the rest of the
-configuration from ``opt``. The converted configuration reproduces the authors' computation: LLM attention
-across the batch, their T2V mask layout, and no pseudo-event loss (their loss list never includes it).
+configuration from ``opt``. The converted configuration has ``compat="authors"``: it reproduces the authors'
+computation (LLM attention across the batch, their T2V mask layout, no pseudo-event loss). A checkpoint without
+LLaMA blocks (``n_layers 0``: the paper's ablation) converts to ``llm_layers "0:0"``.
 
 Tensors their forward never reads are dropped (UNUSED_PREFIXES).
 """
@@ -94,10 +95,15 @@ def config_from_authors(state: dict, opt) -> ModelConfig:
     """Our configuration for an authors' state_dict (shapes) and options (the rest)."""
     o = vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt or {})
     d = state["class_embed.weight"].shape[1]
-    wq = state["transformer.llama.layers.0.attention.wq.weight"]
-    llm_dim = wq.shape[1]
     n_llm = _count(state, "transformer.llama.layers.")
-    first = int(o.get("first_layer", 14))
+    first = int(o.get("first_layer", 14)) if n_llm else 0
+    llm_shapes = dict(llm_dim=state["transformer.llama_dim_mapper1.weight"].shape[0])
+    if n_llm:  # with no blocks (the paper's ablation) the head and FFN shapes do not exist: defaults stand
+        wq = state["transformer.llama.layers.0.attention.wq.weight"]
+        llm_shapes.update(
+            llm_heads=wq.shape[0] // LLAMA_HEAD_DIM,  # their blocks: dim // 128 heads (32 for LLaMA-7B)
+            llm_kv_heads=state["transformer.llama.layers.0.attention.wk.weight"].shape[0] // LLAMA_HEAD_DIM,
+            llm_ffn_dim=state["transformer.llama.layers.0.feed_forward.w1.weight"].shape[0])
     dset = o.get("dset_name", "hl")
     defaults = ModelConfig()
     keep = {k: o[k] for k in ("nheads", "dim_feedforward", "dropout", "input_dropout", "use_txt_pos", "num_prompts",
@@ -124,13 +130,10 @@ def config_from_authors(state: dict, opt) -> ModelConfig:
         num_dummies=state["dummy_rep_token"].shape[0],
         total_prompts=state["global_rep_token"].shape[0],
         contrastive_align_loss="contrastive_align_projection_query.weight" in state,
-        llm="", llm_layers=f"{first}:{first + n_llm}", llm_dim=llm_dim,
-        llm_heads=wq.shape[0] // LLAMA_HEAD_DIM,  # their blocks: dim // 128 heads (32 for LLaMA-7B)
-        llm_kv_heads=state["transformer.llama.layers.0.attention.wk.weight"].shape[0] // LLAMA_HEAD_DIM,
-        llm_ffn_dim=state["transformer.llama.layers.0.feed_forward.w1.weight"].shape[0],
+        llm="", llm_layers=f"{first}:{first + n_llm}", **llm_shapes,
         llm_norm_eps=1e-6,  # hard-coded in their LLaMA config
         llm_head_dim=LLAMA_HEAD_DIM, llm_dtype="float32",  # their blocks run in fp32
-        llm_attention="batch", t2v_cross_sample_mask=True, event_loss=False, pseudo_events_from="projected",
+        compat="authors",
         tef_dims=2 if "tef" in o.get("ctx_mode", "video_tef") else 0,
         vid_has_window_suffix=(dset == "hl"), saliency_loss_only=dset in ("youtube_uni", "tvsum"),
         extra={"converted_from": "fletcherjiang/LLMEPET", "dset_name": dset,
@@ -143,7 +146,7 @@ def config_from_authors(state: dict, opt) -> ModelConfig:
 def convert_state_dict(state: dict, opt) -> tuple[ModelConfig, dict]:
     """(our config, our state_dict) for an authors' state_dict and options."""
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    for required in ("query_embed.weight", "transformer.llama.layers.0.attention.wq.weight", "dummy_rep_token"):
+    for required in ("query_embed.weight", "transformer.llama_dim_mapper1.weight", "dummy_rep_token"):
         if required not in state:
             raise ModelError(f"not an LLMEPET checkpoint: no {required!r} in its state_dict")
     cfg = config_from_authors(state, opt)

@@ -90,11 +90,11 @@ class LLMEPET(nn.Module):
         self.saliency_prompts = nn.Parameter(torch.randn(cfg.total_prompts, d))
         self.saliency_pos = nn.Parameter(torch.randn(1, d))
 
-        def encoder(n):
-            return Encoder(EncoderLayer(d, cfg.nheads, cfg.dim_feedforward, cfg.dropout), n)
+        def encoder(n, heads=cfg.nheads):
+            return Encoder(EncoderLayer(d, heads, cfg.dim_feedforward, cfg.dropout), n)
 
-        self.dummy_encoder = encoder(cfg.dummy_layers)
-        self.sentence_encoder = encoder(cfg.sent_layers)
+        self.dummy_encoder = encoder(cfg.dummy_layers, cfg.text_encoder_heads)
+        self.sentence_encoder = encoder(cfg.sent_layers, cfg.text_encoder_heads)
         self.moment_encoder = encoder(cfg.moment_layers)
         self.t2v_encoder = T2VEncoder(T2VLayer(d, cfg.nheads, cfg.dim_feedforward, cfg.dropout, nd), cfg.t2v_layers,
                                       cross_sample_mask=cfg.t2v_cross_sample_mask)
@@ -315,7 +315,7 @@ def build_model(cfg: ModelConfig, llm_weights: bool = True, device="cpu") -> LLM
     ``cfg.llm == "random"`` keeps randomly initialised LLM blocks (tests, synthetic world only).
     """
     spec, weights = None, None
-    if llm_weights:
+    if llm_weights and cfg.n_llm_layers:
         if not cfg.llm:
             raise ModelError("no LLM given: pass --llm (a transformers LLaMA id/dir or a consolidated.00.pth)")
         if cfg.llm != "random":

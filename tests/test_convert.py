@@ -22,7 +22,7 @@ def authors_like_model():
     cfg = ModelConfig(llm="", llm_dim=256, llm_heads=2, llm_kv_heads=2, llm_ffn_dim=64, llm_layers="14:16",
                       hidden_dim=32, nheads=4, dim_feedforward=48, num_dummies=3, total_prompts=4, num_prompts=2,
                       num_queries=5, enc_layers=2, dec_layers=2, t2v_layers=2, txt_dim=16, vid_dim=10, max_q_l=20,
-                      llm_attention="batch", t2v_cross_sample_mask=True, event_loss=False)
+                      compat="authors")
     torch.manual_seed(0)
     model = LLMEPET(cfg).eval()
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_converted_state_dict_gives_the_same_predictions():
     assert (cfg.hidden_dim, cfg.num_dummies, cfg.total_prompts, cfg.num_queries) == (32, 3, 4, 5)
     assert (cfg.enc_layers, cfg.dec_layers, cfg.t2v_layers, cfg.n_input_proj) == (2, 2, 2, 2)
     assert (cfg.llm_dim, cfg.llm_heads, cfg.llm_ffn_dim, cfg.llm_layers) == (256, 2, 64, "14:16")
-    assert cfg.llm_attention == "batch" and cfg.t2v_cross_sample_mask and not cfg.event_loss
+    assert cfg.compat == "authors" and cfg.llm_attention == "batch" and cfg.t2v_cross_sample_mask and not cfg.event_loss
     converted = LLMEPET(cfg).eval()
     converted.load_state_dict(state, strict=True)
     txt, tm, vid, vm = make_batch([7, 5, 3], [4, 2, 3], seed=3)
@@ -90,6 +90,29 @@ def test_convert_checkpoint_file(tmp_path):
         a, b = model(txt, tm, vid, vm), loaded(txt, tm, vid, vm)
     assert (a["pred_spans"] - b["pred_spans"]).abs().max() <= 1e-6
     assert (a["saliency_scores"] - b["saliency_scores"]).abs().max() <= 1e-6
+
+
+def test_checkpoint_with_the_four_legacy_switches_still_loads(tmp_path):
+    """Converted checkpoints written before ``compat`` stored its four behaviours one by one."""
+    model = authors_like_model()
+    src, out = tmp_path / "theirs.ckpt", tmp_path / "ours.ckpt"
+    torch.save({"model": authors_state(model), "opt": authors_opt(), "epoch": 3}, src)
+    convert_authors_checkpoint(str(src), str(out))
+    ckpt = torch.load(out, weights_only=True)
+    config = {k: v for k, v in ckpt["model_config"].items() if k != "compat"}
+    ckpt["model_config"] = {**config, "llm_attention": "batch", "t2v_cross_sample_mask": True, "event_loss": False,
+                            "pseudo_events_from": "projected"}
+    torch.save(ckpt, out)
+    loaded, _ = load_checkpoint(str(out))
+    assert loaded.cfg.compat == "authors" and loaded.cfg.llm_attention == "batch"
+    txt, tm, vid, vm = make_batch([6, 4], [3, 3], seed=4)
+    with torch.no_grad():
+        assert (model(txt, tm, vid, vm)["pred_spans"] - loaded(txt, tm, vid, vm)["pred_spans"]).abs().max() <= 1e-6
+    vmr_ablation = ModelConfig.from_dict({"llm_attention": "time", "t2v_cross_sample_mask": False,
+                                          "event_loss": False, "pseudo_events_from": "input"})
+    assert vmr_ablation.compat == "vmr" and vmr_ablation.event_coef == 0.0 and not vmr_ablation.event_loss
+    with pytest.raises(ModelError, match="mixes"):
+        ModelConfig.from_dict({"llm_attention": "batch", "event_loss": True})
 
 
 def test_bad_sources_are_model_errors(tmp_path):

@@ -82,7 +82,7 @@ def test_padding_does_not_change_a_sample_in_time_mode(model):
 
 def test_batch_mode_mixes_samples_as_the_authors_code():
     torch.manual_seed(0)
-    m = build_model(tiny_cfg(llm_attention="batch")).eval()
+    m = build_model(tiny_cfg(compat="authors")).eval()
     txt, tm, vid, vm = make_batch([6, 6, 6], [4, 4, 4], seed=2)
     with torch.no_grad():
         full = m(txt, tm, vid, vm)["pred_spans"][0]
@@ -135,7 +135,7 @@ def test_pseudo_events_per_video_on_valid_clips(model):
         torch.testing.assert_close(spans, pseudo_event_spans_cxw(vid[i, :n, :VID_DIM - 2]))
         assert (spans[:, 1] > 0).all() and abs(float(spans[:, 1].sum()) - (n - 1) / n) < 1e-5
     torch.manual_seed(0)
-    authors_like = build_model(tiny_cfg(pseudo_events_from="projected")).eval()
+    authors_like = build_model(tiny_cfg(compat="authors")).eval()
     with torch.no_grad():
         out = authors_like(txt, tm, vid, vm, targets=make_targets(lengths, 9))
         projected = authors_like.vid_proj(vid) + authors_like.token_type.weight[1]
@@ -144,8 +144,9 @@ def test_pseudo_events_per_video_on_valid_clips(model):
 
 def test_event_loss_switch_and_weights():
     on = build_criterion(tiny_cfg())
-    off = build_criterion(tiny_cfg(event_loss=False))
-    assert "event_spans" in on.losses and "event_spans" not in off.losses
+    off = build_criterion(tiny_cfg(compat="authors"))
+    ablation = build_criterion(tiny_cfg(event_coef=0.0))
+    assert "event_spans" in on.losses and "event_spans" not in off.losses and "event_spans" not in ablation.losses
     assert on.weight_dict["loss_event_span"] == pytest.approx(0.1 * 10)
     assert on.weight_dict["loss_label_0"] == 4 and "loss_saliency_0" not in on.weight_dict
 
@@ -160,7 +161,7 @@ def test_config_round_trip_and_dataset_defaults():
     with pytest.raises(ModelError):
         dataset_defaults("kinetics")
     with pytest.raises(ModelError):
-        tiny_cfg(llm_attention="sideways")
+        tiny_cfg(compat="sideways")
     with pytest.raises(ModelError):
         ModelConfig.from_dict({"no_such_key": 1})
 

@@ -142,7 +142,7 @@ def test_batch_mode_predicts_in_file_order_batches():
     """With the authors' LLM attention across the batch, a prediction depends on its batch: predict must form
     batches of consecutive annotations in file order."""
     provider, anns = make_world(n=7, lengths=[12] * 7)
-    model = tiny_model(llm_attention="batch")
+    model = tiny_model(compat="authors")
     data_cfg = DataConfig()
     full = predict_annotations(model, anns, provider, data_cfg, "custom", batch_size=3, progress=False)
     chunks = []
@@ -152,7 +152,7 @@ def test_batch_mode_predicts_in_file_order_batches():
     assert full == chunks
     single = predict_annotations(model, anns, provider, data_cfg, "custom", batch_size=1, progress=False)
     assert single != full  # the batch's other samples do change the result in this mode
-    timewise = tiny_model(llm_attention="time")
+    timewise = tiny_model(compat="vmr")
     assert predict_annotations(timewise, anns, provider, data_cfg, "custom", batch_size=1, progress=False) == \
         predict_annotations(timewise, anns, provider, data_cfg, "custom", batch_size=3, progress=False)
 
@@ -228,7 +228,7 @@ for i in range(len(anns)):
                                      or t["saliency_neg_labels"][0] != o["labels"]["saliency_neg"][0])
 
 torch.manual_seed(0)
-model = build_model(ModelConfig(**{**TINY, "txt_dim": 512, "vid_dim": 64 + 512 + 2, "llm_attention": "batch"})).eval()
+model = build_model(ModelConfig(**{**TINY, "txt_dim": 512, "vid_dim": 64 + 512 + 2, "compat": "authors"})).eval()
 rows = predict_annotations(model, anns, PublicFeatureDir(str(root)), DataConfig(max_q_l=32, max_v_l=75),
                            "qvhighlights", batch_size=16, progress=False)
 theirs.load_labels = False

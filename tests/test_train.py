@@ -66,6 +66,27 @@ def test_tiny_model_overfits_synthetic_set(tmp_path):
     assert (tmp_path / "m.pt").exists() and (tmp_path / "m.log.jsonl").exists()
 
 
+def test_model_without_llm_blocks_trains_saves_and_predicts(tmp_path):
+    """llm_layers "0:0" (the paper's ablation without LLM blocks) needs no LLM and goes through train and predict."""
+    from model.checkpoint import load_checkpoint
+    from model.predict import predict_annotations
+
+    torch.manual_seed(0)
+    provider, anns = synthetic_set()
+    cfg = ModelConfig(txt_dim=16, vid_dim=18, vid_has_window_suffix=False, **{**TINY, "llm": "", "llm_layers": "0:0"})
+    model = build_model(cfg)
+    assert len(model.llm.blocks) == 0 and cfg.n_llm_layers == 0
+    data_cfg = DataConfig()
+    tcfg = TrainConfig(bsz=8, eval_bsz=8, lr=3e-3, lr_drop=60, n_epoch=8, eval_epoch=8, seed=0, progress=False)
+    trainer = Trainer(model, build_criterion(cfg), MomentDataset(anns, provider, data_cfg, seed=0), anns, provider,
+                      data_cfg, tcfg, "custom", provider.feature_spec(), str(tmp_path / "m.pt"), torch.device("cpu"))
+    losses = [h["loss_overall"] for h in trainer.fit()["history"]]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    loaded, _ = load_checkpoint(str(tmp_path / "m.pt"))
+    rows = predict_annotations(loaded, anns, provider, data_cfg, "custom", progress=False)
+    assert [r["qid"] for r in rows] == [a["qid"] for a in anns] and all(r["pred_relevant_windows"] for r in rows)
+
+
 def test_settings_layers_and_errors(tmp_path):
     model_over, data_cfg, tcfg = build_settings("tacos", overrides=["lr=3e-4", "v_feat_dirs=clip_features",
                                                                     "max_v_l=50", "amp=false"])
