@@ -19,6 +19,7 @@ they are when ``embed_llm=True``.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import tempfile
@@ -79,14 +80,21 @@ def save_checkpoint(path: str, model, data_cfg: DataConfig, feature_spec: dict, 
             os.remove(tmp)
 
 
-def read_checkpoint(path: str) -> dict:
-    """The raw checkpoint dict (weights_only). ModelError when it is not a vmr LLMEPET checkpoint."""
+def load_weights_only(path: str):
+    """``torch.load`` restricted to plain data and tensors, plus argparse.Namespace (the authors' checkpoints keep
+    their options in one), allow-listed with add_safe_globals. ModelError (one line) when missing or unreadable."""
+    torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"checkpoint {path} does not exist") from None
     except Exception as err:  # noqa: BLE001 - unreadable / unsafe pickle: the user's file to fix
-        raise ModelError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+        raise ModelError(f"cannot read {path} as a weights-only checkpoint: {str(err).splitlines()[0]}") from None
+
+
+def read_checkpoint(path: str) -> dict:
+    """The raw checkpoint dict (weights_only). ModelError when it is not a vmr LLMEPET checkpoint."""
+    ckpt = load_weights_only(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         hint = " (an authors' checkpoint? convert it with `vmr convert-checkpoint`)" \
             if isinstance(ckpt, dict) and "model" in ckpt else ""

@@ -16,6 +16,7 @@ import re
 
 import torch
 
+from model.checkpoint import load_weights_only, save_checkpoint
 from model.config import ModelConfig
 from model.errors import ModelError
 from model.llm_blocks import LLAMA_HEAD_DIM
@@ -159,13 +160,7 @@ def convert_state_dict(state: dict, opt) -> tuple[ModelConfig, dict]:
 
 
 def load_authors_checkpoint(src: str) -> dict:
-    torch.serialization.add_safe_globals([argparse.Namespace])
-    try:
-        ckpt = torch.load(src, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelError(f"checkpoint {src} does not exist") from None
-    except Exception as exc:  # noqa: BLE001 - unreadable / unsafe pickles: one line for the user
-        raise ModelError(f"cannot read {src} as a weights-only checkpoint: {str(exc).splitlines()[0]}") from None
+    ckpt = load_weights_only(src)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ModelError(f"{src} is not an authors' checkpoint (expected a dict with 'model' and 'opt')")
     return ckpt
@@ -213,7 +208,6 @@ def data_settings_from_authors(cfg: ModelConfig, opt) -> tuple[dict, dict, str]:
 
 def _save(model, cfg: ModelConfig, opt, out: str):
     """Write in the project's checkpoint format, the LLM blocks embedded (their source is not known)."""
-    from model.checkpoint import save_checkpoint
     from model.data import DataConfig
 
     data, spec, dataset = data_settings_from_authors(cfg, opt)

@@ -213,7 +213,7 @@ class Trainer:
                 outputs = self.model(**inputs, targets=targets, vid=vids)
             # Losses in float32, outside autocast: CUDA autocast refuses binary_cross_entropy, and bf16 sums of
             # many small terms lose precision.
-            losses = self.criterion(_to_float32(outputs), targets)
+            losses = self.criterion(outputs, targets)  # the criterion computes in float32
             total = self.criterion.total(losses)
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -290,17 +290,6 @@ def _seed_worker(worker_id: int) -> None:
     torch seeds workers from the loader's generator, so runs stay reproducible."""
     info = torch.utils.data.get_worker_info()
     info.dataset.rng.seed(torch.initial_seed() % 2**32)
-
-
-def _to_float32(obj):
-    """Floating tensors of a nested dict/list structure cast to float32 (others untouched)."""
-    if torch.is_tensor(obj):
-        return obj.float() if obj.is_floating_point() and obj.dtype != torch.float32 else obj
-    if isinstance(obj, dict):
-        return {k: _to_float32(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_float32(v) for v in obj)
-    return obj
 
 
 def _latest_path(out_path: str) -> str:
