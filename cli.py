@@ -100,7 +100,8 @@ def search(query, index_dir, top_k, checkpoint, no_rerank, device, as_json):
     if not query.strip():
         raise click.UsageError("QUERY is empty")
     try:
-        results = search_library(query, index_dir, top_k=top_k, checkpoint=checkpoint, rerank=not no_rerank, device=device)
+        results = search_library(query, index_dir, top_k=top_k, checkpoint=checkpoint, rerank=not no_rerank,
+                                 device=device).moments
     except USER_ERRORS as err:
         _fail(err)
     if as_json:

@@ -13,8 +13,8 @@ other objects. Both systems answer the same queries with the same world CLIP and
 
 The exhaustive baseline's LATENCY is measured as it is (every window reranked, features read per video) on at most
 ``EXHAUSTIVE_QUERIES`` queries at the largest sizes: it grows linearly with the library (~60 s a query at 10^4
-here). Its QUALITY is measured on every query with ``exhaustive="pruned"``, which returns the identical top-10
-without reranking windows that cannot reach it (retriever.search.pruned_moments); the report states on how many
+here). Its QUALITY is measured on every query with the pruned baseline, which returns the identical top-10
+without reranking windows that cannot reach it (bench.baselines.pruned_moments); the report states on how many
 queries the two were compared and found identical. So R@5 of both systems is compared on the same, full query set.
 
 Reported per size and system: p50/p95 seconds of each stage (text_encode, coarse, windows, rerank, merge, total),
@@ -88,23 +88,40 @@ def run(out_dir, quick: bool = False, sizes=None, device: str = "cpu") -> dict:
     return results
 
 
+def _metrics(engine, queries: list[dict], mode: str, features: dict | None = None, **kw) -> dict:
+    """Corpus metrics of one system: "coarse", "rerank" (the engine's search), "exhaustive" or
+    "exhaustive_pruned" (bench.baselines, features preloaded or read per video)."""
+    from bench.baselines import exhaustive_search
+    from world.corpus import corpus_metrics, engine_metrics
+
+    if mode in ("coarse", "rerank"):
+        return engine_metrics(engine, queries, mode, **kw)
+    pruned = mode == "exhaustive_pruned"
+
+    def search(query, top_k):
+        return exhaustive_search(engine, query, top_k, pruned=pruned, features=features)
+
+    with engine.library.session():  # no writer beside the benchmark: one read connection for all queries
+        return corpus_metrics(search, queries, engine.library.resolve_vid, mode, **kw)
+
+
 def _run_size(index, n: int, first_size: int, encoder, device: str, quick: bool = False) -> dict:
-    from retriever.corpus import corpus_metrics
+    from bench.baselines import preload_features
     from retriever.search import SearchEngine
 
     t0 = time.perf_counter()
     queries = make_library(index, n, encoder, seed=n)
     build = time.perf_counter() - t0
-    with SearchEngine(index, checkpoint=str(WORLD_RERANKER), device=device, hold_connection=True) as engine:
+    with SearchEngine(index, checkpoint=str(WORLD_RERANKER), device=device) as engine:
         engine.encoder = encoder
-        fast = corpus_metrics(engine, queries, mode="rerank")
-        coarse = corpus_metrics(engine, queries, mode="coarse")
+        fast = _metrics(engine, queries, "rerank")
+        coarse = _metrics(engine, queries, "coarse")
         limit = min(4 if quick else EXHAUSTIVE_QUERIES.get(n, len(queries)), len(queries))
         naive_results, exact_results = [], []
-        naive = corpus_metrics(engine, queries[:limit], mode="exhaustive", keep_results=naive_results)
-        fast_same = corpus_metrics(engine, queries[:limit], mode="rerank") if limit < len(queries) else fast
-        engine.preload_features()  # quality pass: features read once, not per query
-        exact = corpus_metrics(engine, queries, mode="exhaustive_pruned", keep_results=exact_results)
+        naive = _metrics(engine, queries[:limit], "exhaustive", keep_results=naive_results)
+        fast_same = _metrics(engine, queries[:limit], "rerank") if limit < len(queries) else fast
+        features = preload_features(engine)  # quality pass: features read once, not per query
+        exact = _metrics(engine, queries, "exhaustive_pruned", features, keep_results=exact_results)
         identical = sum(a == b for a, b in zip(naive_results, exact_results))  # the first `limit` queries
         # the baseline row: its quality on every query (identical top-10), its latency as measured without pruning
         exhaustive = {**exact, "mode": "exhaustive", "latency": naive["latency"], "latency_queries": limit,
@@ -112,7 +129,7 @@ def _run_size(index, n: int, first_size: int, encoder, device: str, quick: bool 
         rules = {}
         if n == first_size:
             for w in (RULE_WEIGHTS[:2] + RULE_WEIGHTS[-1:] if quick else RULE_WEIGHTS):
-                m = corpus_metrics(engine, queries, mode="rerank", coarse_weight=w)
+                m = _metrics(engine, queries, "rerank", coarse_weight=w)
                 rules[str(w)] = {k: v for k, v in m.items() if k.startswith("VCMR")}
     speedup = exhaustive["latency"]["total"]["p50"] / max(fast_same["latency"]["total"]["p50"], 1e-9)
     print(f"{n} videos: coarse+rerank p50 {1000 * fast['latency']['total']['p50']:.1f} ms "
@@ -152,15 +169,14 @@ def plot(results: dict, path) -> None:
 def decoded_world_study(index_dir, annotations: list[dict], device: str = "cpu") -> dict:
     """Quality on an index of DECODED world videos (real ingest): coarse alone, coarse + rerank, exhaustive, and
     the final-score rule study. Returns {"coarse", "rerank", "exhaustive", "rules"}."""
-    from retriever.corpus import corpus_metrics
     from retriever.search import SearchEngine
 
     out = {}
-    with SearchEngine(index_dir, checkpoint=str(WORLD_RERANKER), device=device, hold_connection=True) as engine:
+    with SearchEngine(index_dir, checkpoint=str(WORLD_RERANKER), device=device) as engine:
         for mode in ("coarse", "rerank", "exhaustive"):
-            out[mode] = corpus_metrics(engine, annotations, mode=mode)
-        out["rules"] = {str(w): {k: v for k, v in corpus_metrics(engine, annotations, mode="rerank",
-                                                                 coarse_weight=w).items() if k.startswith("VCMR")}
+            out[mode] = _metrics(engine, annotations, mode)
+        out["rules"] = {str(w): {k: v for k, v in _metrics(engine, annotations, "rerank",
+                                                           coarse_weight=w).items() if k.startswith("VCMR")}
                         for w in RULE_WEIGHTS}
     return _round(out)
 

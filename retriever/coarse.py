@@ -12,7 +12,7 @@
    88.2%, coarse+rerank VCMR R@5 IoU.5 70.6 -> 76.5, equal to the exhaustive baseline). The top ``n_windows``
    windows are returned, best first.
 
-``all_windows`` gives the exhaustive baseline: every window of every video, scored the same way.
+Clip indices and seconds are converted on the index's own clip grid (``clip_seconds``, from its meta).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retriever.windows import (Window, best_event_moment, best_stretch_mean, event_clip_spans, tile_video,
-                               window_around)
+from model.spans import CLIP_SECONDS
+from retriever.windows import Window, best_event_moment, best_stretch_mean, event_clip_spans, window_around
 
 
 @dataclass
@@ -35,13 +35,10 @@ class CoarseConfig:
     n_windows: int = 24  # windows handed to the reranker
 
 
-def video_table(library) -> dict[int, dict]:
-    """video_id -> row (path, duration, n_clips) of the searchable (indexed) videos."""
-    rows = library.videos()
-    return {int(r["id"]): r for r in rows if r.get("status", "indexed") == "indexed"}
+def score_window(window: Window, feats: np.ndarray, scores: np.ndarray, spans) -> Window:
+    """Fill a window's features, clip scores, coarse moment and coarse score (module docstring, step 4).
 
-
-def _score_window(window: Window, feats: np.ndarray, scores: np.ndarray, spans) -> Window:
+    feats [T, D] and scores [T] of the whole video; spans: its pseudo-events in clips."""
     window.feats = feats[window.first_clip: window.last_clip]
     window.clip_scores = scores[window.first_clip: window.last_clip]
     window.moment, event_score = best_event_moment(window.clip_scores, spans, window.first_clip)
@@ -49,8 +46,8 @@ def _score_window(window: Window, feats: np.ndarray, scores: np.ndarray, spans) 
     return window
 
 
-def video_windows(video: dict, features: tuple, query: np.ndarray, seeds: list[int], max_windows: int
-                  ) -> list[Window]:
+def video_windows(video: dict, features: tuple, query: np.ndarray, seeds: list[int], max_windows: int,
+                  clip_seconds: float = CLIP_SECONDS) -> list[Window]:
     """Windows of one video around its seed clips (best seed first), scored exactly from its stored vectors.
 
     features: the video's (clip embeddings [T, D], pseudo-event clip spans), as ``features_of`` reads them."""
@@ -68,17 +65,19 @@ def video_windows(video: dict, features: tuple, query: np.ndarray, seeds: list[i
         if any(w.first_clip <= clip < w.last_clip for w in windows):
             continue
         first, length = window_around(clip, n, spans)
-        windows.append(_score_window(Window(vid, video["path"], float(video["duration"]), first, length),
-                                     feats, scores, spans))
+        window = Window(vid, video["path"], float(video["duration"]), first, length, clip_seconds)
+        windows.append(score_window(window, feats, scores, spans))
     return windows
 
 
 def coarse_candidates(library, query: np.ndarray, cfg: CoarseConfig | None = None,
-                      videos: dict[int, dict] | None = None, timings: dict | None = None) -> list[Window]:
+                      videos: dict[int, dict] | None = None, timings: dict | None = None,
+                      clip_seconds: float = CLIP_SECONDS) -> list[Window]:
     """Top candidate windows for a query embedding.
 
     Args: library: an open ``store.library.Library``; query: np.float32 [D], L2-normalised; timings: if given,
-        receives the seconds spent in "coarse" (index search) and "windows" (exact scores, window placement).
+        receives the seconds spent in "coarse" (index search) and "windows" (exact scores, window placement);
+        clip_seconds: the index's clip length.
     Returns: windows sorted by coarse score, best first (≤ cfg.n_windows).
     """
     cfg = cfg or CoarseConfig()
@@ -96,16 +95,17 @@ def coarse_candidates(library, query: np.ndarray, cfg: CoarseConfig | None = Non
         vid = int(vid)
         ev = next((e for e in events_of[vid] if int(e["idx"]) == int(idx)), None)
         if ev is not None:  # the event's middle clip seeds a window
-            seeds[vid].append(int((ev["start"] + ev["end"]) / 2 // 2))
+            seeds[vid].append(int((ev["start"] + ev["end"]) / 2 // clip_seconds))
             best[vid] = max(best[vid], float(score))
     if videos is None:
         videos = {v: row for v, row in library.videos_by_id(best).items() if row.get("status") == "indexed"}
     ranked = [v for v in sorted(best, key=lambda v: -best[v]) if v in videos][: cfg.max_videos]
     t1 = time.perf_counter()
-    features = features_of(library, ranked, events_of)
+    features = features_of(library, ranked, clip_seconds, events_of)
     windows = []
     for vid in ranked:
-        windows += video_windows(videos[vid], features[vid], query, seeds[vid], cfg.max_windows_per_video)
+        windows += video_windows(videos[vid], features[vid], query, seeds[vid], cfg.max_windows_per_video,
+                                 clip_seconds)
     windows.sort(key=lambda w: -w.score)
     if timings is not None:
         timings["coarse"] = timings.get("coarse", 0.0) + t1 - t0
@@ -113,41 +113,19 @@ def coarse_candidates(library, query: np.ndarray, cfg: CoarseConfig | None = Non
     return windows[: cfg.n_windows]
 
 
-def _with_spans(feats: np.ndarray, events: list[dict]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def with_spans(feats: np.ndarray, events: list[dict], clip_seconds: float) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """(clip embeddings f32 [T, D], pseudo-event clip spans) of one video from its stored rows."""
     feats = np.asarray(feats, dtype=np.float32)
-    return feats, event_clip_spans(events, len(feats)) if len(feats) else []
+    return feats, event_clip_spans(events, len(feats), clip_seconds) if len(feats) else []
 
 
-def features_of(library, video_ids, events_of: dict[int, list[dict]] | None = None) -> dict[int, tuple]:
+def features_of(library, video_ids, clip_seconds: float = CLIP_SECONDS,
+                events_of: dict[int, list[dict]] | None = None) -> dict[int, tuple]:
     """{id: (clip embeddings f32 [T, D], pseudo-event clip spans)} of several videos, one DuckDB query per table.
 
     events_of: stored events already read for some of them (not read again)."""
     events_of = dict(events_of or {})
     events_of.update(library.events_many([v for v in video_ids if v not in events_of]))
-    return {vid: _with_spans(feats, events_of[vid]) for vid, feats in library.clip_embeddings_many(video_ids).items()}
+    return {vid: with_spans(feats, events_of[vid], clip_seconds)
+            for vid, feats in library.clip_embeddings_many(video_ids).items()}
 
-
-def video_features(library, vid: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """``features_of`` for one video, read as a single-video tool would (two small queries)."""
-    return _with_spans(library.clip_embeddings(vid), library.events(vid))
-
-
-def all_windows(library, query: np.ndarray, videos: dict[int, dict] | None = None,
-                features: dict | None = None) -> list[Window]:
-    """The exhaustive baseline's candidates: every half-overlapping window of every indexed video, scored.
-
-    features: optional preloaded ``features_of`` per video id (else each video is read on its own, as a
-    single-video tool run over the library would).
-    """
-    videos = video_table(library) if videos is None else videos
-    windows = []
-    for vid, video in videos.items():
-        feats, spans = features[vid] if features is not None and vid in features else video_features(library, vid)
-        if len(feats) == 0:
-            continue
-        scores = feats @ query
-        for first, length in tile_video(len(feats)):
-            windows.append(_score_window(Window(vid, video["path"], float(video["duration"]), first, length),
-                                         feats, scores, spans))
-    windows.sort(key=lambda w: -w.score)
-    return windows

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.spans import CLIP_SECONDS
+from retriever.windows import index_clip_seconds
 
 
 class IndexFeatureProvider:
@@ -39,4 +39,4 @@ class IndexFeatureProvider:
     def feature_spec(self) -> dict:
         return {"clip_model": self.meta["clip_model"], "video_kinds": ["clip"],
                 "video_dims": [int(self.meta["embed_dim"])], "text_dim": int(self.encoder.text_width),
-                "clip_seconds": float(self.meta.get("clip_seconds", CLIP_SECONDS))}
+                "clip_seconds": index_clip_seconds(self.meta)}

@@ -7,20 +7,22 @@
 
 Without a reranker (``rerank=False``, or no checkpoint) each window's coarse moment (its best pseudo-event) is
 returned, flagged ``"reranked": false``. ``SearchEngine`` keeps the library, CLIP and reranker loaded for many
-queries (benchmarks, corpus metrics); ``search_library`` is the one-shot entry point the CLI calls.
+queries (a server, benchmarks); its ``search`` returns a ``SearchResult`` (moments + stage timings);
+``search_library`` is the one-shot entry point the CLI calls.
 """
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from model.errors import ModelError
-from retriever.coarse import CoarseConfig, all_windows, coarse_candidates, features_of, video_table
+from retriever.coarse import CoarseConfig, coarse_candidates
 from retriever.merge import COARSE_WEIGHT, Moment, final_score, nms_merge
-from retriever.windows import Window
+from retriever.windows import Window, index_clip_seconds
 from store.errors import VmrError
 
 log = logging.getLogger("vmr.search")
@@ -56,17 +58,27 @@ def query_tokens(encoder, query: str) -> int:
     return len(encode(query)) + 2
 
 
+@dataclass
+class SearchResult:
+    """One query's answer: ``moments`` (best first, the dicts `vmr search --json` prints), ``timings`` (seconds per
+    stage of STAGES, and "total") and ``window_videos`` (the video id of each candidate window, coarse ranking
+    order: video recall of the coarse stage)."""
+    moments: list[dict]
+    timings: dict[str, float]
+    window_videos: list[int] = field(default_factory=list)
+
+
 class SearchEngine:
     """An open library with its query encoder and (optionally) a reranker, for many queries.
 
     Args: index_dir; checkpoint: LLMEPET checkpoint path or None (coarse only); rerank: False forces coarse only;
-    device: "auto" | "cpu" | "cuda"; coarse: CoarseConfig; hold_connection: keep one DuckDB read connection open
-    for the engine's life (a query server with no writer beside it: saves the file open per query, ~0.1 s, but
-    an ingest cannot write while it is held). Off by default, so a search never holds an ingest up.
+    device: "auto" | "cpu" | "cuda"; coarse: CoarseConfig. Each query opens its own DuckDB read connection, so
+    an ingest can write between queries; a caller that knows no writer runs can hold one for a batch of queries
+    (``with engine.library.session():``).
     """
 
     def __init__(self, index_dir, checkpoint: str | None = None, rerank: bool = True, device: str = "auto",
-                 coarse: CoarseConfig | None = None, hold_connection: bool = False):
+                 coarse: CoarseConfig | None = None):
         from store.library import Library
 
         self.index_dir = str(index_dir)
@@ -80,6 +92,7 @@ class SearchEngine:
         except Exception as err:  # a corrupt DuckDB/FAISS file: one line, not a traceback
             raise VmrError(f"cannot read the index at {self.index_dir}: {' '.join(str(err).split())[:200]}") from None
         self.coarse_cfg = coarse or CoarseConfig()
+        self.clip_seconds = index_clip_seconds(self.meta)
         self.encoder = load_query_encoder(self.meta, device)
         if self.encoder.embed_dim != int(self.meta.get("embed_dim", self.encoder.embed_dim)):
             raise VmrError(f"CLIP {self.encoder.model_id} gives {self.encoder.embed_dim}-d vectors, the index holds "
@@ -96,26 +109,8 @@ class SearchEngine:
             self.reranker.check_index(self.meta)
         elif rerank:
             self.fallback_reason = "no reranker checkpoint given (--checkpoint): coarse moments only"
-        self.last_timings: dict = {}
-        self.last_window_videos: list[int] = []
-        self._features = None  # preloaded clip features (preload_features), for repeated exhaustive queries
-        self._held = None
-        if hold_connection:
-            self._held = self.library.session()
-            self._held.__enter__()
-
-    def preload_features(self) -> None:
-        """Read every video's clip features once and keep them for the exhaustive modes (benchmarks running many
-        exhaustive queries). Needs ``hold_connection=True``: the held read connection keeps writers out, so the
-        cached features cannot go stale."""
-        if self._held is None:
-            raise ValueError("preload_features needs hold_connection=True")
-        self._features = features_of(self.library, list(video_table(self.library)))
 
     def close(self) -> None:
-        if self._held is not None:
-            self._held.__exit__(None, None, None)
-            self._held = None
         self.library.close()
 
     def __enter__(self):
@@ -138,93 +133,56 @@ class SearchEngine:
         tokens = self.encoder.encode_text_tokens([query])[0] if self.reranker is not None else None
         return pooled, tokens
 
-    def candidates(self, pooled: np.ndarray, exhaustive: bool = False, timings: dict | None = None) -> list[Window]:
-        """Scored candidate windows (coarse) or every window (exhaustive). ``timings`` gets "coarse" (opening the
-        index for this query, the video table, FAISS) and "windows" (exact scores, window placement)."""
-        t0 = time.perf_counter()
+    def candidates(self, pooled: np.ndarray, timings: dict | None = None) -> list[Window]:
+        """Scored candidate windows, best first. ``timings`` gets "coarse" (opening the index for this query,
+        FAISS, the hit videos' rows) and "windows" (exact scores, window placement)."""
         with self.library.session():  # one read connection for the whole query
-            if exhaustive:
-                videos = video_table(self.library)
-                if timings is not None:
-                    timings["coarse"] = timings.get("coarse", 0.0) + time.perf_counter() - t0
-                t0 = time.perf_counter()
-                windows = all_windows(self.library, pooled, videos, self._features)
-                if timings is not None:
-                    timings["windows"] = time.perf_counter() - t0
-                return windows
-            # the hit videos' rows are read with their features (not the whole video table)
-            return coarse_candidates(self.library, pooled, self.coarse_cfg, None, timings)
+            return coarse_candidates(self.library, pooled, self.coarse_cfg, None, timings, self.clip_seconds)
 
-    def search(self, query: str, top_k: int = 10, exhaustive: bool = False, rerank: bool | None = None,
-               coarse_weight: float = COARSE_WEIGHT) -> list[dict]:
-        """Best moments for ``query``, best first, as DESIGN.md's JSON dicts. Stage seconds in ``last_timings``.
+    def search(self, query: str, top_k: int = 10, rerank: bool | None = None,
+               coarse_weight: float = COARSE_WEIGHT) -> SearchResult:
+        """Best moments for ``query``, best first, with the seconds each stage took.
 
-        exhaustive: True reranks every window of every video (the baseline); "pruned" returns the same top_k
-        without reranking the windows that cannot reach it (``pruned_moments``); coarse_weight: of the final-score
-        rule.
+        rerank: None = rerank when a reranker is loaded; coarse_weight: of the final-score rule.
         """
         timings = dict.fromkeys(STAGES, 0.0)
         t0 = time.perf_counter()
-        use_rerank = self.reranker is not None if rerank is None else (rerank and self.reranker is not None)
+        use_rerank = self.reranker is not None and (rerank is None or bool(rerank))
         pooled, tokens = self.encode_query(query)
         timings["text_encode"] = time.perf_counter() - t0
-        windows = self.candidates(pooled, exhaustive, timings)
-        self.last_window_videos = [w.video_id for w in windows]  # coarse video ranking (corpus metrics)
+        windows = self.candidates(pooled, timings)
         t1 = time.perf_counter()
-        if use_rerank and exhaustive == "pruned":
-            moments = pruned_moments(self.reranker, windows, tokens, top_k, coarse_weight)
-        elif use_rerank:
+        if use_rerank:
             moments = self.reranker.moments(windows, tokens)
+            timings["rerank"] = time.perf_counter() - t1
         else:
             moments = [coarse_moment(w) for w in windows]
         t2 = time.perf_counter()
-        timings["rerank"] = t2 - t1 if use_rerank else 0.0
-        for m in moments:
-            m.score = final_score(m.confidence, m.coarse, coarse_weight)
-        ranked = nms_merge(moments, top_k=top_k)
-        timings["merge"] = time.perf_counter() - t2 + (0.0 if use_rerank else t2 - t1)
+        ranked = rank_moments(moments, top_k, coarse_weight, reranked=use_rerank)
+        timings["merge"] = time.perf_counter() - (t2 if use_rerank else t1)
         timings["total"] = time.perf_counter() - t0
-        self.last_timings = timings
-        return [m.to_dict(reranked=use_rerank) for m in ranked]
+        return SearchResult(ranked, timings, [w.video_id for w in windows])
 
 
-def pruned_moments(reranker, windows: list[Window], tokens: np.ndarray, top_k: int,
-                   coarse_weight: float = COARSE_WEIGHT, batch: int = 64) -> list[Moment]:
-    """Reranked moments of ``windows`` sufficient for the exact final top_k (scored), skipping hopeless windows.
-
-    A moment's final score is confidence + w * coarse with confidence ≤ 1 (a probability) and coarse the mean
-    cosine of clips inside its window, so ≤ the window's best clip cosine: 1 + w * max(clip_scores) bounds every
-    moment a window can give. Windows are reranked in order of that bound; once the next bound is below the
-    top_k-th score after the merge, no remaining window can enter or change the top_k (NMS only removes a moment
-    for a better one of the same video). So nms_merge(result, top_k) equals the merge over all windows, ties aside.
-    """
-    if coarse_weight < 0:
-        raise ValueError("pruning needs a non-negative coarse weight")
-    order = sorted(windows, key=lambda w: -float(np.max(w.clip_scores)))
-    moments: list[Moment] = []
-    for start in range(0, len(order), batch):
-        if start and len(moments) >= top_k:
-            kept = nms_merge(moments, top_k=top_k)
-            if len(kept) >= top_k and 1.0 + coarse_weight * float(np.max(order[start].clip_scores)) < kept[-1].score:
-                break
-        new = reranker.moments(order[start: start + batch], tokens)
-        for m in new:
-            m.score = final_score(m.confidence, m.coarse, coarse_weight)
-        moments += new
-    return moments
+def rank_moments(moments: list[Moment], top_k: int, coarse_weight: float = COARSE_WEIGHT,
+                 reranked: bool = True) -> list[dict]:
+    """Final-score every moment, merge overlapping ones (NMS), keep the best ``top_k`` as JSON dicts."""
+    for m in moments:
+        m.score = final_score(m.confidence, m.coarse, coarse_weight)
+    return [m.to_dict(reranked=reranked) for m in nms_merge(moments, top_k=top_k)]
 
 
 def coarse_moment(window: Window) -> Moment:
     """The coarse stage's answer for a window: its best pseudo-event, scored by its mean cosine."""
     a, b = window.moment
-    start = a * 2.0
-    end = min(b * 2.0, max(window.duration, start))
+    start = a * window.clip_seconds
+    end = min(b * window.clip_seconds, max(window.duration, start))
     return Moment(window.video_id, window.path, start, end, None, window.score,
                   saliency=[float(s) for s in window.clip_scores], window=(window.start, window.end))
 
 
 def search_library(query: str, index_dir: str, top_k: int = 10, checkpoint: str | None = None,
-                   rerank: bool = True, device: str = "auto") -> list[dict]:
+                   rerank: bool = True, device: str = "auto") -> SearchResult:
     """One query against the index at ``index_dir`` (what `vmr search` runs). Errors: one-line VmrError."""
     if not isinstance(query, str) or not query.strip():
         raise VmrError("the query is empty")

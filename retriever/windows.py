@@ -11,16 +11,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.spans import CLIP_SECONDS
+from model.spans import CLIP_SECONDS, clip_to_seconds, seconds_to_clip
 
 MAX_WINDOW_CLIPS = 75  # the reranker's input length (QVHighlights: 150 s / 2 s)
+
+
+def index_clip_seconds(meta: dict) -> float:
+    """The clip length an index was built with (its meta ``clip_seconds``; indexes that predate the field: 2 s)."""
+    return float(meta.get("clip_seconds") or CLIP_SECONDS)
 
 
 @dataclass
 class Window:
     """A stretch [first_clip, first_clip + n_clips) of one video, with its exact clip similarities to the query.
 
-    feats: np.float32 [n_clips, D] clip embeddings; clip_scores: np.float32 [n_clips] cosine to the query.
+    clip_seconds: the index's clip length; feats: np.float32 [n_clips, D] clip embeddings; clip_scores: np.float32 [n_clips] cosine to the query.
     score: the window's coarse score (retriever.coarse); moment: the coarse moment (start_clip,
     end_clip_exclusive) in video clips.
     """
@@ -29,6 +34,7 @@ class Window:
     duration: float
     first_clip: int
     n_clips: int
+    clip_seconds: float
     feats: np.ndarray = field(repr=False, default=None)
     clip_scores: np.ndarray = field(repr=False, default=None)
     score: float = float("-inf")
@@ -36,11 +42,11 @@ class Window:
 
     @property
     def start(self) -> float:
-        return self.first_clip * CLIP_SECONDS
+        return clip_to_seconds(self.first_clip, self.clip_seconds)
 
     @property
     def end(self) -> float:
-        return min((self.first_clip + self.n_clips) * CLIP_SECONDS, max(self.duration, self.start))
+        return min(clip_to_seconds(self.last_clip, self.clip_seconds), max(self.duration, self.start))
 
     @property
     def last_clip(self) -> int:  # exclusive
@@ -53,12 +59,12 @@ class Window:
         return max(0, min(self.last_clip, other.last_clip) - max(self.first_clip, other.first_clip))
 
 
-def event_clip_spans(events: list[dict], n_clips: int) -> list[tuple[int, int]]:
-    """Stored events (seconds) -> clip spans [a, b) on the 2-s grid, clamped to the video, at least one clip."""
+def event_clip_spans(events: list[dict], n_clips: int, clip_seconds: float) -> list[tuple[int, int]]:
+    """Stored events (seconds) -> clip spans [a, b) on the clip grid, clamped to the video, at least one clip."""
     spans = []
     for ev in events:
-        a = int(round(ev["start"] / CLIP_SECONDS))
-        b = int(round(ev["end"] / CLIP_SECONDS))
+        a = seconds_to_clip(ev["start"], clip_seconds)
+        b = seconds_to_clip(ev["end"], clip_seconds)
         a = min(max(a, 0), n_clips - 1)
         spans.append((a, min(max(b, a + 1), n_clips)))
     return spans
@@ -84,20 +90,6 @@ def window_around(hit_clip: int, n_clips: int, event_spans: list[tuple[int, int]
     if snapped:
         start = snapped[-1]
     return start, max_clips
-
-
-def tile_video(n_clips: int, max_clips: int = MAX_WINDOW_CLIPS, stride: int | None = None) -> list[tuple[int, int]]:
-    """Every window of a video for the exhaustive baseline: (first_clip, length), stride ``max_clips // 2``.
-
-    Half-overlapping tiles, so any moment shorter than half a window lies whole inside one tile.
-    """
-    if n_clips <= max_clips:
-        return [(0, n_clips)]
-    stride = stride or max_clips // 2
-    starts = list(range(0, n_clips - max_clips + 1, stride))
-    if starts[-1] + max_clips < n_clips:
-        starts.append(n_clips - max_clips)
-    return [(s, max_clips) for s in starts]
 
 
 def best_event_moment(clip_scores: np.ndarray, event_spans: list[tuple[int, int]], first_clip: int

@@ -60,22 +60,22 @@ def run_demo(work_dir: str | None = None, n_videos: int = 10, n_shown: int = 5) 
 
 
 def _answer(index_dir, checkpoint, rows, n_shown) -> dict:
-    from retriever.corpus import corpus_metrics, describe_corpus_metrics
     from retriever.search import SearchEngine
+    from world.corpus import describe_corpus_metrics, engine_metrics
 
     # No ingest runs beside the demo's queries, so one read connection serves them all.
-    with SearchEngine(index_dir, checkpoint=str(checkpoint), device="cpu", hold_connection=True) as engine:
+    with SearchEngine(index_dir, checkpoint=str(checkpoint), device="cpu") as engine, engine.library.session():
         click.echo(f"[4/4] queries ({n_shown} of {len(rows)} shown; the 10-min video's are last)")
         shown = rows[: n_shown - 2] + [r for r in rows if "long" in r["vid"]][:2]
         for row in shown:
-            found = engine.search(row["query"], top_k=3)
+            found = engine.search(row["query"], top_k=3).moments
             gt = row["relevant_windows"][0]
             click.echo(f'\n  "{row["query"]}"\n    truth  {row["vid"]:<18} {_fmt(*gt)}')
             for r in found:
                 mark = "*" if Path(r["path"]).stem == row["vid"] else " "
                 click.echo(f"  {mark} found  {Path(r['path']).stem:<18} {_fmt(r['start'], r['end'])}  "
                            f"score {r['score']:.3f} (coarse {r['coarse_score']:.3f})")
-        metrics = [corpus_metrics(engine, rows, mode="coarse"), corpus_metrics(engine, rows, mode="rerank")]
+        metrics = [engine_metrics(engine, rows, "coarse"), engine_metrics(engine, rows, "rerank")]
     click.echo(f"\nAll {len(rows)} sentences, video recall and VCMR recall (%):")
     click.echo(describe_corpus_metrics(metrics))
     return {m["mode"]: m for m in metrics}
