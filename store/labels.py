@@ -2,7 +2,7 @@
 training annotations (`vmr labels export`).
 
 Table (created on first write, CREATE TABLE IF NOT EXISTS: indexes built before labels existed gain it then):
-  labels  id PK, query, path (video path relative to the indexed root, as in `videos`), content_hash (of the video
+  labels  id PK (from the sequence labels_id: an id is never reused after a delete), query, path (video path relative to the indexed root, as in `videos`), content_hash (of the video
           when labelled), start, end (seconds), verdict ('accept' | 'reject'), source ('hit': a search result,
           'mark': a moment marked while watching), orig_start, orig_end (the hit as proposed; NULL for marks),
           score (the hit's score), created_at, updated_at
@@ -39,6 +39,7 @@ MAX_QUERY_CHARS = 1000
 COLUMNS = ("id", "query", "path", "content_hash", "start", "end", "verdict", "source", "orig_start", "orig_end",
            "score", "created_at", "updated_at")
 
+SEQUENCE = "CREATE SEQUENCE IF NOT EXISTS labels_id"  # ids never come back after a delete
 SCHEMA = """CREATE TABLE IF NOT EXISTS labels (
     id INTEGER PRIMARY KEY, query VARCHAR NOT NULL, path VARCHAR NOT NULL, content_hash VARCHAR,
     start DOUBLE NOT NULL, "end" DOUBLE NOT NULL, verdict VARCHAR NOT NULL, source VARCHAR NOT NULL,
@@ -51,6 +52,7 @@ def write_connection(index_dir) -> duckdb.DuckDBPyConnection:
     if not db.read_meta(con):
         con.close()
         raise VmrError(f"{index_dir} is not a finished vmr index (no meta)")
+    con.execute(SEQUENCE)
     con.execute(SCHEMA)
     return con
 
@@ -88,7 +90,7 @@ def add_label(con, video_id: int, query: str, start: float, end: float, verdict:
         end = min(end, float(video["duration"]))
     now = _now()
     with db.transaction(con):
-        label_id = con.execute("SELECT coalesce(max(id), 0) + 1 FROM labels").fetchone()[0]
+        label_id = con.execute("SELECT nextval('labels_id')").fetchone()[0]
         con.execute('INSERT INTO labels (id, query, path, content_hash, start, "end", verdict, source, orig_start, '
                     "orig_end, score, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [label_id, " ".join(query.split()), video["path"], video["content_hash"], start, end, verdict,

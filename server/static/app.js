@@ -83,7 +83,7 @@ function renderHits() {
     const li = document.createElement("li");
     li.className = "hit";
     li.dataset.index = i; li.dataset.start = h.start; li.dataset.end = h.end;
-    li.innerHTML = `<img loading="lazy" alt="" src="${h.thumbnail_url}">
+    li.innerHTML = `<img loading="lazy" alt="not served" src="${h.thumbnail_url}">
       <div><div class="path">${h.rank}. ${escapeHtml(h.path)}</div>
       <div class="meta">${clock(h.start)} – ${clock(h.end)} · score ${h.score.toFixed(3)} · cos ${h.coarse_score.toFixed(3)}</div>
       ${saliencyStrip(h)}</div>`;
