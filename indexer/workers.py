@@ -8,11 +8,34 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
 from indexer.decode import DecodeError, probe, sample_clip_frames
 from indexer.discover import content_hash
+
+
+@dataclass(frozen=True)
+class ClipChoice:
+    """Which CLIP embeds the frames, as the user chose it.
+
+    model: open_clip model name or a model-config JSON path; pretrained: open_clip tag, checkpoint path or None;
+    device: "auto" | "cpu" | "cuda" (the actors' device is decided from the cluster, see indexer.pipeline);
+    allow_random: random weights allowed (tests, benchmarks of speed only).
+    """
+    model: str
+    pretrained: str | None
+    device: str = "auto"
+    allow_random: bool = False
+
+    def source(self) -> dict:
+        """How search reloads this CLIP (index meta ``clip_source``): names/tags as given, local files as absolute
+        paths."""
+        def absolute(value):
+            return os.path.abspath(value) if value and os.path.isfile(value) else value
+
+        return {"model": absolute(self.model), "pretrained": absolute(self.pretrained) or None}
 
 
 @functools.lru_cache(maxsize=4)
@@ -69,17 +92,18 @@ def _node_id() -> str | None:
 
 
 class ClipWorker:
-    """Holds one CLIP model; embeds batches of resized frames from any number of videos."""
+    """Holds one CLIP model (``clip.device`` is the actor's own: "cpu" or "cuda"); embeds batches of resized
+    frames from any number of videos. threads: torch threads (None: torch's default)."""
 
-    def __init__(self, clip_model: str, clip_pretrained: str | None, device: str, allow_random: bool,
-                 threads: int | None = None):
+    def __init__(self, clip: ClipChoice, threads: int | None = None):
         import torch
 
         from model.features import ClipEncoder
 
         if threads:  # never more than the cores of the node the actor landed on
             torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
-        self.encoder = ClipEncoder.load(clip_model, clip_pretrained, device=device, allow_random=allow_random)
+        self.encoder = ClipEncoder.load(clip.model, clip.pretrained, device=clip.device,
+                                        allow_random=clip.allow_random)
 
     def describe(self) -> dict:
         import torch

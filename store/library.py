@@ -237,8 +237,11 @@ class Library:
         if self.read_only:
             raise VmrError("this Library was opened read-only")
 
-    def prepare(self, clip_model: str, embed_dim: int, root: str, clip_source: dict | None = None) -> dict:
-        """Create the schema (first run) or check the index matches this CLIP model and root. Returns meta.
+    def prepare(self, clip_model: str, embed_dim: int, root: str, clip_seconds: float,
+                clip_source: dict | None = None) -> dict:
+        """Create the schema (first run) or check the index matches this CLIP model, root and clip length (seconds
+        per clip, recorded as meta ``clip_seconds``; indexes written before it was recorded use the 2-s grid, the
+        only one vmr has written). Returns meta.
 
         ``clip_source`` ({"model": name or config path, "pretrained": tag or checkpoint path}) tells search how to
         load the same CLIP for queries; it is refreshed on every run, since a local checkpoint may have moved.
@@ -255,6 +258,9 @@ class Library:
                                    f"{clip_model}: use the same --clip-model/--clip-pretrained or a new --index")
                 if meta.get("root") != root:
                     raise VmrError(f"index {self.index_dir} indexes {meta.get('root')}, not {root}: use a new --index")
+                if float(meta.setdefault("clip_seconds", clip_seconds)) != float(clip_seconds):
+                    raise VmrError(f"index {self.index_dir} holds {meta['clip_seconds']}-s clips, this vmr cuts "
+                                   f"{clip_seconds}-s clips: index into a new --index directory")
                 if clip_source and meta.get("clip_source") != clip_source:
                     db.write_meta(con, {"clip_source": clip_source})
                     meta["clip_source"] = clip_source
@@ -263,7 +269,7 @@ class Library:
                 for sql in db.schema_sql(embed_dim):
                     con.execute(sql)
                 meta = {"schema_version": db.SCHEMA_VERSION, "clip_model": clip_model, "embed_dim": int(embed_dim),
-                        "root": root, "clip_seconds": 2.0, "generation": 0, "next_video_id": 1,
+                        "root": root, "clip_seconds": float(clip_seconds), "generation": 0, "next_video_id": 1,
                         "created_at": _now().isoformat()}
                 if clip_source:
                     meta["clip_source"] = clip_source

@@ -38,7 +38,7 @@ def test_write_read_search_delete(tmp_path):
     rng = np.random.default_rng(0)
     idx = tmp_path / "idx"
     with Library(idx, read_only=False) as lib:
-        lib.prepare("m:random", DIM, "/videos")
+        lib.prepare("m:random", DIM, "/videos", clip_seconds=2.0)
         ids = lib.add_pending([("b.mp4", 1, 1.0), ("a/c.mp4", 1, 1.0), ("x.mkv", 1, 1.0)])
         assert list(ids.values()) == [1, 2, 3]  # in the order given (the indexer gives them sorted)
         ff = lib.open_faiss()
@@ -47,9 +47,12 @@ def test_write_read_search_delete(tmp_path):
         lib.commit_failed(3, {"size": 0, "mtime": 1.0}, "empty file\n(0 bytes)")
         lib.save_faiss(ff)
         with pytest.raises(VmrError, match="holds m:random"):
-            lib.prepare("other:model", DIM, "/videos")
+            lib.prepare("other:model", DIM, "/videos", clip_seconds=2.0)
+        with pytest.raises(VmrError, match="holds 2.0-s clips"):
+            lib.prepare("m:random", DIM, "/videos", clip_seconds=1.0)
     with Library(idx) as ro:
         assert ro.meta()["clip_model"] == "m:random" and ro.meta()["faiss"]["n_clips"] == 8
+        assert ro.meta()["clip_seconds"] == 2.0
         np.testing.assert_array_equal(ro.clip_embeddings(1), c1)
         assert ro.clips(2)[-1] == {"idx": 2, "start": 4.0, "end": 6.0}
         assert ro.events(1) == [{"idx": 0, "start": 0.0, "end": 10.0}]
@@ -91,7 +94,7 @@ def test_stale_faiss_is_rebuilt_and_readers_filter(tmp_path):
     rng = np.random.default_rng(1)
     idx = tmp_path / "idx"
     with Library(idx, read_only=False) as lib:
-        lib.prepare("m:random", DIM, "/v")
+        lib.prepare("m:random", DIM, "/v", clip_seconds=2.0)
         lib.add_pending([("a.mp4", 1, 1.0), ("b.mp4", 1, 1.0)])
         ff = lib.open_faiss()
         a = _commit(lib, 1, 4, rng, ff)

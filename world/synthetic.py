@@ -71,7 +71,7 @@ def write_library(index_dir, videos: list[WorldVideo], encoder, seed: int = 0, p
     embed = StateEmbedder(encoder, seed)
     with Library(index_dir, read_only=False) as lib:
         # Synthetic libraries are world libraries: queries are encoded with the world CLIP (``encoder``).
-        lib.prepare(encoder.model_id, encoder.embed_dim, root="synthetic",
+        lib.prepare(encoder.model_id, encoder.embed_dim, root="synthetic", clip_seconds=CLIP_SECONDS,
                     clip_source={"model": str(WORLD_CLIP_CONFIG), "pretrained": str(WORLD_CLIP_WEIGHTS)})
         ids = lib.add_pending([(f"{v.vid}.mp4", 0, 0.0) for v in videos])
         with lib.session():
