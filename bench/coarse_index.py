@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from bench.report import Section, machine_line, percentile_ms
+from bench.report import Section, machine_line, percentile_ms, save_figure
 from world.vectors import CLIPS_PER_VIDEO, DIM, K, clip_like_library, exact_top_k, recall_at_k
 
 
@@ -210,11 +210,7 @@ def run(out_dir: str, quick: bool) -> Section:
         ax2.bar([f"{n:,}" for n in ns], [r["recall"] for r in rows])
         ax2.set_ylabel("recall@100")
         ax2.set_title("recall@100 vs exact")
-    fig.suptitle(machine_line(), fontsize=8)
-    fig.tight_layout()
-    png = os.path.join(out_dir, "coarse_index.png")
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    png = save_figure(fig, out_dir, "coarse_index.png")
 
     headline = (f"coarse index at {big['n']:,} vectors: {big['type']} p50 {big['p50_ms']:.2f} ms wall / "
                 f"{big['cpu_p50_ms']:.2f} ms CPU (flat {big['flat_p50_ms']:.1f} / {big['flat_cpu_p50_ms']:.1f} ms), "

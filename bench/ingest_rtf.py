@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import Section, machine_line
+from bench.report import Section, machine_line, save_figure
 from world import CLIP_TINY_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,11 +203,7 @@ def run(out_dir: str, quick: bool) -> Section:
     ax.set_ylabel("real-time factor (video s / wall s)")
     ax.set_title("Indexing speed by resolution")
     ax.legend(fontsize=8)
-    fig.suptitle(machine_line(), fontsize=8)
-    fig.tight_layout()
-    png = os.path.join(out_dir, "ingest_rtf.png")
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    png = save_figure(fig, out_dir, "ingest_rtf.png")
     big = max(rows, key=lambda r: RESOLUTIONS.get(r["name"], (0, 0))[1])
     headline = (f"ingest RTF at {big['name']}: plain loop {big['rtf']['plain']:.1f}x, vmr sample+CLIP "
                 f"{big['rtf']['vmr']:.1f}x" + (f", vmr ingest {big['rtf']['ingest']:.1f}x" if "ingest" in big else "")

@@ -27,6 +27,18 @@ class Section:
     data: object = None
 
 
+def save_figure(fig, out_dir: str, name: str) -> str:
+    """Write a matplotlib figure as out_dir/name, titled with the machine it was measured on; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(machine_line(), fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def not_available(title: str, reason: str) -> Section:
     """A section that could not be measured, with the one-line reason."""
     reason = " ".join(str(reason).split()) or "unknown error"

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from bench.report import Section, machine_line
+from bench.report import Section, machine_line, save_figure
 
 # a read-only checkout of github fletcherjiang/LLMEPET beside this one (../ref), or where VMR_AUTHORS_LLMEPET says
 AUTHORS_REPO = os.environ.get("VMR_AUTHORS_LLMEPET") or os.path.join(
@@ -331,11 +331,7 @@ def run(out_dir: str, quick: bool) -> Section:
     ax.set_ylabel("windows / s (log)")
     ax.set_title("LLMEPET forward throughput by LLM block shape")
     ax.legend(fontsize=8)
-    fig.suptitle(machine_line(), fontsize=8)
-    fig.tight_layout()
-    png = os.path.join(out_dir, "rerank.png")
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    png = save_figure(fig, out_dir, "rerank.png")
 
     head_rows = [r for r in rows if r["dtype"] == "float32"]
     big = head_rows[-1]
