@@ -12,6 +12,7 @@ merging, metrics) can be measured end to end offline, with exact ground truth:
 - ``demo``       ``vmr demo``: build, index, train/load the world's reranker, answer queries;
 - ``videos``     plain test videos (flat-colour scenes in several codecs/containers, and broken files) for ingest;
 - ``vectors``    CLIP-like random unit vectors for index tests and benchmarks (no video at all);
+- ``corpus``     corpus metrics of a library search on annotated sentences (video recall, VCMR R@k);
 - ``clip_tiny.json`` a 32-dim open_clip config used with random weights where only shapes and plumbing matter.
 """
 from pathlib import Path
