@@ -183,8 +183,10 @@ def scene_videos(n: int, seed: int, n_clips: int = 30, dim: int = 16, n_protos: 
 def event_loss_ablation(out_dir: str, epochs: int = 90) -> list[dict]:
     import os
 
-    from model.data import DataConfig, MomentDataset
-    from model.train import Trainer, TrainConfig
+    from model.dataset import MomentDataset
+    from model.sample import DataConfig
+    from model.settings import TrainConfig
+    from model.train import Trainer
 
     videos, texts, train_anns = scene_videos(48, seed=1)
     v2, t2, val_anns = scene_videos(24, seed=2)

@@ -27,7 +27,8 @@ import tempfile
 import torch
 
 from model.config import ModelConfig
-from model.data import DataConfig, check_feature_spec
+from model.providers import check_feature_spec
+from model.sample import DataConfig
 from model.errors import ModelError
 
 FORMAT, VERSION = "vmr-llmepet", 1

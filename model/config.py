@@ -1,13 +1,18 @@
 """LLMEPET configuration: one dataclass for the architecture, the LLM blocks and the loss weights.
 
-Defaults are the authors' argparse defaults (llm_epet/config.py); ``dataset_defaults(name)`` returns the overrides
-their per-dataset training scripts pass (scripts/train.sh, scripts/charades_sta/train.sh, scripts/tacos/train.sh).
+Defaults are the authors' argparse defaults (llm_epet/config.py); a preset (``load_preset(name)``, the JSON files
+in presets/) holds the overrides their per-dataset training scripts pass (scripts/train.sh,
+scripts/charades_sta/train.sh, scripts/tacos/train.sh).
 Feature dimensions are not dataset defaults: they follow the features the user trains on.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from model.errors import ModelError
 
@@ -183,43 +188,38 @@ def _compat_from_legacy_fields(d: dict) -> dict:
                      f"set compat to 'vmr' or 'authors' instead")
 
 
-# The authors' per-dataset scripts, as overrides of ModelConfig (architecture + losses).
-DATASET_DEFAULTS: dict[str, dict] = {
-    "qvhighlights": dict(enc_layers=6, dec_layers=6, t2v_layers=2, moment_layers=1, dummy_layers=2, sent_layers=1,
-                         max_v_l=75, max_q_l=32, llm_layers="14:17", event_coef=0.1, vid_has_window_suffix=True),
-    "charades": dict(enc_layers=4, dec_layers=2, t2v_layers=2, moment_layers=1, dummy_layers=2, sent_layers=1,
-                     max_v_l=-1, max_q_l=75, llm_layers="14:17", event_coef=0.1, vid_has_window_suffix=False),
-    "tacos": dict(enc_layers=3, dec_layers=3, t2v_layers=3, moment_layers=1, dummy_layers=2, sent_layers=1,
-                  max_v_l=-1, max_q_l=-1, num_dummies=50, num_prompts=2, total_prompts=10, llm_layers="14:17",
-                  event_coef=0.1, set_cost_giou=4.0, lw_saliency=4.0, contrastive_align_loss_coef=0.002,
-                  vid_has_window_suffix=False),
-}
-
-# The same scripts' optimisation settings (consumed by the training loop, not by the model).
-TRAIN_DEFAULTS: dict[str, dict] = {
-    "qvhighlights": dict(bsz=32, eval_bsz=100, lr=1e-4, lr_drop=400, wd=1e-5, n_epoch=200, grad_clip=0.1,
-                         clip_length=2.0, max_windows=5, eval_epoch=5),
-    "charades": dict(bsz=32, eval_bsz=100, lr=1e-4, lr_drop=400, wd=1e-5, n_epoch=200, grad_clip=0.1,
-                     clip_length=1.0, max_windows=5, eval_epoch=5),
-    "tacos": dict(bsz=32, eval_bsz=32, lr=2e-4, lr_drop=200, wd=1e-5, n_epoch=200, grad_clip=0.1,
-                  clip_length=2.0, max_windows=5, eval_epoch=5),
-}
-
-_ALIASES = {"hl": "qvhighlights", "qvh": "qvhighlights", "charadessta": "charades", "charades_sta": "charades"}
+# Presets: one JSON file per dataset beside this module (presets/<name>.json), as open_clip's model configs; a new
+# preset is a new file. Keys: name, aliases, about, model (ModelConfig overrides), train (TrainConfig / DataConfig
+# fields), max_timestamp (the clamp of the authors' post-processor, seconds; null = none).
+PRESETS_DIR = Path(__file__).with_name("presets")
 
 
-def _dataset_key(name: str) -> str:
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in DATASET_DEFAULTS:
-        raise ModelError(f"unknown dataset {name!r}; known: {', '.join(DATASET_DEFAULTS)}")
-    return key
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+@functools.lru_cache(maxsize=None)
+def _read_preset(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_preset(name: str) -> dict:
+    """The preset ``name`` (a file stem or one of its aliases, any case). ModelError naming the known ones."""
+    wanted = name.lower()
+    for stem in preset_names():
+        preset = _read_preset(PRESETS_DIR / f"{stem}.json")
+        if wanted == stem or wanted in preset.get("aliases", []):
+            return copy.deepcopy(preset)
+    raise ModelError(f"unknown dataset {name!r}; known: {', '.join(preset_names())} "
+                     f"(a new one is a JSON file in {PRESETS_DIR})")
 
 
 def dataset_defaults(name: str) -> dict:
-    """ModelConfig overrides of the authors' script for ``name`` (qvhighlights | charades | tacos)."""
-    return dict(DATASET_DEFAULTS[_dataset_key(name)])
+    """ModelConfig overrides of the preset ``name`` (the authors' training script for their datasets)."""
+    return load_preset(name)["model"]
 
 
 def train_defaults(name: str) -> dict:
-    """Optimisation settings of the authors' script for ``name``."""
-    return dict(TRAIN_DEFAULTS[_dataset_key(name)])
+    """Optimisation (and data) settings of the preset ``name``."""
+    return load_preset(name)["train"]

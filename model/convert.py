@@ -19,6 +19,7 @@ import torch
 from model.checkpoint import load_weights_only, save_checkpoint
 from model.config import ModelConfig
 from model.errors import ModelError
+from model.sample import DataConfig
 from model.llm_blocks import LLAMA_HEAD_DIM
 
 # (authors' prefix, ours); the first matching prefix wins, so longer prefixes come first.
@@ -208,7 +209,6 @@ def data_settings_from_authors(cfg: ModelConfig, opt) -> tuple[dict, dict, str]:
 
 def _save(model, cfg: ModelConfig, opt, out: str):
     """Write in the project's checkpoint format, the LLM blocks embedded (their source is not known)."""
-    from model.data import DataConfig
 
     data, spec, dataset = data_settings_from_authors(cfg, opt)
     save_checkpoint(out, model, DataConfig.from_dict(data), spec, dataset, embed_llm=True)

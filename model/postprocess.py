@@ -2,8 +2,9 @@
 
 Per sample: foreground probability = softmax(pred_logits)[..., 0]; spans (normalised center/width) -> seconds
 times the window's duration, clamped to [0, duration]; rows [st, ed, score] sorted by score (descending), each
-number rounded to 4 decimals; then the dataset's post-processor: clamp to [0, max_ts] (QVHighlights and
-Charades-STA: 150 s) and round both ends to a multiple of the clip length; scores re-rounded to 4 decimals.
+number rounded to 4 decimals; then the dataset's post-processor: clamp to [0, max_ts] (the preset's
+``max_timestamp``; QVHighlights and Charades-STA: 150 s) and round both ends to a multiple of the clip length;
+scores re-rounded to 4 decimals.
 Saliency scores are passed through float16 (the authors call ``.half()`` before writing them), valid clips only.
 The authors' default is no NMS (nms_thd = -1); NMS is used here only to merge the windows of a long video.
 """
@@ -14,8 +15,6 @@ import torch.nn.functional as F
 
 from model.spans import seconds_to_clip, span_cxw_to_xx, temporal_nms
 
-# max_ts of the authors' post-processor per dataset (None: no clamping step)
-MAX_TIMESTAMP = {"qvhighlights": 150.0, "charades": 150.0, "tacos": None, "custom": None}
 
 
 def _round4(x: float) -> float:

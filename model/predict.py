@@ -19,11 +19,13 @@ import sys
 import torch
 from tqdm import tqdm
 
-from model.data import (DataConfig, MomentDataset, PublicFeatureDir, collate, load_annotations, load_video,
-                        needs_windows, to_device)
+from model.dataset import MomentDataset, load_annotations, needs_windows
+from model.providers import PublicFeatureDir, load_video
+from model.sample import DataConfig, collate, to_device
 from model.errors import ModelError
 from model.features import resolve_device
-from model.postprocess import MAX_TIMESTAMP, clean_windows, decode_outputs, merge_windows
+from model.config import load_preset
+from model.postprocess import clean_windows, decode_outputs, merge_windows
 from model.spans import tile_windows
 
 
@@ -54,7 +56,7 @@ def predict_annotations(model, annotations: list[dict], provider, data_cfg: Data
     ds = MomentDataset(annotations, provider, data_cfg, load_labels=False, windows=entries)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate,
                                          num_workers=num_workers)
-    max_ts = MAX_TIMESTAMP.get(dataset)
+    max_ts = load_preset(dataset).get("max_timestamp")
     parts: dict[int, list] = {}
     for batch in tqdm(loader, desc="predict", disable=not progress, leave=False):
         inputs, _ = to_device(batch, device)

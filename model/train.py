@@ -8,9 +8,7 @@ Differences, on purpose: their loop also evaluates before every epoch only to lo
 always evaluated; on CUDA the forward/loss run under bf16 autocast (``amp``); ``--resume`` restores optimizer,
 scheduler and epoch from our checkpoint (their --resume_all).
 
-Settings come from three dataclasses, filled in this order: defaults, the dataset's script values
-(model.config.dataset_defaults / train_defaults), ``--config`` JSON, ``--set KEY=VALUE``. A key may name a field
-of ModelConfig, DataConfig or TrainConfig (max_q_l / max_v_l belong to both model and data).
+Settings (model.settings): defaults, the dataset's preset, ``--config`` JSON, ``--set KEY=VALUE``.
 """
 from __future__ import annotations
 
@@ -21,41 +19,19 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.config import ModelConfig, dataset_defaults, train_defaults
-from model.data import DataConfig, MomentDataset, collate, load_annotations, to_device
+from model.config import ModelConfig
+from model.dataset import MomentDataset, load_annotations
+from model.sample import DataConfig, collate, to_device
 from model.errors import ModelError
 from model.metrics import evaluate
 from model.features import resolve_device
 from model.predict import make_provider, predict_annotations
-
-DATASETS = ("qvhighlights", "charades", "tacos", "custom")
-
-
-@dataclass
-class TrainConfig:
-    bsz: int = 32
-    eval_bsz: int = 100
-    lr: float = 1e-4
-    lr_drop: int = 400
-    wd: float = 1e-5
-    n_epoch: int = 200
-    grad_clip: float = 0.1
-    eval_epoch: int = 5
-    max_es_cnt: int = 200       # evaluations without improvement before stopping; -1: never
-    seed: int = 2018
-    amp: bool = True            # bf16 autocast on CUDA (ignored on CPU)
-    num_workers: int = -1       # DataLoader workers; -1: 4 on CUDA with public feature files, else 0 (an index
-                                # provider holds a database connection that must not be forked)
-    embed_llm: bool = False     # store the frozen LLM blocks in the checkpoint instead of a hashed reference
-    clip_model: str = ""        # CLIP id of public features (default: the public ViT-B-32:openai)
-    progress: bool = True
-
+from model.settings import TrainConfig, build_settings
 
 def best_score(metrics: dict, dataset: str) -> float:
     """The authors' model-selection criterion."""
@@ -65,83 +41,6 @@ def best_score(metrics: dict, dataset: str) -> float:
     if dataset in ("charades", "tacos"):
         return brief["MR-full-mIoU"]
     return (brief["MR-full-R1@0.7"] + brief["MR-full-R1@0.5"]) / 2
-
-
-# ------------------------------------------------------------------------------------------------ settings
-def _coerce(value, current, key: str):
-    """A --set string (or JSON value) converted to the field's type."""
-    if not isinstance(value, str):
-        return value
-    if isinstance(current, bool):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ModelError(f"--set {key}: expected true/false, got {value!r}")
-    if isinstance(current, int):
-        try:
-            return int(value)
-        except ValueError:
-            raise ModelError(f"--set {key}: expected an integer, got {value!r}") from None
-    if isinstance(current, float):
-        try:
-            return float(value)
-        except ValueError:
-            raise ModelError(f"--set {key}: expected a number, got {value!r}") from None
-    if isinstance(current, list):
-        if value.startswith("["):
-            return json.loads(value)
-        return [v for v in value.split(",") if v]
-    if isinstance(current, dict):
-        return json.loads(value)
-    return value
-
-
-def build_settings(dataset: str, config_path: str | None = None, overrides: list[str] = (),
-                   base: dict | None = None) -> tuple[dict, DataConfig, TrainConfig]:
-    """(ModelConfig overrides dict, DataConfig, TrainConfig) after all layers of settings.
-
-    ``base``: a resumed checkpoint's saved settings ({"model", "data", "train"}), applied before --config/--set.
-    """
-    if dataset not in DATASETS:
-        raise ModelError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    key = "qvhighlights" if dataset == "custom" else dataset
-    model_kv = {} if dataset == "custom" else dataset_defaults(key)
-    layered = {**model_kv, **train_defaults(key)}
-    if base:
-        layered.update(base.get("model", {}))
-        layered.update(base.get("data", {}))
-        layered.update(base.get("train", {}))
-    if config_path:
-        try:
-            with open(config_path) as f:
-                layered.update(json.load(f))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ModelError(f"cannot read --config {config_path}: {err}") from None
-    for item in overrides:
-        if "=" not in item:
-            raise ModelError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        layered[k.strip()] = v.strip()
-
-    model_fields = ModelConfig().to_dict()
-    data_fields = {f.name: getattr(DataConfig(), f.name) for f in dataclasses.fields(DataConfig)}
-    train_fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    model_over, data_kw, train_kw = {}, {}, {}
-    for k, v in layered.items():
-        hit = False
-        if k in model_fields:
-            model_over[k] = _coerce(v, model_fields[k], k)
-            hit = True
-        if k in data_fields:
-            data_kw[k] = _coerce(v, data_fields[k], k)
-            hit = True
-        if k in train_fields:
-            train_kw[k] = _coerce(v, train_fields[k], k)
-            hit = True
-        if not hit:
-            raise ModelError(f"unknown setting {k!r} (not a model, data or training field)")
-    return model_over, DataConfig(**data_kw), TrainConfig(**train_kw)
 
 
 def set_seed(seed: int) -> None:
@@ -168,7 +67,7 @@ class Trainer:
         self.history: list[dict] = []
         workers = train_cfg.num_workers
         if workers < 0:
-            from model.data import PublicFeatureDir
+            from model.providers import PublicFeatureDir
 
             public = isinstance(provider, PublicFeatureDir)
             workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" and public else 0
@@ -343,7 +242,7 @@ def build_run(train_path: str, val_path: str | None, features_dir: str | None, o
     src = make_provider(features_dir, data_cfg, train_cfg.clip_model or None, provider)
     spec = src.feature_spec()
     if resumed is not None and resumed["feature_spec"] != spec:
-        from model.data import check_feature_spec
+        from model.providers import check_feature_spec
         check_feature_spec(resumed["feature_spec"], spec, "the training features")
     if float(spec.get("clip_seconds", data_cfg.clip_length)) != float(data_cfg.clip_length):
         raise ModelError(f"features have {spec['clip_seconds']}-s clips but clip_length is {data_cfg.clip_length} "

@@ -1,8 +1,8 @@
 """Rerank stage: the checkpoint's LLMEPET over the candidate windows -> localized moments in video seconds.
 
-Each window is one model sample, made as the training data code makes a sample (model.data): clip features
-L2-normalised with the TEF appended, the query's per-token CLIP features cut to max_q_l and L2-normalised. Windows
-run in batches (padded, masked); the outputs are decoded by model.postprocess (foreground probability, spans in
+Each window is one model sample, assembled by model.sample as training and prediction assemble theirs (clip
+features L2-normalised with the TEF appended, the query's tokens cut to max_q_l and L2-normalised). Windows run in
+batches (padded, masked); the outputs are decoded by model.postprocess (foreground probability, spans in
 window seconds, rounded to the 2-s grid) and shifted by the window's start.
 """
 from __future__ import annotations
@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.data import collate, l2_normalize
 from model.postprocess import clean_windows, decode_outputs
-from model.sample import temporal_endpoint_feature
+from model.sample import collate, text_input, video_input
 from model.spans import CLIP_SECONDS
 from retriever.merge import Moment, span_coarse_score
 from retriever.windows import Window
@@ -24,7 +23,7 @@ MOMENTS_PER_WINDOW = 3  # best predicted spans kept per window before the cross-
 class Reranker:
     """A loaded LLMEPET checkpoint, ready to score windows.
 
-    Attributes: model (eval mode), data_cfg (model.data.DataConfig), spec (feature spec dict: clip_model,
+    Attributes: model (eval mode), data_cfg (model.sample.DataConfig), spec (feature spec dict: clip_model,
     video_dims, text_dim, clip_seconds), device.
     """
 
@@ -61,19 +60,8 @@ class Reranker:
 
     def _item(self, window: Window, text: torch.Tensor) -> dict:
         feats = window.feats[: self.data_cfg.v_limit] if self.data_cfg.v_limit else window.feats
-        if self.data_cfg.normalize_v:
-            feats = l2_normalize(feats)
-        video = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
-        if self.data_cfg.use_tef:
-            video = torch.cat([video, temporal_endpoint_feature(len(video))], dim=1)
+        video = video_input(feats, self.data_cfg, self.spec.get("video_dims"))
         return {"video": video, "text": text, "meta": {"duration": len(video) * CLIP_SECONDS}}
-
-    def text_input(self, tokens: np.ndarray) -> torch.Tensor:
-        """Per-token query features [L, Dt] -> the model's text input (cut, normalised)."""
-        tokens = np.asarray(tokens, dtype=np.float32)[: self.data_cfg.q_limit]
-        if self.data_cfg.normalize_t:
-            tokens = l2_normalize(tokens)
-        return torch.from_numpy(np.ascontiguousarray(tokens))
 
     @torch.inference_mode()
     def moments(self, windows: list[Window], text_tokens: np.ndarray,
@@ -82,7 +70,7 @@ class Reranker:
 
         Args: windows with feats [n_i, D] and clip_scores [n_i]; text_tokens np.float32 [L, Dt].
         """
-        text = self.text_input(text_tokens)
+        text = text_input(text_tokens, self.data_cfg)
         out: list[Moment] = []
         for start in range(0, len(windows), self.batch_size):
             chunk = windows[start: start + self.batch_size]

@@ -1,4 +1,5 @@
-"""model.data: annotations, the public feature layout, labels as the authors make them, windows, batching."""
+"""model.dataset / providers / labels / sample: annotations, the public feature layout, labels as the authors make
+them, windows, model inputs and batching."""
 from __future__ import annotations
 
 import random
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 from providers import ArrayProvider
-from model.data import (DataConfig, MomentDataset, PublicFeatureDir, check_feature_spec, collate, crop_annotation,
-                        load_annotations, make_labels, saliency_from_scores, saliency_from_window, span_targets,
-                        training_crop)
+from model.dataset import MomentDataset, load_annotations
+from model.labels import crop_annotation, make_labels, saliency_from_scores, saliency_from_window, span_targets, training_crop
+from model.providers import PublicFeatureDir, check_feature_spec
+from model.sample import DataConfig, collate
 from model.errors import ModelError
 
 from shared_data import SHARED_DATA as DATA

@@ -166,6 +166,30 @@ def test_config_round_trip_and_dataset_defaults():
         ModelConfig.from_dict({"no_such_key": 1})
 
 
+def test_presets_are_data_files_and_a_new_one_is_a_new_file(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import model.config as config
+
+    assert config.preset_names() == ["charades", "custom", "qvhighlights", "tacos"]
+    assert config.load_preset("HL")["name"] == "qvhighlights" and config.load_preset("charades_sta")["max_timestamp"] == 150
+    for name in config.preset_names():  # every key of every preset is a real setting
+        preset = config.load_preset(name)
+        ModelConfig().replace(**preset["model"])
+        assert set(preset["train"]) <= {"bsz", "eval_bsz", "lr", "lr_drop", "wd", "n_epoch", "grad_clip",
+                                        "clip_length", "max_windows", "eval_epoch"}
+    presets = tmp_path / "presets"
+    shutil.copytree(config.PRESETS_DIR, presets)
+    (presets / "didemo.json").write_text(json.dumps({"name": "didemo", "aliases": ["dd"], "model": {"enc_layers": 2},
+                                                     "train": {"lr": 5e-4}, "max_timestamp": None}))
+    monkeypatch.setattr(config, "PRESETS_DIR", presets)
+    assert dataset_defaults("dd") == {"enc_layers": 2} and train_defaults("didemo")["lr"] == 5e-4
+    from model.settings import build_settings
+    model_over, _, train_cfg = build_settings("didemo")
+    assert model_over["enc_layers"] == 2 and train_cfg.lr == 5e-4
+
+
 def test_missing_llm_is_a_model_error():
     with pytest.raises(ModelError, match="--llm"):
         build_model(tiny_cfg(llm=""))

@@ -16,7 +16,8 @@ from shared_data import AUTHORS_REPO, SHARED_DATA
 from providers import ArrayProvider
 from model.checkpoint import llm_blocks_sha256, load_checkpoint, read_checkpoint, save_checkpoint
 from model.config import ModelConfig
-from model.data import DataConfig, MomentDataset, collate
+from model.dataset import MomentDataset
+from model.sample import DataConfig, collate
 from model.errors import ModelError
 from model.llmepet import build_model
 from model.postprocess import clean_windows, decode_outputs, merge_windows
@@ -203,7 +204,9 @@ import llm_epet.inference as inference
 from llm_epet.start_end_dataset import StartEndDataset, start_end_collate
 from test_train import TINY, write_public_features
 from model.config import ModelConfig
-from model.data import DataConfig, MomentDataset, PublicFeatureDir
+from model.dataset import MomentDataset
+from model.providers import PublicFeatureDir
+from model.sample import DataConfig
 from model.llmepet import build_model
 from model.predict import predict_annotations
 

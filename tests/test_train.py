@@ -13,10 +13,12 @@ from click.testing import CliRunner
 from providers import ArrayProvider
 from model.config import ModelConfig
 from model.criterion import build_criterion
-from model.data import DataConfig, MomentDataset
+from model.dataset import MomentDataset
+from model.sample import DataConfig
 from model.errors import ModelError
 from model.llmepet import build_model
-from model.train import Trainer, TrainConfig, best_score, build_run, build_settings
+from model.settings import TrainConfig, build_settings
+from model.train import Trainer, best_score, build_run
 
 from shared_data import SHARED_DATA
 QVH = SHARED_DATA / "qvhighlights"

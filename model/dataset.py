@@ -1,0 +1,97 @@
+"""Annotations and the dataset of samples (annotation, optional clip window) that training and prediction read.
+
+An annotation is one jsonl record: ``qid`` (int for QVHighlights/Charades, str for TACoS), ``query``, ``vid``,
+``duration`` (s), and with labels ``relevant_windows`` [[st, ed], ...] (s, int or float), plus for QVHighlights
+``relevant_clip_ids`` and ``saliency_scores`` (3 annotators, 0..4 each).
+
+Videos longer than ``max_v_l`` clips (an index holds arbitrary lengths; the public QVHighlights features never
+are): training crops a window of ``max_v_l`` clips placed at random around the first GT window (model.labels);
+prediction tiles windows over the whole video (model.predict).
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from model.errors import ModelError
+from model.labels import crop_annotation, make_labels, training_crop
+from model.providers import load_text, load_video, video_source_dims
+from model.sample import DataConfig, text_input, video_input
+
+
+def needs_windows(n_clips: int, duration: float, cfg: DataConfig) -> bool:
+    """True when the video is longer than one model window. The duration test keeps the public features'
+    one-row wobble (a 150-s QVHighlights video with 76 rows) on the authors' plain cut."""
+    limit = cfg.v_limit
+    return limit is not None and n_clips > limit and duration > limit * cfg.clip_length + 1e-6
+
+
+class MomentDataset(torch.utils.data.Dataset):
+    """Samples of (annotation, optional clip window).
+
+    Args:
+        annotations: list of annotation dicts.
+        provider: PublicFeatureDir or another FeatureProvider.
+        cfg: DataConfig.
+        load_labels: make training targets (needs ``relevant_windows``).
+        windows: optional list of (annotation index, first clip, end clip) entries to serve instead of one
+            sample per annotation (prediction on long videos).
+        seed: seeds the label sampling (positive/negative clips, window subsets, training crops).
+    """
+
+    def __init__(self, annotations: list[dict], provider, cfg: DataConfig, load_labels: bool = True,
+                 windows: list[tuple[int, int, int]] | None = None, seed: int = 2018):
+        self.annotations, self.provider, self.cfg = annotations, provider, cfg
+        self.load_labels = load_labels
+        self.entries = windows if windows is not None else [(i, None, None) for i in range(len(annotations))]
+        self.rng = random.Random(seed)
+        if load_labels:
+            for a in annotations:
+                if not a.get("relevant_windows"):
+                    raise ModelError(f"qid {a.get('qid')!r} has no relevant_windows (needed for training)")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        ann_index, start, end = self.entries[index]
+        ann = self.annotations[ann_index]
+        video = load_video(self.provider, ann["vid"], self.cfg)
+        if start is None and needs_windows(len(video), ann["duration"], self.cfg):
+            if self.load_labels:
+                start, end = training_crop(len(video), ann, self.cfg, self.rng)
+            else:  # prediction without explicit windows: the first window only
+                start, end = 0, self.cfg.v_limit
+        if start is not None:
+            video = video[start:end]
+            ann_view = crop_annotation(ann, start, end, self.cfg.clip_length)
+        else:
+            video = video[:self.cfg.v_limit]
+            ann_view = ann
+        n = len(video)
+        item = {"meta": {"qid": ann["qid"], "query": ann["query"], "vid": ann["vid"],
+                         # seconds the window covers: the model's normalised spans are scaled by this
+                         "duration": ann_view["duration"], "offset": 0.0 if start is None else start * self.cfg.clip_length,
+                         "ann_index": ann_index},
+                "video": video_input(video, self.cfg, video_source_dims(self.provider)),
+                "text": text_input(load_text(self.provider, ann, self.cfg), self.cfg)}
+        if self.load_labels:
+            if not ann_view.get("relevant_windows"):  # a crop without GT cannot happen for training crops
+                raise ModelError(f"qid {ann['qid']!r}: no GT window inside the training window")
+            item["labels"] = make_labels(ann_view, n, self.cfg, self.rng)
+        return item
+
+
+def load_annotations(path: str) -> list[dict]:
+    """Annotation records of a jsonl file, checked for the fields every use needs."""
+    from model.metrics import load_jsonl
+
+    records = load_jsonl(path)
+    if not records:
+        raise ModelError(f"{path} holds no annotations")
+    for n, r in enumerate(records, 1):
+        missing = [k for k in ("qid", "query", "vid", "duration") if k not in r]
+        if missing:
+            raise ModelError(f"{path}: record {n} lacks {', '.join(missing)}")
+    return records
