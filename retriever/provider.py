@@ -1,4 +1,4 @@
-"""A vmr index as a feature source for `vmr train` / `vmr predict --index` (model.data.FeatureProvider).
+"""A vmr index as a feature source for `vmr train` / `vmr predict --index` (model.providers.FeatureProvider).
 
 model/ must not read an index itself; this class does it for it: video features are the index's clip embeddings,
 text features the per-token features of the CLIP model that built the index.

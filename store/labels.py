@@ -12,7 +12,7 @@ deleted, leaves its labels stale, and the export skips them (and says how many) 
 with frames it was never said about.
 
 Export format: one jsonl record per (query, video) with at least one accepted window, the fields `vmr train
---index` reads (model/data.py):
+--index` reads (model/dataset.py):
   qid (int: the smallest label id of the group, stable), query, vid (video path relative to the root), duration,
   relevant_windows [[start, end], ...] (accepted hits, adjusted hits, marked moments), and
   negative_windows [[start, end], ...]: hits a person REJECTED for this query in this video (training does not read
