@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.spans import CLIP_SECONDS, covering_clips, temporal_nms
+from model.spans import covering_clips, temporal_nms
 
 COARSE_WEIGHT = 100.0  # measured (module docstring); confidence then separates spans of near-equal cosine
 NMS_IOU = 0.5  # moments of one video overlapping a better one by more than this are dropped
@@ -56,13 +56,14 @@ def final_score(confidence: float | None, coarse: float, coarse_weight: float = 
     return float(confidence) + coarse_weight * float(coarse)
 
 
-def span_coarse_score(clip_scores: np.ndarray, first_clip: int, start: float, end: float) -> float:
+def span_coarse_score(clip_scores: np.ndarray, first_clip: int, start: float, end: float,
+                      clip_seconds: float) -> float:
     """Mean cosine of the window's clips that the span [start, end) s covers (at least the clip holding start).
 
-    clip_scores [n] belong to clips first_clip .. first_clip + n - 1.
+    clip_scores [n] belong to clips first_clip .. first_clip + n - 1, on the index's grid of ``clip_seconds``.
     """
     n = len(clip_scores)
-    a, b = covering_clips(start, end, CLIP_SECONDS)
+    a, b = covering_clips(start, end, clip_seconds)
     a, b = a - first_clip, b - first_clip
     a = min(max(a, 0), n - 1)
     b = min(max(b, a + 1), n)

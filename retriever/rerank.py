@@ -12,9 +12,8 @@ import torch
 
 from model.postprocess import clean_windows, decode_outputs
 from model.sample import collate, text_input, video_input
-from model.spans import CLIP_SECONDS
 from retriever.merge import Moment, span_coarse_score
-from retriever.windows import Window
+from retriever.windows import Window, index_clip_seconds
 from store.errors import VmrError
 
 MOMENTS_PER_WINDOW = 3  # best predicted spans kept per window before the cross-window NMS
@@ -54,14 +53,14 @@ class Reranker:
         dims = self.spec.get("video_dims")
         if dims and meta.get("embed_dim") and int(sum(dims)) != int(meta["embed_dim"]):
             raise VmrError(f"the reranker expects {sum(dims)}-d clip features, the index has {meta['embed_dim']}-d")
-        seconds = self.spec.get("clip_seconds")
-        if seconds and abs(float(seconds) - CLIP_SECONDS) > 1e-6:
-            raise VmrError(f"the reranker was trained on {seconds}-s clips, the index uses {CLIP_SECONDS}-s clips")
+        seconds, index_seconds = self.spec.get("clip_seconds"), index_clip_seconds(meta)
+        if seconds and abs(float(seconds) - index_seconds) > 1e-6:
+            raise VmrError(f"the reranker was trained on {seconds}-s clips, the index uses {index_seconds}-s clips")
 
     def _item(self, window: Window, text: torch.Tensor) -> dict:
         feats = window.feats[: self.data_cfg.v_limit] if self.data_cfg.v_limit else window.feats
         video = video_input(feats, self.data_cfg, self.spec.get("video_dims"))
-        return {"video": video, "text": text, "meta": {"duration": len(video) * CLIP_SECONDS}}
+        return {"video": video, "text": text, "meta": {"duration": len(video) * window.clip_seconds}}
 
     @torch.inference_mode()
     def moments(self, windows: list[Window], text_tokens: np.ndarray,
@@ -79,13 +78,15 @@ class Reranker:
             outputs = self.model(**inputs)
             decoded = decode_outputs(outputs, inputs["src_vid_mask"], batch["meta"])
             for window, pred in zip(chunk, decoded):
-                rows = clean_windows(pred["windows"], CLIP_SECONDS, max_ts=None)[:per_window]
+                clip_seconds = window.clip_seconds
+                rows = clean_windows(pred["windows"], clip_seconds, max_ts=None)[:per_window]
                 for st, ed, conf in rows:
                     st, ed = window.start + st, window.start + ed
                     ed = min(ed, window.end)
-                    if ed - st < CLIP_SECONDS / 2:  # rounding collapsed it: keep one clip
-                        ed = min(st + CLIP_SECONDS, window.end)
+                    if ed - st < clip_seconds / 2:  # rounding collapsed it: keep one clip
+                        ed = min(st + clip_seconds, window.end)
                     out.append(Moment(window.video_id, window.path, st, ed, float(conf),
-                                      span_coarse_score(window.clip_scores, window.first_clip, st, ed),
+                                      span_coarse_score(window.clip_scores, window.first_clip, st, ed,
+                                                        clip_seconds),
                                       saliency=pred["saliency"], window=(window.start, window.end)))
         return out

@@ -48,7 +48,7 @@ def test_best_event_moment_picks_highest_mean_event():
 
 def test_span_coarse_score_and_final_rule():
     scores = np.array([0.0, 0.5, 1.0, 0.5], np.float32)
-    assert span_coarse_score(scores, 10, 22.0, 26.0) == pytest.approx(0.75)  # clips 11, 12
+    assert span_coarse_score(scores, 10, 22.0, 26.0, 2.0) == pytest.approx(0.75)  # clips 11, 12
     assert final_score(None, 0.3) == 0.3
     assert final_score(0.9, 0.1) < final_score(0.2, 0.3)  # the cross-video signal dominates
 
