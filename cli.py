@@ -194,7 +194,7 @@ def convert_checkpoint(src, out):
 
 @main.command()
 @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str), help="Index directory.")
-@click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str), help="LLMEPET reranker checkpoint (default: the index's, if one was set).")
+@click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str), help="LLMEPET reranker checkpoint (default: the one recorded with `vmr index ... --reranker CKPT`).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (anything but localhost exposes the videos and labels: no login).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
