@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import click
@@ -33,6 +34,13 @@ def _print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
+class _LevelPrefix(logging.Formatter):
+    """'warning: ...' like the CLI's own 'error: ...' lines (not logging's 'WARNING:vmr.search:...')."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """vmr: find moments in a video library from a sentence.
@@ -40,28 +48,36 @@ def main() -> None:
     Index a folder (`vmr index`), then ask it (`vmr search`). The reranker (LLMEPET) is trained with
     `vmr train` and evaluated with `vmr predict` + `vmr eval`. `vmr demo` shows everything offline.
     """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LevelPrefix())
+    log = logging.getLogger("vmr")
+    log.handlers[:] = [handler]
+    log.propagate = False
 
 
 @main.command()
 @click.argument("video_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--index", "index_dir", required=True, type=click.Path(path_type=str), help="Index directory (created if missing).")
-@click.option("--clip-model", default="ViT-B-32", show_default=True, help="open_clip model name, or path of a model-config JSON in open_clip's format.")
-@click.option("--clip-pretrained", default="openai", show_default=True, help="open_clip pretrained tag, or path of a local checkpoint file.")
+@click.option("--clip-model", default=None, help="open_clip model name, or path of a model-config JSON in open_clip's format (default: the one the index was built with; ViT-B-32 for a new index).")
+@click.option("--clip-pretrained", default=None, help="open_clip pretrained tag, or path of a local checkpoint file (default: the index's; openai for a new index). Offline: world/world_clip.pt with --clip-model world/world_clip.json.")
+@click.option("--reranker", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str), help="LLMEPET checkpoint (from `vmr train`) recorded in the index: `vmr search` and `vmr serve` use it when given no --checkpoint.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where CLIP runs.")
 @click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting a local one.")
 @click.option("--workers", type=int, default=None, help="Decode tasks in flight (default: CPUs available to Ray).")
 @click.option("--rebuild-faiss", is_flag=True, help="Only rebuild the FAISS files from DuckDB, then exit.")
-def index(video_dir, index_dir, clip_model, clip_pretrained, device, ray_address, workers, rebuild_faiss):
+def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, ray_address, workers, rebuild_faiss):
     """Index every video under VIDEO_DIR (recursively) into the index at --index.
 
     Re-running skips unchanged files, re-indexes changed ones and drops deleted ones.
-    Exit 0: all indexed or unchanged; 3: finished but some files failed (listed); 2: usage; 1: fatal.
+    Exit 0: all indexed or unchanged; 3: finished but some files failed (listed); 2: usage; 1: fatal (also: no
+    video files found, interrupted - the next run resumes).
     """
     from indexer.ingest import run_ingest
 
     try:
         summary = run_ingest(video_dir, index_dir, clip_model=clip_model, clip_pretrained=clip_pretrained,
-                             device=device, ray_address=ray_address, workers=workers, rebuild_faiss=rebuild_faiss)
+                             device=device, ray_address=ray_address, workers=workers, rebuild_faiss=rebuild_faiss,
+                             reranker=reranker)
     except USER_ERRORS as err:
         _fail(err)
     click.echo(summary.describe())
@@ -89,7 +105,7 @@ def status(index_dir, as_json):
 @click.argument("query")
 @click.option("--index", "index_dir", required=True, type=click.Path(path_type=str), help="Index directory.")
 @click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True, help="Moments to return.")
-@click.option("--checkpoint", default=None, type=click.Path(path_type=str), help="LLMEPET reranker checkpoint (default: the index's, if one was set).")
+@click.option("--checkpoint", default=None, type=click.Path(path_type=str), help="LLMEPET reranker checkpoint (default: the one recorded with `vmr index ... --reranker CKPT`; none: coarse moments only).")
 @click.option("--no-rerank", is_flag=True, help="Coarse FAISS result only.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (list of moments, best first).")

@@ -65,6 +65,11 @@ def _open(path: str):
         kinds = sorted({s.type for s in container.streams}) or ["no"]
         container.close()
         raise DecodeError(f"no video stream ({'/'.join(kinds)} streams only)")
+    demuxer = container.format.name or ""
+    if demuxer == "image2" or demuxer.endswith("_pipe"):  # FFmpeg reads single images through these demuxers
+        codec = container.streams.video[0].codec_context.name or demuxer.removesuffix("_pipe")
+        container.close()
+        raise DecodeError(f"a still image ({codec}), not a video")
     return container
 
 

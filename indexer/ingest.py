@@ -12,7 +12,10 @@ The index records its clip length (meta ``clip_seconds``): clips and events are 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -22,8 +25,10 @@ from indexer.discover import Candidate, discover
 from indexer.pipeline import Pipeline, Video
 from indexer.workers import ClipChoice
 from model.spans import CLIP_SECONDS, clip_bounds, clip_to_seconds
+from store import db
 from store.errors import VmrError
 from store.library import Library
+from store.lock import ingest_lock, lock_path
 
 
 @dataclass
@@ -88,41 +93,162 @@ def plan_run(lib: Library, root: str, index_dir: str) -> Plan:
     return Plan(work, gone, unreadable, states, ids, unchanged)
 
 
-def run_ingest(video_dir, index_dir, clip_model: str = "ViT-B-32", clip_pretrained: str | None = "openai",
-               device: str = "auto", ray_address: str | None = None, workers: int | None = None,
-               rebuild_faiss: bool = False, allow_random: bool = False, progress: bool = True) -> IngestSummary:
-    """Index every video under ``video_dir`` into ``index_dir`` (incremental). See the module docstring."""
-    from model.features import model_embed_dim, resolve_weights
+DEFAULT_CLIP = ("ViT-B-32", "openai")  # open_clip model and weights of a new index when none are given
+INDEX_FILES = ("library.duckdb", "library.duckdb.wal", "clips.faiss", "events.faiss", "faiss.json")
 
-    start_time = time.monotonic()
+
+def run_ingest(video_dir, index_dir, clip_model: str | None = None, clip_pretrained: str | None = None,
+               device: str = "auto", ray_address: str | None = None, workers: int | None = None,
+               rebuild_faiss: bool = False, allow_random: bool = False, progress: bool = True,
+               reranker: str | None = None) -> IngestSummary:
+    """Index every video under ``video_dir`` into ``index_dir`` (incremental). See the module docstring.
+
+    clip_model/clip_pretrained: None = the CLIP the index records (a re-index), else DEFAULT_CLIP.
+    reranker: an LLMEPET checkpoint recorded in the index (meta ``reranker``): search and serve use it when given
+    no --checkpoint. A run that fails before storing any video leaves no index behind; one stopped later (Ctrl-C,
+    SIGTERM) keeps what it stored and the next run resumes the rest.
+    """
     root = os.path.abspath(os.fspath(video_dir))
     index_dir = os.path.abspath(os.fspath(index_dir))
     if not os.path.isdir(root):
         raise VmrError(f"not a folder: {video_dir}")
+    if os.path.exists(index_dir) and not os.path.isdir(index_dir):
+        raise VmrError(f"--index {index_dir} is a file: give a folder for the index (created if missing)")
     if rebuild_faiss:
         return _rebuild_faiss(index_dir)
+    existed = {name for name in INDEX_FILES if os.path.exists(os.path.join(index_dir, name))}
+    made_folder = not os.path.isdir(index_dir)
     summary = IngestSummary(index_dir)
-    clip = ClipChoice(clip_model, clip_pretrained, device, allow_random)
-    _, model_id, _, _ = resolve_weights(clip_model, clip_pretrained, allow_random)  # fail fast (offline, typo)
-    embed_dim = model_embed_dim(clip_model)
-    lib = Library(index_dir, read_only=False)
-    meta = lib.prepare(model_id, embed_dim, root, clip_seconds=CLIP_SECONDS, clip_source=clip.source())
-
-    plan = plan_run(lib, root, index_dir)
-    summary.unchanged = plan.unchanged
-    writer = Writer(lib, lib.open_faiss(), summary, float(meta["clip_seconds"]))
-    writer.settle(plan)
-    if plan.work:
-        pipeline = Pipeline(clip, writer, ray_address, workers, progress)
+    with ingest_lock(index_dir):
         try:
-            pipeline.run([Video(c, plan.ids[c.path], plan.states.get(c.path)) for c in plan.work], model_id)
-        finally:
-            summary.nodes = pipeline.nodes
-    writer.save()
-    summary.failed = [{"path": v["path"], "error": v["error"]} for v in lib.videos(status="failed")]
-    lib.close()
-    summary.seconds = time.monotonic() - start_time
+            with _sigterm_interrupts():
+                _ingest(root, index_dir, summary, clip_model, clip_pretrained, device, ray_address, workers,
+                        allow_random, progress, reranker)
+        except (Exception, KeyboardInterrupt) as err:
+            if "library.duckdb" not in existed and summary.indexed == 0:
+                _remove_new_index(index_dir, existed, made_folder)  # nothing was stored: leave no half index
+            if isinstance(err, KeyboardInterrupt):
+                raise VmrError(f"interrupted: {_progress_line(index_dir)}; re-run `vmr index {video_dir} --index "
+                               f"{index_dir}` to finish") from None
+            raise
     return summary
+
+
+def _progress_line(index_dir: str) -> str:
+    """'N of M videos indexed (K not yet)' of an index after a stopped run."""
+    from store.status import library_status
+
+    try:
+        info = library_status(index_dir)
+    except VmrError:
+        return "no video indexed"
+    return f"{info['indexed']} of {info['videos']} videos indexed ({info['pending']} not yet)"
+
+
+def _ingest(root, index_dir, summary, clip_model, clip_pretrained, device, ray_address, workers, allow_random,
+            progress, reranker) -> None:
+    from model.features import model_embed_dim, resolve_weights
+    from model.errors import ModelError
+
+    start_time = time.monotonic()
+    recorded = _recorded_meta(index_dir)
+    if not recorded and not discover(root, exclude=[index_dir]):
+        raise VmrError(f"no video files under {root} (looked for video extensions such as .mp4/.mkv/.webm and "
+                       "video signatures): point vmr index at the folder that holds the videos")
+    clip = choose_clip(recorded.get("clip_source") or {}, clip_model, clip_pretrained, device, allow_random)
+    try:
+        _, model_id, _, _ = resolve_weights(clip.model, clip.pretrained, clip.allow_random)  # fail fast
+        embed_dim = model_embed_dim(clip.model)
+        reranker = _check_reranker(reranker, model_id) if reranker else None
+    except ModelError as err:
+        raise VmrError(str(err)) from None
+    lib = Library(index_dir, read_only=False)
+    try:
+        meta = lib.prepare(model_id, embed_dim, root, clip_seconds=CLIP_SECONDS, clip_source=clip.source())
+        if reranker:
+            with lib.session() as con:
+                db.write_meta(con, {"reranker": reranker})
+        plan = plan_run(lib, root, index_dir)
+        summary.unchanged = plan.unchanged
+        writer = Writer(lib, lib.open_faiss(), summary, float(meta["clip_seconds"]))
+        writer.settle(plan)
+        if plan.work:
+            pipeline = Pipeline(clip, writer, ray_address, workers, progress)
+            try:
+                pipeline.run([Video(c, plan.ids[c.path], plan.states.get(c.path)) for c in plan.work], model_id)
+            finally:
+                summary.nodes = pipeline.nodes
+        writer.save()
+        summary.failed = [{"path": v["path"], "error": v["error"]} for v in lib.videos(status="failed")]
+    finally:
+        lib.close()
+    summary.seconds = time.monotonic() - start_time
+
+
+def choose_clip(recorded: dict, clip_model: str | None, clip_pretrained: str | None, device: str,
+                allow_random: bool) -> ClipChoice:
+    """The CLIP of a run: what was given; what is not given comes from the index's record (meta ``clip_source``,
+    so a re-index needs no CLIP options), else from DEFAULT_CLIP. Random weights only where allowed (tests) or
+    where the index itself was built with them."""
+    model = clip_model or recorded.get("model") or DEFAULT_CLIP[0]
+    same_model = recorded.get("model") and ClipChoice(model, None).source()["model"] == recorded["model"]
+    if clip_pretrained is None and not allow_random:
+        if same_model:
+            return ClipChoice(model, recorded.get("pretrained"), device, not recorded.get("pretrained"))
+        clip_pretrained = DEFAULT_CLIP[1]
+    return ClipChoice(model, clip_pretrained, device, allow_random)
+
+
+def _recorded_meta(index_dir: str) -> dict:
+    """The meta of an existing index ({} when there is none yet)."""
+    if not os.path.isfile(os.path.join(index_dir, "library.duckdb")):
+        return {}
+    try:
+        with Library(index_dir, read_only=True) as lib:
+            return lib.meta()
+    except VmrError as err:
+        if "no meta" in str(err):  # an index whose first run stopped before writing its schema
+            return {}
+        raise
+
+
+def _check_reranker(path: str, model_id: str) -> str:
+    """An LLMEPET checkpoint usable on this index's features; returns its absolute path."""
+    from model.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    trained_on = (ckpt.get("feature_spec") or {}).get("clip_model")
+    if trained_on and trained_on != model_id:
+        raise VmrError(f"reranker {path} was trained on {trained_on} features, this index holds {model_id}: give a "
+                       "checkpoint trained on this index (`vmr train --index`)")
+    return os.path.abspath(path)
+
+
+def _remove_new_index(index_dir: str, existed: set, made_folder: bool) -> None:
+    for path in [os.path.join(index_dir, name) for name in set(INDEX_FILES) - existed] + [lock_path(index_dir)]:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    if made_folder:
+        with contextlib.suppress(OSError):
+            os.rmdir(index_dir)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM stops an ingest the way Ctrl-C does (KeyboardInterrupt: transactions roll back, Ray shuts down,
+    one line) instead of killing the driver mid-write. Only in the main thread (signal handlers live there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _rebuild_faiss(index_dir: str) -> IngestSummary:

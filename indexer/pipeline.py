@@ -15,7 +15,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -118,12 +120,19 @@ class Pipeline:
         self.started_ray = False
         if not ray.is_initialized():
             os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+            if self.ray_address is None:
+                # A local cluster gets token authentication either way; saying so explicitly keeps Ray from
+                # printing its notice about that default on every run.
+                os.environ.setdefault("RAY_AUTH_MODE", "token")
+            on_term = signal.getsignal(signal.SIGTERM)
             try:
                 ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as err:
                 raise VmrError(f"cannot start/join Ray ({self.ray_address or 'local'}): "
                                f"{str(err).splitlines()[0]}") from None
+            if threading.current_thread() is threading.main_thread() and on_term is not None:
+                signal.signal(signal.SIGTERM, on_term)  # ray.init installs sys.exit on SIGTERM: keep the caller's
             self.started_ray = True
         return ray
 
@@ -236,7 +245,11 @@ class Pipeline:
         actor, items = self.embedding.pop(ref)
         self.actor_load[actor] -= 1
         finished = []
-        for (video, first), vecs in zip(items, ray.get(ref)):
+        try:
+            results = ray.get(ref)
+        except Exception as err:  # noqa: BLE001 - Ray already restarted the actor and retried: give up in one line
+            raise VmrError(f"CLIP worker failed: {_first_line(err)}") from None
+        for (video, first), vecs in zip(items, results):
             video.vectors[first] = vecs
             if not video.queued and video.done():
                 video.queued = True
@@ -265,11 +278,15 @@ def _launch_actors(ray, shape: ClusterShape) -> tuple[list, list[dict]]:
                                 get_if_exists=True).remote(clip, shape.threads)
               for i in range(shape.n_actors)]
     try:
-        return actors, ray.get([a.describe.remote() for a in actors])
-    except Exception as err:  # noqa: BLE001 - the actor's own error (e.g. a bad checkpoint) is in the text
+        described = ray.get([a.describe.remote() for a in actors])
+        error = next((d["error"] for d in described if d.get("error")), None)
+    except Exception as err:  # noqa: BLE001 - the actor died (out of memory, lost node): its error's last line
+        error = f"CLIP worker failed to start: {_first_line(err)}"
+    if error is not None:
         for actor in actors:
             ray.kill(actor)
-        raise VmrError(f"CLIP worker failed to start: {_first_line(err)}") from None
+        raise VmrError(error)
+    return actors, described
 
 
 def _record_segment(video: Video, first: int, info: dict) -> list:

@@ -100,14 +100,26 @@ class ClipWorker:
 
         from model.features import ClipEncoder
 
+        from model.errors import ModelError
+
         if threads:  # never more than the cores of the node the actor landed on
             torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
-        self.encoder = ClipEncoder.load(clip.model, clip.pretrained, device=clip.device,
-                                        allow_random=clip.allow_random)
+        # A model that cannot load (bad weights) is reported by describe() instead of raised: an actor that dies in
+        # its constructor is restarted and its calls retried, each time failing the same way with pages of Ray
+        # traceback. Retrying cannot fix a file.
+        self.error = None
+        try:
+            self.encoder = ClipEncoder.load(clip.model, clip.pretrained, device=clip.device,
+                                            allow_random=clip.allow_random)
+        except ModelError as err:
+            self.error = str(err)
 
     def describe(self) -> dict:
+        """What this actor loaded ({"error": one line} when it could not)."""
         import torch
 
+        if self.error is not None:
+            return {"error": self.error}
         enc = self.encoder
         cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in enc.preprocess_cfg.items()}
         return {"model_id": enc.model_id, "embed_dim": enc.embed_dim, "preprocess": cfg, "device": str(enc.device),

@@ -23,13 +23,14 @@ import argparse
 import hashlib
 import os
 import tempfile
+import warnings
 
 import torch
 
 from model.config import ModelConfig
 from model.providers import check_feature_spec
 from model.sample import DataConfig
-from model.errors import ModelError
+from model.errors import ModelError, weights_file_problem
 
 FORMAT, VERSION = "vmr-llmepet", 1
 LLM_BLOCK_PREFIX = "llm.blocks."
@@ -86,11 +87,12 @@ def load_weights_only(path: str):
     their options in one), allow-listed with add_safe_globals. ModelError (one line) when missing or unreadable."""
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelError(f"checkpoint {path} does not exist") from None
+        with warnings.catch_warnings():  # torch warns (several lines) about pickle protocols of foreign files
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unreadable / unsafe pickle: the user's file to fix
-        raise ModelError(f"cannot read {path} as a weights-only checkpoint: {str(err).splitlines()[0]}") from None
+        raise ModelError(f"cannot read checkpoint {path}: {weights_file_problem(path, err)} (give a file written "
+                         "by `vmr train` or `vmr convert-checkpoint`)") from None
 
 
 def read_checkpoint(path: str) -> dict:

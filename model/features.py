@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model.errors import ModelError
+from model.errors import ModelError, weights_file_problem
 
 RANDOM_SEED = 0  # random-weight models are seeded so every process (driver, Ray actors) builds the same one
 HUB_HOST, HUB_PROBE_SECONDS = "huggingface.co", 3.0
@@ -71,9 +72,10 @@ class ClipEncoder:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=weights, device=torch_device, **kwargs)
             tokenizer = open_clip.get_tokenizer(name)
-        except (RuntimeError, OSError, ValueError, KeyError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelError(f"cannot load CLIP {model_id}: {first}") from None
+        except Exception as err:  # noqa: BLE001 - a broken weights file or config: one line naming the file
+            what = weights if weights and os.path.isfile(str(weights)) else model_id
+            raise ModelError(f"cannot load CLIP {what}: {weights_file_problem(str(weights or model_id), err)}; "
+                             "give working weights with --clip-pretrained") from None
         return cls(model, preprocess, tokenizer, model_id, torch_device)
 
     # ---- images ------------------------------------------------------------------------------------------------
@@ -170,6 +172,7 @@ def resolve_weights(model_name_or_config_json: str, pretrained: str | None, allo
                              "local checkpoint file (--clip-pretrained PATH)")
         return name, f"{name}:random", None, kwargs
     if os.path.isfile(pretrained):
+        check_weights_file(pretrained)
         return name, f"{name}:{Path(pretrained).name}", pretrained, kwargs
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not tag_cfg:
@@ -191,6 +194,29 @@ def resolve_weights(model_name_or_config_json: str, pretrained: str | None, allo
         if tag_cfg.get(key) is not None:
             kwargs[arg] = tag_cfg[key]
     return name, model_id, weights, kwargs
+
+
+def check_weights_file(path: str) -> None:
+    """Read a local weights file's structure without its tensors (ms, even for large files): a truncated, corrupt
+    or unsafe file fails here, before any worker starts. ModelError naming the file."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                f.keys()
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) file: read it all
+    except Exception as err:  # noqa: BLE001 - the file is the user's to fix
+        raise ModelError(f"cannot load CLIP weights {path}: {weights_file_problem(path, err)}; give working weights "
+                         "with --clip-pretrained") from None
 
 
 def model_embed_dim(model_name_or_config_json: str) -> int:

@@ -82,6 +82,9 @@ class SearchEngine:
         from store.library import Library
 
         self.index_dir = str(index_dir)
+        if Path(self.index_dir).exists() and not Path(self.index_dir).is_dir():
+            raise VmrError(f"--index {self.index_dir} is a file, not an index folder: give the folder `vmr index` "
+                           "wrote")
         if not Path(self.index_dir).is_dir():
             raise VmrError(f"no index at {self.index_dir} (build one with `vmr index DIR --index {self.index_dir}`)")
         try:
@@ -127,7 +130,7 @@ class SearchEngine:
         query = " ".join(query.split())
         n = query_tokens(self.encoder, query)
         if n > self.encoder.context_length:
-            log.warning("warning: the query is %d tokens long; CLIP reads only the first %d", n,
+            log.warning("the query is %d tokens long; CLIP reads only the first %d", n,
                         self.encoder.context_length)
         pooled = self.encoder.encode_text([query])[0]
         tokens = self.encoder.encode_text_tokens([query])[0] if self.reranker is not None else None
@@ -186,13 +189,19 @@ def search_library(query: str, index_dir: str, top_k: int = 10, checkpoint: str 
     """One query against the index at ``index_dir`` (what `vmr search` runs). Errors: one-line VmrError."""
     if not isinstance(query, str) or not query.strip():
         raise VmrError("the query is empty")
+    from store.status import incomplete_note, library_status
+
     try:
         with SearchEngine(index_dir, checkpoint=checkpoint, rerank=rerank, device=device) as engine:
             if engine.fallback_reason:
-                log.warning("warning: %s", engine.fallback_reason)
-            return engine.search(query, top_k=top_k)
+                log.warning("%s", engine.fallback_reason)
+            result = engine.search(query, top_k=top_k)
     except ModelError as err:
         raise VmrError(str(err)) from None
+    note = incomplete_note(library_status(index_dir))
+    if note:
+        log.warning("%s", note)
+    return result
 
 
 def describe_results(results: list[dict]) -> str:

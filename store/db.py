@@ -57,6 +57,8 @@ def connect(index_dir, read_only: bool, wait: float = LOCK_WAIT_SECONDS) -> duck
     Raises VmrError when the file is missing (read-only), corrupt, or still locked after ``wait`` seconds.
     """
     path = db_path(index_dir)
+    if os.path.exists(os.fspath(index_dir)) and not os.path.isdir(os.fspath(index_dir)):
+        raise VmrError(f"--index {index_dir} is a file, not an index folder: give the folder `vmr index` wrote")
     if read_only and not os.path.isfile(path):
         raise VmrError(f"no vmr index at {index_dir} (missing {DB_FILE}); build one with `vmr index DIR --index {index_dir}`")
     if not read_only:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from store.library import Library
+from store.lock import ingest_running
 
 
 def library_status(index_dir) -> dict:
@@ -27,7 +28,18 @@ def library_status(index_dir) -> dict:
                   if k in meta["faiss"]},
         "faiss_current": meta["faiss"].get("generation") == meta.get("generation"),
         "index": str(index_dir),
+        "ingest_running": ingest_running(index_dir),
     }
+
+
+def incomplete_note(info: dict) -> str | None:
+    """One line when not every video of the index is settled: an ingest is running, or one stopped early."""
+    if not info["pending"]:
+        return None
+    done = f"{info['indexed']} of {info['videos']} videos indexed ({info['pending']} not yet)"
+    if info.get("ingest_running"):
+        return f"{done}; an ingest is running"
+    return f"{done}; ingest incomplete — re-run `vmr index` to finish"
 
 
 def describe_status(info: dict) -> str:
@@ -40,6 +52,9 @@ def describe_status(info: dict) -> str:
         f"  FAISS {info['faiss'].get('clips_type', 'none')}" + ("" if info["faiss_current"] else
                                                                " (behind DuckDB: the next `vmr index` rebuilds it)"),
     ]
+    note = incomplete_note(info)
+    if note:
+        lines.append(f"  {note}")
     if info["failed"]:
         lines.append("  failed:")
         lines += [f"    {f['path']}: {f['error']}" for f in info["failed"]]
