@@ -82,7 +82,7 @@ def save_checkpoint(path: str, model, data_cfg: DataConfig, feature_spec: dict, 
             os.remove(tmp)
 
 
-def load_weights_only(path: str):
+def load_weights_only(path: str, expected: str = "a file written by `vmr train` or `vmr convert-checkpoint`"):
     """``torch.load`` restricted to plain data and tensors, plus argparse.Namespace (the authors' checkpoints keep
     their options in one), allow-listed with add_safe_globals. ModelError (one line) when missing or unreadable."""
     torch.serialization.add_safe_globals([argparse.Namespace])
@@ -91,8 +91,8 @@ def load_weights_only(path: str):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unreadable / unsafe pickle: the user's file to fix
-        raise ModelError(f"cannot read checkpoint {path}: {weights_file_problem(path, err)} (give a file written "
-                         "by `vmr train` or `vmr convert-checkpoint`)") from None
+        raise ModelError(f"cannot read checkpoint {path}: {weights_file_problem(path, err)} (give {expected})") \
+            from None
 
 
 def read_checkpoint(path: str) -> dict:

@@ -161,7 +161,7 @@ def convert_state_dict(state: dict, opt) -> tuple[ModelConfig, dict]:
 
 
 def load_authors_checkpoint(src: str) -> dict:
-    ckpt = load_weights_only(src)
+    ckpt = load_weights_only(src, expected="a checkpoint saved by the authors' LLMEPET train.py")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ModelError(f"{src} is not an authors' checkpoint (expected a dict with 'model' and 'opt')")
     return ckpt
