@@ -11,11 +11,15 @@ os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray (2 CPUs, no dashboard) shared by the session; shut down at the end (no processes left)."""
+    """A local Ray (2 CPUs, no dashboard) shared by the session; shut down at the end (no processes left).
+
+    ``address="local"`` always starts this session's own instance: a Ray cluster already running on the machine
+    (another test run, a user's `ray start`) is never joined.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 
