@@ -229,7 +229,6 @@ def test_no_code_edits_sys_path(readers):
     _fail_if(edits, "no code edits the import path (use PYTHONPATH for a child process, or importlib)")
 
 
-@pytest.mark.xfail(strict=False, reason="issue 13 in progress")
 def test_product_files_stay_small(readers):
     sizes = {rel: len((ROOT / rel).read_text().splitlines()) for rel in readers if top_name(rel) in PRODUCT}
     _fail_if([f"{rel}: {n} lines" for rel, n in sorted(sizes.items()) if n > MAX_PRODUCT_LINES],
