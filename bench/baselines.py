@@ -23,7 +23,7 @@ import numpy as np
 
 from model.spans import tile_windows
 from retriever.coarse import features_of, score_window, with_spans
-from retriever.merge import COARSE_WEIGHT, Moment, final_score, nms_merge
+from retriever.merge import Moment, ScoreRule, nms_merge
 from retriever.search import STAGES, SearchResult, rank_moments
 from retriever.windows import MAX_WINDOW_CLIPS, Window
 
@@ -65,15 +65,18 @@ def all_windows(library, query: np.ndarray, clip_seconds: float, videos: dict[in
 
 
 def pruned_moments(reranker, windows: list[Window], tokens: np.ndarray, top_k: int,
-                   coarse_weight: float = COARSE_WEIGHT, batch: int = 64) -> list[Moment]:
+                   rule: ScoreRule | None = None, batch: int = 64) -> list[Moment]:
     """Reranked moments of ``windows`` sufficient for the exact final top_k (scored), skipping hopeless windows.
 
-    A moment's final score is confidence + w * coarse with confidence ≤ 1 (a probability) and coarse the mean
+    A moment's score is model score + w * coarse (``rule``, default the reranker's) with a model score ≤ 1 (a
+    probability or a mean of them) and coarse the mean
     cosine of clips inside its window, so ≤ the window's best clip cosine: 1 + w * max(clip_scores) bounds every
     moment a window can give. Windows are reranked in order of that bound; once the next bound is below the
     top_k-th score after the merge, no remaining window can enter or change the top_k (NMS only removes a moment
     for a better one of the same video). So nms_merge(result, top_k) equals the merge over all windows, ties aside.
     """
+    rule = rule or reranker.score_rule
+    coarse_weight = rule.coarse_weight
     if coarse_weight < 0:
         raise ValueError("pruning needs a non-negative coarse weight")
     order = sorted(windows, key=lambda w: -float(np.max(w.clip_scores)))
@@ -85,13 +88,13 @@ def pruned_moments(reranker, windows: list[Window], tokens: np.ndarray, top_k: i
                 break
         new = reranker.moments(order[start: start + batch], tokens)
         for m in new:
-            m.score = final_score(m.confidence, m.coarse, coarse_weight)
+            m.score = rule.score(m)
         moments += new
     return moments
 
 
 def exhaustive_search(engine, query: str, top_k: int = 10, pruned: bool = False, features: dict | None = None,
-                      coarse_weight: float = COARSE_WEIGHT) -> SearchResult:
+                      rule: ScoreRule | None = None) -> SearchResult:
     """The baseline's answer to ``query`` with the engine's CLIP and reranker, timed per stage as the engine's own
     search: "coarse" is reading the video table, "windows" scoring every window."""
     if engine.reranker is None:
@@ -108,11 +111,11 @@ def exhaustive_search(engine, query: str, top_k: int = 10, pruned: bool = False,
         t3 = time.perf_counter()
     timings["coarse"], timings["windows"] = t2 - t1, t3 - t2
     if pruned:
-        moments = pruned_moments(engine.reranker, windows, tokens, top_k, coarse_weight)
+        moments = pruned_moments(engine.reranker, windows, tokens, top_k, rule)
     else:
         moments = engine.reranker.moments(windows, tokens)
     t4 = time.perf_counter()
-    ranked = rank_moments(moments, top_k, coarse_weight)
+    ranked = rank_moments(moments, top_k, rule or engine.reranker.score_rule)
     timings["rerank"], timings["merge"] = t4 - t3, time.perf_counter() - t4
     timings["total"] = time.perf_counter() - t0
     return SearchResult(ranked, timings, [w.video_id for w in windows])
@@ -138,7 +141,7 @@ def check_pruned(engine, queries: list[str], top_k: int = 10) -> list[str]:
         engine.reranker.moments = real
     full = real(windows, tokens)
     for m in full:
-        m.score = final_score(m.confidence, m.coarse)
+        m.score = engine.reranker.score_rule.score(m)
     key = lambda ms: [(m.video_id, m.start, m.end, round(m.score, 6)) for m in ms]  # noqa: E731
     if key(nms_merge(pruned, top_k=3)) != key(nms_merge(full, top_k=3)):
         problems.append("pruned_moments top-3 differs from the merge over every window")

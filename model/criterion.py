@@ -5,6 +5,13 @@ Targets (a dict, as the authors' ``prepare_batch_inputs`` builds it):
     saliency_pos_labels, saliency_neg_labels: [B, P] clip indices (hinge pairs)
     saliency_all_labels: [B, Lv] per-clip saliency (0 = outside the moment; padded with 0)
     relevant_clips: optional, defaults to saliency_all_labels (> 0 marks the moment's clips)
+    negative: optional [B] bool: negative windows (model.negatives), the target "no moment here": no span (every
+        decoder query is background), saliency 0 on every clip
+
+Negative windows: the span, hinge and moment-token terms need a moment, so they read the positive samples only;
+the class term sees every query of a negative as background; the saliency gets an absolute term on both kinds
+(``loss_saliency``: sigmoid(saliency) pushed to 0 on a negative's clips and to 1 on a positive's moment clips,
+the same on the clip-to-word attention), which makes saliency comparable across windows and videos.
 
 Loss terms (``weight_dict`` weights them; aux_outputs add span/label terms per earlier decoder layer, "_i"):
     loss_span, loss_giou     matched span L1 and 1 - GIoU
@@ -62,7 +69,43 @@ def _masked(scores, valid):
     return valid * scores + (1.0 - valid) * PAD_SCORE
 
 
+def _positive_rows(targets: dict, b: int, device) -> torch.Tensor:
+    """[B] bool: samples that hold a moment (all, unless the batch has negative windows)."""
+    negative = targets.get("negative")
+    return torch.ones(b, dtype=torch.bool, device=device) if negative is None else ~negative.to(device).bool()
+
+
+def match(matcher: HungarianMatcher, pred_spans, target_spans: list, pred_logits=None) -> Indices:
+    """The matcher's indices; a batch of negative windows only has no target to match (empty indices)."""
+    if sum(len(t) for t in target_spans) == 0:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return [(empty, empty) for _ in target_spans]
+    return matcher(pred_spans, target_spans, pred_logits)
+
+
+def _absolute_saliency(scores, attn, labels, valid, positive):
+    """Absolute saliency targets, used when the batch holds negative windows: sigmoid(score) -> 0 on every clip
+    of a negative window, -> 1 on the moment clips of a positive one (the same on the clip-to-word attention,
+    already in [0, 1]). BCE averaged over those clips, then over samples: a long window weighs as a short one."""
+    def mean_bce(bce, mask):
+        return ((bce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+    moment = (labels > 0).float() * valid
+    neg_rows = ~positive
+    loss = scores.new_zeros(())
+    loss_attn = scores.new_zeros(())
+    if bool(neg_rows.any()):
+        loss = loss + mean_bce(F.softplus(scores[neg_rows]), valid[neg_rows])
+        loss_attn = loss_attn + mean_bce(-torch.log((1.0 - attn[neg_rows]).clamp(min=1e-6)), valid[neg_rows])
+    if bool(positive.any()):
+        loss = loss + mean_bce(F.softplus(-scores[positive]), moment[positive])
+        loss_attn = loss_attn + mean_bce(-torch.log(attn[positive].clamp(min=1e-6)), moment[positive])
+    return loss, loss_attn
+
+
 def _hinge(scores, pos_idx, neg_idx, margin):
+    if len(scores) == 0:
+        return scores.new_zeros(())
     rows = torch.arange(len(scores), device=scores.device)[:, None]
     pos, neg = scores[rows, pos_idx], scores[rows, neg_idx]
     return (margin + neg - pos).clamp(min=0).sum() / (len(scores) * pos_idx.shape[1]) * 2
@@ -89,6 +132,9 @@ class SetCriterion(nn.Module):
     def loss_spans(self, outputs, targets, indices):
         idx = _src_index(indices)
         src = outputs["pred_spans"][idx]
+        if len(src) == 0:  # negative windows only: nothing to regress (zero, still in the graph)
+            zero = outputs["pred_spans"].sum() * 0
+            return {"loss_span": zero, "loss_giou": zero}
         tgt = torch.cat([t["spans"][j] for t, (_, j) in zip(targets["span_labels"], indices)]).to(src)
         giou = torch.diag(generalized_temporal_iou(span_cxw_to_xx(src), span_cxw_to_xx(tgt)))
         return {"loss_span": F.l1_loss(src, tgt, reduction="none").mean(), "loss_giou": (1 - giou).mean()}
@@ -110,7 +156,10 @@ class SetCriterion(nn.Module):
         positive = torch.zeros_like(logits, dtype=torch.bool)
         positive[_src_index(indices)] = True
         pos_term = logits.masked_fill(~positive, 0).sum(1)
-        loss = -pos_term / positive.sum(1) + logits.logsumexp(1)
+        has = positive.sum(1) > 0  # negative windows have no matched query to align
+        if not bool(has.any()):
+            return {"loss_contrastive_align": logits.sum() * 0}
+        loss = -pos_term[has] / positive.sum(1)[has] + logits[has].logsumexp(1)
         return {"loss_contrastive_align": loss.mean()}
 
     def loss_event_spans(self, outputs, targets, indices):
@@ -132,14 +181,20 @@ class SetCriterion(nn.Module):
         pos_idx, neg_idx = targets["saliency_pos_labels"], targets["saliency_neg_labels"]
         scores, attn = outputs["saliency_scores"], outputs["t2vattnvalues"]
         scores_neg, attn_neg = outputs["saliency_scores_neg"], outputs["t2vattnvalues_neg"]
+        positive = _positive_rows(targets, len(scores), scores.device)
+        absolute = 0.0
+        if "negative" in targets and not bool(positive.all()):
+            abs_scores, abs_attn = _absolute_saliency(scores, attn, labels, valid, positive)
+            absolute = abs_scores + cfg.lw_wattn * abs_attn
+
+        def hinge(s):  # the hinge pairs are clips of a moment: positive samples only
+            return _hinge(s[positive], pos_idx[positive], neg_idx[positive], cfg.saliency_margin)
 
         if scores_neg is None:  # no negative pass (batch of one, or one source video)
-            loss = _hinge(scores, pos_idx, neg_idx, cfg.saliency_margin) \
-                + rank_contrastive(_masked(scores, valid), labels, valid)
+            loss = hinge(scores) + rank_contrastive(_masked(scores, valid), labels, valid)
             loss_attn = rank_contrastive(_masked(attn, valid), labels, valid) \
-                + F.binary_cross_entropy(attn.reshape(-1), labels.clamp(0, 1).reshape(-1)) \
-                + _hinge(attn, pos_idx, neg_idx, cfg.saliency_margin)
-            return {"loss_saliency": loss + cfg.lw_wattn * loss_attn}
+                + F.binary_cross_entropy(attn.reshape(-1), labels.clamp(0, 1).reshape(-1)) + hinge(attn)
+            return {"loss_saliency": loss + cfg.lw_wattn * loss_attn + absolute}
 
         real = outputs["real_neg_mask"]
         valid_real = valid[real]
@@ -157,25 +212,29 @@ class SetCriterion(nn.Module):
         if int(false_neg.sum()) > 1:
             rank = rank + rank_contrastive(_masked(scores[false_neg], valid[false_neg]), labels[false_neg],
                                            valid[false_neg])
-        loss = _hinge(scores, pos_idx, neg_idx, cfg.saliency_margin) + rank + neg_pair
+        loss = hinge(scores) + rank + neg_pair
 
         # The same on the clip-to-word attention (their false-negative attention term is added to a variable
         # that is no longer read, so it does not count; neither does it here).
         neg_pair_attn = (-torch.log(1.0 - attn_neg) * valid_real).sum(1).mean()
         loss_attn = rank_contrastive(paired(attn, attn_neg), labels_pair, valid_pair) \
             + F.binary_cross_entropy(attn.reshape(-1), labels.clamp(0, 1).reshape(-1)) \
-            + neg_pair_attn + _hinge(attn, pos_idx, neg_idx, cfg.saliency_margin)
-        return {"loss_saliency": loss + cfg.lw_wattn * loss_attn}
+            + neg_pair_attn + hinge(attn)
+        return {"loss_saliency": loss + cfg.lw_wattn * loss_attn + absolute}
 
     # --- CG-DETR token losses -----------------------------------------------------------------------------
     def loss_ms_align(self, outputs, targets, indices):
         if outputs.get("memory_moment") is None:
             return {"loss_ms_align": 0.0}
-        moment = F.normalize(outputs["memory_moment"], dim=1)
-        nmoment = F.normalize(outputs["nmmemory_moment"], dim=1)
-        sentence = F.normalize(outputs["sentence_txt"], dim=1)
-        dummy = F.normalize(outputs["sentence_dummy"], dim=1)
+        # the moment token of a negative window has no moment: the contrast reads the positive samples only
+        positive = _positive_rows(targets, outputs["memory_moment"].shape[0], outputs["memory_moment"].device)
+        moment = F.normalize(outputs["memory_moment"][positive], dim=1)
+        nmoment = F.normalize(outputs["nmmemory_moment"][positive], dim=1)
+        sentence = F.normalize(outputs["sentence_txt"][positive], dim=1)
+        dummy = F.normalize(outputs["sentence_dummy"][positive], dim=1)
         b = moment.shape[0]
+        if b == 0:
+            return {"loss_ms_align": outputs["memory_moment"].sum() * 0}
         eye = torch.eye(b, device=moment.device)
         # moment token of video i matches sentence i, against all non-moment tokens
         sim = torch.cat([moment @ sentence.T, nmoment @ sentence.T], dim=1)  # [B, 2B]
@@ -227,7 +286,7 @@ class SetCriterion(nn.Module):
         if self.cfg.saliency_loss_only:  # highlight-only data: no spans to match
             return self.loss_saliency(outputs, targets, None)
         target_spans = [t["spans"] for t in targets["span_labels"]]
-        indices = self.matcher(outputs["pred_spans"], target_spans, outputs["pred_logits"])
+        indices = match(self.matcher, outputs["pred_spans"], target_spans, outputs["pred_logits"])
         losses = {}
         for name in self.losses:
             if name == "event_spans":
@@ -236,7 +295,7 @@ class SetCriterion(nn.Module):
             else:
                 losses.update(loss_fns[name](outputs, targets, indices))
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_indices = self.matcher(aux["pred_spans"], target_spans, aux["pred_logits"])
+            aux_indices = match(self.matcher, aux["pred_spans"], target_spans, aux["pred_logits"])
             for name in self.aux_losses:
                 losses.update({f"{k}_{i}": v for k, v in loss_fns[name](aux, targets, aux_indices).items()})
         return losses

@@ -16,8 +16,12 @@ import torch
 
 from model.errors import ModelError
 from model.labels import crop_annotation, make_labels, training_crop
+from model.negatives import SOURCES, NegativeSampler, negative_labels
 from model.providers import load_text, load_video, video_source_dims
 from model.sample import DataConfig, text_input, video_input
+
+
+NEGATIVE = "negative"  # an entry's marker: a negative window of the annotation (drawn per item)
 
 
 def needs_windows(n_clips: int, duration: float, cfg: DataConfig) -> bool:
@@ -38,10 +42,14 @@ class MomentDataset(torch.utils.data.Dataset):
         windows: optional list of (annotation index, first clip, end clip) entries to serve instead of one
             sample per annotation (prediction on long videos).
         seed: seeds the label sampling (positive/negative clips, window subsets, training crops).
+        neg_ratio: negative windows (model.negatives) per annotation and epoch (0: none, the authors' recipe);
+            ``round(neg_ratio * len(annotations))`` negative entries follow the annotations' own.
+        neg_sources: the negative sources to draw from (model.negatives.SOURCES).
     """
 
     def __init__(self, annotations: list[dict], provider, cfg: DataConfig, load_labels: bool = True,
-                 windows: list[tuple[int, int, int]] | None = None, seed: int = 2018):
+                 windows: list[tuple[int, int, int]] | None = None, seed: int = 2018, neg_ratio: float = 0.0,
+                 neg_sources=SOURCES):
         self.annotations, self.provider, self.cfg = annotations, provider, cfg
         self.load_labels = load_labels
         self.entries = windows if windows is not None else [(i, None, None) for i in range(len(annotations))]
@@ -50,6 +58,19 @@ class MomentDataset(torch.utils.data.Dataset):
             for a in annotations:
                 if not a.get("relevant_windows"):
                     raise ModelError(f"qid {a.get('qid')!r} has no relevant_windows (needed for training)")
+        self.negatives = None
+        if neg_ratio > 0 and load_labels and windows is None:
+            self.negatives = NegativeSampler(annotations, provider, self.n_clips, cfg.v_limit, cfg.clip_length,
+                                             neg_sources)
+            n_neg = int(round(neg_ratio * len(annotations)))
+            self.entries = self.entries + [(i % len(annotations), NEGATIVE, None) for i in range(n_neg)]
+        self._n_clips: dict[str, int] = {}
+
+    def n_clips(self, vid: str) -> int:
+        """Clips of ``vid`` (cached; the negative sampler places windows with it)."""
+        if vid not in self._n_clips:
+            self._n_clips[vid] = len(load_video(self.provider, vid, self.cfg))
+        return self._n_clips[vid]
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -57,6 +78,8 @@ class MomentDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         ann_index, start, end = self.entries[index]
         ann = self.annotations[ann_index]
+        if start == NEGATIVE:
+            return self.negative_item(ann_index)
         video = load_video(self.provider, ann["vid"], self.cfg)
         if start is None and needs_windows(len(video), ann["duration"], self.cfg):
             if self.load_labels:
@@ -81,6 +104,24 @@ class MomentDataset(torch.utils.data.Dataset):
                 raise ModelError(f"qid {ann['qid']!r}: no GT window inside the training window")
             item["labels"] = make_labels(ann_view, n, self.cfg, self.rng)
         return item
+
+
+    def negative_item(self, ann_index: int) -> dict:
+        """A window without ``ann``'s moment, with ``ann``'s query, target "no moment here" (model.negatives).
+        meta["vid"] stays the query's own video: the model's shuffled-pair pass must not pair that video with
+        this query as if it were irrelevant; meta["window_vid"] names the video the window is from."""
+        ann = self.annotations[ann_index]
+        drawn = self.negatives.sample(ann, self.rng)
+        if drawn is None:  # no source has a window for it: its positive sample instead, never a wrong label
+            return self[ann_index]  # (negatives exist only without explicit windows: entry i is annotation i)
+        source, vid, start, end = drawn
+        video = load_video(self.provider, vid, self.cfg)[start:end]
+        return {"meta": {"qid": ann["qid"], "query": ann["query"], "vid": ann["vid"], "window_vid": vid,
+                         "negative": source, "window": (start, end), "duration": len(video) * self.cfg.clip_length,
+                         "offset": start * self.cfg.clip_length, "ann_index": ann_index},
+                "video": video_input(video, self.cfg, video_source_dims(self.provider)),
+                "text": text_input(load_text(self.provider, ann, self.cfg), self.cfg),
+                "labels": negative_labels(len(video))}
 
 
 def load_annotations(path: str) -> list[dict]:

@@ -101,7 +101,7 @@ def collate(items: list[dict]) -> dict:
     src_txt_mask [B,Lt], src_vid [B,Lv,Dv], src_vid_mask [B,Lv]}, "targets": None or the authors' target dict}.
 
     targets: span_labels = [{"spans": [#w, 2]}], saliency_pos_labels / saliency_neg_labels [B, 2] long,
-    saliency_all_labels [B, Lv'] float (and the same tensor as relevant_clips).
+    saliency_all_labels [B, Lv'] float (and the same tensor as relevant_clips), negative [B] bool.
     """
     src_txt, src_txt_mask = pad_sequences([it["text"] for it in items])
     src_vid, src_vid_mask = pad_sequences([it["video"] for it in items])
@@ -119,6 +119,8 @@ def collate(items: list[dict]) -> dict:
             "saliency_neg_labels": torch.tensor([lb["saliency_neg"] for lb in labels], dtype=torch.long),
             "saliency_all_labels": saliency_all,
             "relevant_clips": saliency_all,
+            # negative windows (model.negatives): no span target, saliency 0; the criterion skips their hinge pairs
+            "negative": torch.tensor([bool(lb.get("negative", False)) for lb in labels]),
         }
     return batch
 

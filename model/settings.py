@@ -30,6 +30,10 @@ class TrainConfig:
                                 # provider holds a database connection that must not be forked)
     embed_llm: bool = False     # store the frozen LLM blocks in the checkpoint instead of a hashed reference
     clip_model: str = ""        # CLIP id of public features (default: the public ViT-B-32:openai)
+    # Negative windows (model.negatives) per annotated sample and epoch. -1: the default for the data: 1 when
+    # training on an index or on the custom preset, 0 (the authors' recipe) for the public presets' feature files.
+    neg_ratio: float = -1.0
+    neg_sources: list = dataclasses.field(default_factory=lambda: ["other", "hard", "same", "labels"])
     progress: bool = True
 
 
@@ -90,7 +94,7 @@ def build_settings(dataset: str, config_path: str | None = None, overrides: list
 
     model_fields = ModelConfig().to_dict()
     data_fields = {f.name: getattr(DataConfig(), f.name) for f in dataclasses.fields(DataConfig)}
-    train_fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    train_fields = dataclasses.asdict(TrainConfig())
     model_over, data_kw, train_kw = {}, {}, {}
     for k, v in layered.items():
         hit = False
@@ -106,3 +110,14 @@ def build_settings(dataset: str, config_path: str | None = None, overrides: list
         if not hit:
             raise ModelError(f"unknown setting {k!r} (not a model, data or training field)")
     return model_over, DataConfig(**data_kw), TrainConfig(**train_kw)
+
+
+def negative_ratio(train_cfg: TrainConfig, dataset: str, public_features: bool) -> tuple[float, str]:
+    """(negative windows per sample, why): ``neg_ratio`` when set (>= 0); else 1 for training on an index or on
+    the custom preset (a search engine's reranker must tell a window without the moment), 0 for the public
+    presets on their feature files (the authors' recipe, so paper-style runs stay comparable)."""
+    if train_cfg.neg_ratio >= 0:
+        return float(train_cfg.neg_ratio), "set by neg_ratio"
+    if dataset == "custom" or not public_features:
+        return 1.0, "the default for index and custom training; --set neg_ratio=0 for none"
+    return 0.0, f"the authors' recipe for {dataset}; --set neg_ratio=1 to add negative windows"

@@ -31,7 +31,7 @@ from model.errors import ModelError
 from model.metrics import evaluate
 from model.features import resolve_device
 from model.predict import make_provider, predict_annotations
-from model.settings import TrainConfig, build_settings
+from model.settings import TrainConfig, build_settings, negative_ratio
 
 def best_score(metrics: dict, dataset: str) -> float:
     """The authors' model-selection criterion."""
@@ -41,6 +41,15 @@ def best_score(metrics: dict, dataset: str) -> float:
     if dataset in ("charades", "tacos"):
         return brief["MR-full-mIoU"]
     return (brief["MR-full-R1@0.7"] + brief["MR-full-R1@0.5"]) / 2
+
+
+def describe_negatives(ds: MomentDataset, ratio: float, why: str) -> str:
+    """The line `vmr train` prints about negative windows (which recipe this run uses)."""
+    if not ds.negatives:
+        return f"negative windows: none ({why})"
+    n = sum(1 for e in ds.entries if e[1] == "negative")
+    return (f"negative windows: {ratio:g} per annotation ({n} an epoch) from {ds.negatives.describe()} ({why}); "
+            f"target: no moment, saliency 0")
 
 
 def set_seed(seed: int) -> None:
@@ -218,7 +227,7 @@ def _describe(record: dict) -> str:
 def build_run(train_path: str, val_path: str | None, features_dir: str | None, out_path: str, dataset: str,
               config_path: str | None = None, overrides: list[str] = (), llm: str | None = None,
               llm_layers: str | None = None, resume: str | None = None, device: str = "auto",
-              provider=None) -> Trainer:
+              provider=None, print_recipe: bool = False) -> Trainer:
     """Everything `vmr train` sets up before the first epoch (tests use it to drive training directly)."""
     from model.checkpoint import load_checkpoint, read_checkpoint
     from model.criterion import build_criterion
@@ -267,8 +276,16 @@ def build_run(train_path: str, val_path: str | None, features_dir: str | None, o
     else:
         cfg = ModelConfig().replace(**model_over)
         model = build_model(cfg, llm_weights=True, device=dev)
+    from model.providers import PublicFeatureDir
+
+    ratio, why = negative_ratio(train_cfg, dataset, isinstance(src, PublicFeatureDir))
+    train_ds = MomentDataset(train_anns, src, data_cfg, load_labels=True, seed=train_cfg.seed, neg_ratio=ratio,
+                             neg_sources=train_cfg.neg_sources)
+    model.cfg.extra["negatives"] = {"ratio": ratio, "sources": list(train_ds.negatives.sources)
+                                    if train_ds.negatives else []}  # recorded in the checkpoint
+    if train_cfg.progress or print_recipe:
+        print(describe_negatives(train_ds, ratio, why))
     criterion = build_criterion(model.cfg).to(dev)
-    train_ds = MomentDataset(train_anns, src, data_cfg, load_labels=True, seed=train_cfg.seed)
     trainer = Trainer(model, criterion, train_ds, val_anns, src, data_cfg, train_cfg, dataset, spec, out_path, dev)
     if resumed is not None and "train_state" in resumed:
         trainer.restore(resumed["train_state"])
@@ -286,7 +303,7 @@ def train_from_cli(train_path: str, val_path: str | None, index_dir: str | None,
     if index_dir is not None and provider is None:
         raise ModelError("--index needs a feature provider from the index; this build of vmr cannot read one here")
     trainer = build_run(train_path, val_path, features_dir, out_path, dataset, config_path, overrides, llm,
-                        llm_layers, resume, device, provider)
+                        llm_layers, resume, device, provider, print_recipe=True)
     summary = trainer.fit()
     best = summary["best_score"]
     print(f"trained {summary['epochs']} epochs; best checkpoint {out_path}"

@@ -1,30 +1,62 @@
-"""Moments from candidate windows -> one ranked list: the final-score rule and NMS across overlapping windows.
+"""Moments from candidate windows -> one ranked list: the ranking score and NMS across overlapping windows.
 
-The final score:
+A reranked moment's ranking score (``ScoreRule``, stored in the checkpoint by the training that fit it):
 
-    final = confidence + COARSE_WEIGHT * coarse
+    score = model_score + coarse_weight * coarse
 
-``confidence`` is the reranker's foreground probability of the moment (softmax of its class logits). The model only
-learned to compare moments WITHIN a window: every training window holds its moment, so a window of the wrong video
-still gets a confident best moment. ``coarse`` is the mean CLIP cosine between the query and the clips of the
-moment's span (exact, from the stored vectors), which IS comparable across videos. So the coarse term orders the
-videos and the spans, and the confidence breaks near-ties (cosines within ~1/COARSE_WEIGHT of each other).
-
-Measured on a decoded test world (23 videos, 66 sentences; bench/search.py decoded_world_study), VCMR R@1 at
-IoU 0.5 / 0.7 by coarse weight: 0 (confidence alone) 31.8 / 31.8; 1 and 4: 95.5 / 90.9; 8: 97.0 / 93.9;
-16 and 32: 98.5 / 95.5; 100: 98.5 / 98.5; 1e6 (span cosine alone): 98.5 / 97.0. Coarse alone (its best
-pseudo-event, no reranker): 83.3 / 74.2. Without the reranker a coarse moment's score is its coarse score.
+``model_score`` is the reranker's own measure of "this span is the query's moment", in [0, 1]:
+    "confidence"  the foreground probability of the span (softmax of its decoder query's class logits);
+    "saliency"    the mean sigmoid saliency over the span's clips;
+    "both"        their geometric mean.
+These are comparable across windows and videos only for a model trained with negative windows (model.negatives):
+one that never saw a window without its moment finds a confident moment in every window. ``coarse`` is the mean
+CLIP cosine between the query and the span's clips (exact, from the stored vectors). ``coarse_weight`` is fit on
+validation queries after training (retriever.fit_score), never set by hand; a checkpoint without a fitted rule
+ranks by its confidence alone. A coarse (not reranked) moment's score is its coarse score.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from model.spans import covering_clips, temporal_nms
 
-COARSE_WEIGHT = 100.0  # measured (module docstring); confidence then separates spans of near-equal cosine
 NMS_IOU = 0.5  # moments of one video overlapping a better one by more than this are dropped
+MODEL_SCORES = ("confidence", "saliency", "both")
+
+
+@dataclass(frozen=True)
+class ScoreRule:
+    """How a reranked moment is scored (module docstring). Stored as a dict in the checkpoint's model config
+    (``extra["score_rule"]``) with the validation figures it was fit on."""
+    model: str = "confidence"
+    coarse_weight: float = 0.0
+
+    def __post_init__(self):
+        if self.model not in MODEL_SCORES:
+            raise ValueError(f"model score must be one of {', '.join(MODEL_SCORES)}, not {self.model!r}")
+
+    def model_score(self, m: "Moment") -> float:
+        if self.model == "confidence":
+            return float(m.confidence)
+        if self.model == "saliency":
+            return float(m.span_saliency)
+        return math.sqrt(max(float(m.confidence), 0.0) * max(float(m.span_saliency), 0.0))
+
+    def score(self, m: "Moment") -> float:
+        if m.confidence is None:  # a coarse moment
+            return float(m.coarse)
+        return self.model_score(m) + self.coarse_weight * float(m.coarse)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ScoreRule":
+        d = d or {}
+        return cls(model=d.get("model", "confidence"), coarse_weight=float(d.get("coarse_weight", 0.0)))
 
 
 @dataclass
@@ -33,11 +65,13 @@ class Moment:
     path: str
     start: float  # seconds, absolute in the video
     end: float
-    confidence: float | None  # reranker foreground probability; None for coarse moments
-    coarse: float  # mean query-clip cosine over the moment's clips
-    saliency: list = field(default_factory=list)  # the window's per-clip saliency (reranker) or cosine (coarse)
+    confidence: float | None  # reranker foreground probability in [0, 1]; None for coarse moments
+    coarse: float  # mean query-clip cosine over the moment's clips, in [-1, 1]
+    # the window's per-clip saliency: sigmoid of the reranker's saliency in [0, 1], or the cosine (coarse moments)
+    saliency: list = field(default_factory=list)
     window: tuple[float, float] = (0.0, 0.0)  # the candidate window it came from (seconds)
     score: float = 0.0
+    span_saliency: float | None = None  # mean sigmoid saliency over the span's clips (reranked moments)
 
     def to_dict(self, reranked: bool) -> dict:
         return {"path": self.path, "video_id": self.video_id, "start": round(float(self.start), 3),
@@ -45,15 +79,9 @@ class Moment:
                 "coarse_score": round(float(self.coarse), 6),
                 "confidence": None if self.confidence is None else round(float(self.confidence), 6),
                 "saliency": [round(float(s), 4) for s in self.saliency],
+                "span_saliency": None if self.span_saliency is None else round(float(self.span_saliency), 6),
                 "window": [round(float(self.window[0]), 3), round(float(self.window[1]), 3)],
                 "reranked": reranked}
-
-
-def final_score(confidence: float | None, coarse: float, coarse_weight: float = COARSE_WEIGHT) -> float:
-    """The ranking score of a moment (see the module docstring)."""
-    if confidence is None:
-        return float(coarse)
-    return float(confidence) + coarse_weight * float(coarse)
 
 
 def span_coarse_score(clip_scores: np.ndarray, first_clip: int, start: float, end: float,
@@ -71,7 +99,7 @@ def span_coarse_score(clip_scores: np.ndarray, first_clip: int, start: float, en
 
 
 def nms_merge(moments: list[Moment], iou_threshold: float = NMS_IOU, top_k: int | None = None) -> list[Moment]:
-    """Greedy NMS per video in final-score order; moments of different videos never suppress each other."""
+    """Greedy NMS per video in ranking-score order; moments of different videos never suppress each other."""
     kept = temporal_nms([(m.start, m.end) for m in moments], [m.score for m in moments], iou_threshold, top_k,
                         groups=[m.video_id for m in moments])
     return [moments[i] for i in kept]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from retriever.windows import index_clip_seconds
+from store.errors import VmrError
 
 
 class IndexFeatureProvider:
@@ -35,6 +36,23 @@ class IndexFeatureProvider:
         if query not in self._texts:
             self._texts[query] = self.encoder.encode_text_tokens([query])[0]
         return self._texts[query]
+
+    def hard_negatives(self, query: str, exclude_vids) -> list[tuple[str, int, int]]:
+        """Windows of other videos that the coarse stage ranks high for ``query``, best first, as (vid, first
+        clip, end clip): hard negative windows for training (model.negatives). ``exclude_vids``: annotation vids
+        that hold this query's moment."""
+        from retriever.coarse import coarse_candidates
+
+        excluded = set()
+        for vid in exclude_vids:
+            try:
+                excluded.add(self.library.resolve_vid(vid))
+            except VmrError:  # a vid the index does not hold cannot be a candidate either
+                continue
+        pooled = self.encoder.encode_text([query])[0]
+        with self.library.session():
+            windows = coarse_candidates(self.library, pooled, clip_seconds=index_clip_seconds(self.meta))
+        return [(w.path, w.first_clip, w.last_clip) for w in windows if w.video_id not in excluded]
 
     def feature_spec(self) -> dict:
         return {"clip_model": self.meta["clip_model"], "video_kinds": ["clip"],

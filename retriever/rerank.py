@@ -7,15 +7,18 @@ window seconds, rounded to the 2-s grid) and shifted by the window's start.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from model.postprocess import clean_windows, decode_outputs
 from model.sample import collate, text_input, video_input
-from retriever.merge import Moment, span_coarse_score
+from retriever.merge import Moment, ScoreRule, span_coarse_score
 from retriever.windows import Window, index_clip_seconds
 from store.errors import VmrError
 
+log = logging.getLogger(__name__)
 MOMENTS_PER_WINDOW = 3  # best predicted spans kept per window before the cross-window NMS
 
 
@@ -31,16 +34,22 @@ class Reranker:
         self.data_cfg = data_cfg
         self.spec = spec
         self.device = device
-        self.batch_size = batch_size
+        # A converted authors' checkpoint (compat "authors") attends across the batch (its LLM blocks mix the
+        # samples at each time step, its T2V mask reads other samples' padding): a window's result would depend on
+        # its batch companions, so such checkpoints rerank one window at a time.
+        self.batch_size = 1 if getattr(model.cfg, "compat", "vmr") == "authors" else batch_size
         self.path = path
+        # the checkpoint's ranking rule, fit on validation queries after training (retriever.merge.ScoreRule)
+        self.score_rule = ScoreRule.from_dict(model.cfg.extra.get("score_rule"))
 
     @classmethod
-    def load(cls, checkpoint: str, device: str = "auto", batch_size: int = 32) -> "Reranker":
+    def load(cls, checkpoint: str, device: str = "auto", batch_size: int = 32, precision: str = "auto") -> "Reranker":
+        """``precision``: of the frozen LLM blocks, chosen once here (model.precision; the choice is logged)."""
         from model.checkpoint import data_config_of, load_checkpoint
         from model.features import resolve_device
 
         torch_device = resolve_device(device)
-        model, ckpt = load_checkpoint(checkpoint, device=torch_device)
+        model, ckpt = load_checkpoint(checkpoint, device=torch_device, precision=precision, log=log.info)
         return cls(model, data_config_of(ckpt), dict(ckpt["feature_spec"]), torch_device, batch_size,
                    str(checkpoint))
 
@@ -79,6 +88,7 @@ class Reranker:
             decoded = decode_outputs(outputs, inputs["src_vid_mask"], batch["meta"])
             for window, pred in zip(chunk, decoded):
                 clip_seconds = window.clip_seconds
+                saliency = 1.0 / (1.0 + np.exp(-np.asarray(pred["saliency"], dtype=np.float64)))  # [n] in (0, 1)
                 rows = clean_windows(pred["windows"], clip_seconds, max_ts=None)[:per_window]
                 for st, ed, conf in rows:
                     st, ed = window.start + st, window.start + ed
@@ -88,5 +98,7 @@ class Reranker:
                     out.append(Moment(window.video_id, window.path, st, ed, float(conf),
                                       span_coarse_score(window.clip_scores, window.first_clip, st, ed,
                                                         clip_seconds),
-                                      saliency=pred["saliency"], window=(window.start, window.end)))
+                                      saliency=saliency.tolist(), window=(window.start, window.end),
+                                      span_saliency=span_coarse_score(saliency, window.first_clip, st, ed,
+                                                                      clip_seconds)))
         return out

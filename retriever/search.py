@@ -3,7 +3,8 @@
     query --CLIP text--> pooled embedding [D] + per-token features [L, Dt]
           --coarse.coarse_candidates--> ≤ n_windows scored windows (≤75 clips each)
           --rerank.Reranker.moments--> localized moments (video seconds, model confidence)
-          --merge.nms_merge--> ranked list, final score = merge.final_score(confidence, coarse)
+          --merge.nms_merge--> ranked list, score = the checkpoint's merge.ScoreRule (model score + fitted
+                               coarse weight)
 
 Without a reranker (``rerank=False``, or no checkpoint) each window's coarse moment (its best pseudo-event) is
 returned, flagged ``"reranked": false``. ``SearchEngine`` keeps the library, CLIP and reranker loaded for many
@@ -21,7 +22,7 @@ import numpy as np
 
 from model.errors import ModelError
 from retriever.coarse import CoarseConfig, coarse_candidates
-from retriever.merge import COARSE_WEIGHT, Moment, final_score, nms_merge
+from retriever.merge import Moment, ScoreRule, nms_merge
 from retriever.windows import Window, index_clip_seconds
 from store.errors import VmrError
 
@@ -41,8 +42,9 @@ def load_query_encoder(meta: dict, device: str = "auto"):
     if not source.get("model"):
         raise VmrError(f"the index does not record how its CLIP ({meta.get('clip_model')!r}) was loaded; "
                        "re-index it with this vmr")
+    # queries are embedded at the precision the index's clips were (fp32 for indexes that record none)
     encoder = ClipEncoder.load(source["model"], source.get("pretrained"), device=device,
-                               allow_random=not source.get("pretrained"))
+                               allow_random=not source.get("pretrained"), precision=source.get("precision") or "fp32")
     if encoder.model_id != meta.get("clip_model"):
         raise VmrError(f"the index was built with CLIP {meta.get('clip_model')} but {source['model']} / "
                        f"{source.get('pretrained')} now loads as {encoder.model_id}: restore that checkpoint or re-index")
@@ -72,13 +74,14 @@ class SearchEngine:
     """An open library with its query encoder and (optionally) a reranker, for many queries.
 
     Args: index_dir; checkpoint: LLMEPET checkpoint path or None (coarse only); rerank: False forces coarse only;
-    device: "auto" | "cpu" | "cuda"; coarse: CoarseConfig. Each query opens its own DuckDB read connection, so
+    device: "auto" | "cpu" | "cuda"; coarse: CoarseConfig; precision: the reranker's LLM blocks ("auto" | "fp32" |
+    "bf16" | "int8", model.precision). Each query opens its own DuckDB read connection, so
     an ingest can write between queries; a caller that knows no writer runs can hold one for a batch of queries
     (``with engine.library.session():``).
     """
 
     def __init__(self, index_dir, checkpoint: str | None = None, rerank: bool = True, device: str = "auto",
-                 coarse: CoarseConfig | None = None):
+                 coarse: CoarseConfig | None = None, precision: str = "auto"):
         from store.library import Library
 
         self.index_dir = str(index_dir)
@@ -108,7 +111,7 @@ class SearchEngine:
 
             if not Path(checkpoint).is_file():
                 raise VmrError(f"reranker checkpoint not found: {checkpoint}")
-            self.reranker = Reranker.load(checkpoint, device=device)
+            self.reranker = Reranker.load(checkpoint, device=device, precision=precision)
             self.reranker.check_index(self.meta)
         elif rerank:
             self.fallback_reason = "no reranker checkpoint given (--checkpoint): coarse moments only"
@@ -143,10 +146,10 @@ class SearchEngine:
             return coarse_candidates(self.library, pooled, self.coarse_cfg, None, timings, self.clip_seconds)
 
     def search(self, query: str, top_k: int = 10, rerank: bool | None = None,
-               coarse_weight: float = COARSE_WEIGHT) -> SearchResult:
+               rule: ScoreRule | None = None) -> SearchResult:
         """Best moments for ``query``, best first, with the seconds each stage took.
 
-        rerank: None = rerank when a reranker is loaded; coarse_weight: of the final-score rule.
+        rerank: None = rerank when a reranker is loaded; rule: the ranking rule (default: the checkpoint's).
         """
         timings = dict.fromkeys(STAGES, 0.0)
         t0 = time.perf_counter()
@@ -161,17 +164,19 @@ class SearchEngine:
         else:
             moments = [coarse_moment(w) for w in windows]
         t2 = time.perf_counter()
-        ranked = rank_moments(moments, top_k, coarse_weight, reranked=use_rerank)
+        rule = rule or (self.reranker.score_rule if self.reranker is not None else ScoreRule())
+        ranked = rank_moments(moments, top_k, rule, reranked=use_rerank)
         timings["merge"] = time.perf_counter() - (t2 if use_rerank else t1)
         timings["total"] = time.perf_counter() - t0
         return SearchResult(ranked, timings, [w.video_id for w in windows])
 
 
-def rank_moments(moments: list[Moment], top_k: int, coarse_weight: float = COARSE_WEIGHT,
+def rank_moments(moments: list[Moment], top_k: int, rule: ScoreRule | None = None,
                  reranked: bool = True) -> list[dict]:
-    """Final-score every moment, merge overlapping ones (NMS), keep the best ``top_k`` as JSON dicts."""
+    """Score every moment by ``rule``, merge overlapping ones (NMS), keep the best ``top_k`` as JSON dicts."""
+    rule = rule or ScoreRule()
     for m in moments:
-        m.score = final_score(m.confidence, m.coarse, coarse_weight)
+        m.score = rule.score(m)
     return [m.to_dict(reranked=reranked) for m in nms_merge(moments, top_k=top_k)]
 
 
@@ -185,14 +190,15 @@ def coarse_moment(window: Window) -> Moment:
 
 
 def search_library(query: str, index_dir: str, top_k: int = 10, checkpoint: str | None = None,
-                   rerank: bool = True, device: str = "auto") -> SearchResult:
+                   rerank: bool = True, device: str = "auto", precision: str = "auto") -> SearchResult:
     """One query against the index at ``index_dir`` (what `vmr search` runs). Errors: one-line VmrError."""
     if not isinstance(query, str) or not query.strip():
         raise VmrError("the query is empty")
     from store.status import incomplete_note, library_status
 
     try:
-        with SearchEngine(index_dir, checkpoint=checkpoint, rerank=rerank, device=device) as engine:
+        with SearchEngine(index_dir, checkpoint=checkpoint, rerank=rerank, device=device,
+                          precision=precision) as engine:
             if engine.fallback_reason:
                 log.warning("%s", engine.fallback_reason)
             result = engine.search(query, top_k=top_k)

@@ -7,7 +7,7 @@ import pytest
 from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
 from world.generator import WorldEvent, WorldVideo
 from world.scene import WorldObject
-from retriever.merge import Moment, final_score, nms_merge, span_coarse_score
+from retriever.merge import Moment, ScoreRule, nms_merge, span_coarse_score
 from retriever.windows import (MAX_WINDOW_CLIPS, Window, best_event_moment, best_stretch_mean, event_clip_spans,
                                index_clip_seconds, window_around)
 
@@ -46,11 +46,18 @@ def test_best_event_moment_picks_highest_mean_event():
     assert (a, b) == (2, 4) and s == pytest.approx(0.85)
 
 
-def test_span_coarse_score_and_final_rule():
+def test_span_coarse_score_and_score_rule():
     scores = np.array([0.0, 0.5, 1.0, 0.5], np.float32)
     assert span_coarse_score(scores, 10, 22.0, 26.0, 2.0) == pytest.approx(0.75)  # clips 11, 12
-    assert final_score(None, 0.3) == 0.3
-    assert final_score(0.9, 0.1) < final_score(0.2, 0.3)  # the cross-video signal dominates
+    coarse = Moment(1, "a", 0, 4, None, 0.3)
+    m = Moment(1, "a", 0, 4, 0.81, 0.5, span_saliency=0.25)
+    assert ScoreRule().score(coarse) == 0.3  # a coarse moment is scored by its cosine
+    assert ScoreRule().score(m) == pytest.approx(0.81)  # no fitted rule: the model's confidence alone
+    assert ScoreRule("saliency", 2.0).score(m) == pytest.approx(0.25 + 2.0 * 0.5)
+    assert ScoreRule("both").score(m) == pytest.approx(0.45)  # geometric mean
+    assert ScoreRule.from_dict(ScoreRule("both", 0.5).to_dict()) == ScoreRule("both", 0.5)
+    with pytest.raises(ValueError):
+        ScoreRule("cosine")
 
 
 def test_nms_merge_suppresses_overlaps_within_a_video_only():

@@ -73,8 +73,8 @@ def engine_metrics(engine, annotations: list[dict], mode: str, **kw) -> dict:
         raise ValueError(f"unknown mode {mode!r}")
     if mode == "rerank" and engine.reranker is None:
         raise ValueError("mode 'rerank' needs a reranker checkpoint")
-    coarse_weight = kw.pop("coarse_weight", None)
-    extra = {} if coarse_weight is None else {"coarse_weight": coarse_weight}
+    rule = kw.pop("rule", None)  # a retriever.merge.ScoreRule other than the checkpoint's
+    extra = {} if rule is None else {"rule": rule}
 
     def search(query, top_k):
         return engine.search(query, top_k=top_k, rerank=mode == "rerank", **extra)

@@ -1,0 +1,218 @@
+"""Negative windows (issue 9): a tiny model trained with them ranks the moment's window above an unrelated video's
+window, one trained without them does not; the criterion takes batches of negatives; training on an index draws
+negatives from other videos (random and coarse-ranked) and from outside the moment; labels' rejected hits become
+negatives; a converted authors' checkpoint reranks each window independently of its batch companions."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from providers import ArrayProvider
+from shared_data import SHARED_DATA
+from test_train import TINY
+from model.config import ModelConfig
+from model.criterion import build_criterion
+from model.dataset import MomentDataset
+from model.llmepet import build_model
+from model.negatives import NegativeSampler
+from model.sample import DataConfig, collate
+from model.settings import TrainConfig, negative_ratio
+from model.train import Trainer
+from retriever.rerank import Reranker
+from retriever.windows import Window
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+GOLDEN = SHARED_DATA / "authors_golden"
+
+
+def distinct_world(n=8, held_out=4, n_clips=20, dim=16, seed=0):
+    """Videos whose moment carries a prototype of its own (no two videos share one); the last ``held_out`` are
+    never trained on: the unrelated videos of the ranking test."""
+    rng = np.random.default_rng(seed)
+    protos = rng.normal(size=(n + held_out, dim))
+    videos, texts, anns = {}, {}, []
+    for i in range(n + held_out):
+        feats = rng.normal(size=(n_clips, dim)) * 0.5
+        s = int(rng.integers(0, n_clips - 6))
+        e = s + int(rng.integers(3, 6))
+        feats[s:e] += 2 * protos[i]
+        videos[f"v{i}"] = feats.astype(np.float32)
+        texts[f"q{i}"] = (np.stack([protos[i]] * 2) + rng.normal(size=(2, dim)) * 0.1).astype(np.float32)
+        anns.append({"qid": i, "query": f"q{i}", "vid": f"v{i}", "duration": 2 * n_clips,
+                     "relevant_windows": [[2 * s, 2 * e]]})
+    return ArrayProvider(videos, texts, dim, dim, clip_model="test"), anns[:n], anns[n:]
+
+
+def _whole_window(provider, vid: str) -> Window:
+    feats = provider.videos[vid]
+    return Window(0, vid, 2.0 * len(feats), 0, len(feats), 2.0, feats=feats,
+                  clip_scores=np.zeros(len(feats), np.float32))
+
+
+def _train_and_score(neg_ratio: float, tmp_path):
+    """Train a tiny model (fixed seed); per (query, held-out video): the best moment's confidence in the query's
+    own video and in the unrelated one, through the rerank stage search uses."""
+    torch.manual_seed(0)
+    provider, anns, held_out = distinct_world()
+    cfg = ModelConfig(txt_dim=16, vid_dim=18, input_dropout=0.0, dropout=0.0, vid_has_window_suffix=False, **TINY)
+    model = build_model(cfg)
+    data_cfg = DataConfig()
+    tcfg = TrainConfig(bsz=8, eval_bsz=8, lr=3e-3, lr_drop=60, n_epoch=40, eval_epoch=40, grad_clip=1.0, seed=0,
+                       progress=False)
+    ds = MomentDataset(anns, provider, data_cfg, seed=0, neg_ratio=neg_ratio)
+    Trainer(model, build_criterion(cfg), ds, None, provider, data_cfg, tcfg, "custom", provider.feature_spec(),
+            str(tmp_path / f"m{neg_ratio}.pt"), torch.device("cpu")).fit()
+    reranker = Reranker(model, data_cfg, provider.feature_spec(), torch.device("cpu"))
+    own, other = [], []
+    for a in anns:
+        text = provider.texts[a["query"]]
+        best_own = max(m.confidence for m in reranker.moments([_whole_window(provider, a["vid"])], text))
+        for h in held_out:
+            own.append(best_own)
+            other.append(max(m.confidence for m in reranker.moments([_whole_window(provider, h["vid"])], text)))
+    return np.array(own), np.array(other)
+
+
+def test_negatives_make_the_moment_window_outscore_an_unrelated_video(tmp_path):
+    own, other = _train_and_score(1.0, tmp_path)
+    assert np.mean(own > other + 0.1) >= 0.9, (own, other)  # by a margin, on (nearly) every pair
+    assert own.mean() - other.mean() > 0.3
+    # the same model, data and seed without negatives: an unrelated window gets a confident moment too
+    own0, other0 = _train_and_score(0.0, tmp_path)
+    assert np.mean(own0 > other0 + 0.1) < 0.5, (own0, other0)
+    assert own0.mean() - other0.mean() < 0.15
+
+
+def test_criterion_takes_negative_windows_alone_and_mixed():
+    torch.manual_seed(0)
+    provider, anns, _ = distinct_world()
+    ds = MomentDataset(anns, provider, DataConfig(), seed=0, neg_ratio=1.0)
+    assert len(ds) == 2 * len(anns)
+    cfg = ModelConfig(txt_dim=16, vid_dim=18, vid_has_window_suffix=False, **TINY)
+    model, criterion = build_model(cfg).train(), build_criterion(cfg)
+    for items in ([ds[i] for i in range(len(ds))], [ds[i] for i in range(len(anns), len(ds))]):
+        batch = collate(items)
+        outputs = model(**batch["inputs"], targets=batch["targets"], vid=[m["vid"] for m in batch["meta"]])
+        losses = criterion(outputs, batch["targets"])
+        total = criterion.total(losses)
+        assert torch.isfinite(total), losses
+        total.backward()
+    # negatives only: nothing to regress, every query background
+    assert float(losses["loss_span"]) == 0.0 and float(losses["loss_label"]) > 0
+    assert bool(batch["targets"]["negative"].all())
+
+
+def test_index_training_negatives_come_from_other_videos_and_outside_the_moment(tmp_path):
+    """`vmr train --index`: the dataset's negative items, drawn over an epoch, come from every source: other
+    videos at random, other videos the coarse stage ranks high, the query's own video away from its moment."""
+    import world
+    from retriever.provider import IndexFeatureProvider
+    from world.generator import build_world
+    from world.synthetic import write_library
+    from model.features import ClipEncoder
+
+    videos, rows = build_world(tmp_path, n_videos=8, seed=3, long_videos=1, write=False)
+    encoder = ClipEncoder.load(str(world.WORLD_CLIP_CONFIG), str(world.WORLD_CLIP_WEIGHTS), device="cpu")
+    write_library(tmp_path / "index", videos, encoder, seed=3)
+    provider = IndexFeatureProvider(tmp_path / "index", encoder=encoder)
+    ratio, why = negative_ratio(TrainConfig(), "custom", public_features=False)
+    assert ratio == 1.0 and "default" in why
+    ds = MomentDataset(rows, provider, DataConfig(), seed=0, neg_ratio=ratio)
+    negatives = [ds[i] for i in range(len(rows), len(ds))]
+    assert len(negatives) == len(rows)
+    seen = set()
+    clip = DataConfig().clip_length
+    for item in negatives:
+        meta = item["meta"]
+        ann = rows[meta["ann_index"]]
+        seen.add(meta["negative"])
+        assert meta["vid"] == ann["vid"] and meta["query"] == ann["query"]
+        assert len(item["labels"]["spans"]) == 0 and not item["labels"]["saliency_all"].any()
+        a, b = meta["window"]
+        assert len(item["video"]) == b - a and b - a <= DataConfig().max_v_l
+        if meta["negative"] in ("other", "hard"):
+            assert meta["window_vid"] != ann["vid"]
+            assert provider.library.resolve_vid(meta["window_vid"]) != provider.library.resolve_vid(ann["vid"])
+        else:  # the query's own video, clear of every relevant window
+            assert meta["window_vid"] == ann["vid"]
+            for st, ed in ann["relevant_windows"]:
+                assert b * clip <= st or a * clip >= ed, (meta, ann["relevant_windows"])
+    assert {"other", "hard", "same"} <= seen, seen
+    # hard negatives are the coarse stage's best windows of other videos for the query
+    hard = ds.negatives.hard_windows(rows[0])
+    assert hard and all(provider.library.resolve_vid(v) != provider.library.resolve_vid(rows[0]["vid"])
+                        for v, _, _ in hard)
+
+
+def test_rejected_hits_from_labels_become_negative_windows():
+    provider, anns, _ = distinct_world(n=2, held_out=0, n_clips=60)
+    ann = dict(anns[0], relevant_windows=[[20.0, 30.0]], negative_windows=[[80.0, 90.0]])
+    sampler = NegativeSampler([ann], provider, lambda v: len(provider.videos[v]), v_limit=20, clip_length=2.0,
+                              sources=["labels"])
+    rng = np.random.default_rng(0)
+    import random
+    for seed in range(5):
+        source, vid, a, b = sampler.sample(ann, random.Random(seed))
+        assert source == "labels" and vid == ann["vid"]
+        assert a * 2.0 <= 80.0 and b * 2.0 >= 90.0  # holds the rejected hit
+        assert a * 2.0 >= 32.0  # clear of the relevant window (one clip of margin)
+    assert rng is not None
+    assert sampler.sample(dict(ann, negative_windows=[]), random.Random(0)) is None
+
+
+@pytest.mark.skipif(not (GOLDEN / "ref_ckpt.pth").is_file(), reason="authors_golden/ not present")
+def test_converted_checkpoint_reranks_each_window_whatever_its_companions(tmp_path):
+    """compat 'authors' attends across the batch (the cross-sample T2V mask reads other samples' padding):
+    search runs such a checkpoint one window at a time, so a window's moments do not depend on its companions."""
+    from click.testing import CliRunner
+    from cli import main
+    from model.providers import PublicFeatureDir
+
+    out = tmp_path / "converted.pt"
+    res = CliRunner().invoke(main, ["convert-checkpoint", str(GOLDEN / "ref_ckpt.pth"), str(out)])
+    assert res.exit_code == 0, res.output
+    reranker = Reranker.load(str(out), device="cpu")
+    assert reranker.batch_size == 1
+    features = PublicFeatureDir(str(GOLDEN / "features"))
+    anns = [json.loads(line) for line in open(GOLDEN / "ann.jsonl")]
+    text = features.text_features_for_qid(anns[0]["qid"])
+
+    def window(i, n):
+        feats = features.video_features(anns[i]["vid"])[:n]
+        return Window(i, anns[i]["vid"], 2.0 * len(feats), 0, len(feats), 2.0, feats=feats,
+                      clip_scores=np.zeros(len(feats), np.float32))
+
+    def key(moments):
+        return [(m.video_id, m.start, m.end, round(m.confidence, 6), round(m.span_saliency, 6)) for m in moments]
+
+    target = window(0, 60)
+    alone = key(reranker.moments([target], text))
+    companions = [[target, window(1, 75)], [window(2, 20), target, window(3, 45)], [target] + [window(4, 75)] * 5]
+    for batch in companions:
+        assert key([m for m in reranker.moments(batch, text) if m.video_id == 0]) == alone
+
+
+def test_authors_compat_with_llm_blocks_would_mix_batch_companions_but_search_does_not():
+    """The golden checkpoint has no LLM blocks; with them, compat 'authors' mixes the samples of a batch at each
+    time step. Reranking one window at a time keeps a window's answer its own; batched, it changes."""
+    torch.manual_seed(0)
+    provider, anns, _ = distinct_world(n=4, held_out=0)
+    cfg = ModelConfig(txt_dim=16, vid_dim=18, vid_has_window_suffix=False, compat="authors", **TINY)
+    reranker = Reranker(build_model(cfg), DataConfig(), provider.feature_spec(), torch.device("cpu"))
+    assert reranker.batch_size == 1
+    text = provider.texts[anns[0]["query"]]
+    windows = [_whole_window(provider, a["vid"]) for a in anns]
+    for i, w in enumerate(windows):
+        w.video_id = i
+
+    def key(moments):
+        return [(m.start, m.end, round(m.confidence, 5)) for m in moments if m.video_id == 0]
+
+    alone = key(reranker.moments(windows[:1], text))
+    assert key(reranker.moments(windows, text)) == alone
+    assert key(reranker.moments(windows[:1] + windows[2:], text)) == alone
+    reranker.batch_size = 8  # what a 'vmr' checkpoint does
+    assert key(reranker.moments(windows, text)) != alone
