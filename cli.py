@@ -30,6 +30,18 @@ def _index_provider(index_dir, device):
     return IndexFeatureProvider(index_dir, device=device)
 
 
+def _sets_key(overrides, config_path, key: str) -> bool:
+    """Whether --set KEY=... or the --config JSON (its top level or "model" part) sets ``key``."""
+    if any(o.split("=", 1)[0].strip() == key for o in overrides):
+        return True
+    try:
+        with open(config_path or "", encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and (key in cfg or key in (cfg.get("model") or {}))
+
+
 def _print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 
@@ -77,7 +89,7 @@ def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, r
     try:
         summary = run_ingest(video_dir, index_dir, clip_model=clip_model, clip_pretrained=clip_pretrained,
                              device=device, ray_address=ray_address, workers=workers, rebuild_faiss=rebuild_faiss,
-                             reranker=reranker)
+                             reranker=reranker, progress=sys.stderr.isatty())
     except USER_ERRORS as err:
         _fail(err)
     click.echo(summary.describe())
@@ -108,16 +120,34 @@ def status(index_dir, as_json):
 @click.option("--checkpoint", default=None, type=click.Path(path_type=str), help="LLMEPET reranker checkpoint (default: the one recorded with `vmr index ... --reranker CKPT`; none: coarse moments only).")
 @click.option("--no-rerank", is_flag=True, help="Coarse FAISS result only.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True, help="Numeric precision of the reranker's frozen LLM blocks: auto = the fastest this CPU/GPU runs natively (printed); fp32 = the authors' numbers (parity).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (list of moments, best first).")
-def search(query, index_dir, top_k, checkpoint, no_rerank, device, as_json):
-    """Find the moments matching QUERY across the whole library."""
+def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, as_json):
+    """Find the moments matching QUERY across the whole library.
+
+    \b
+    Each hit (--json fields):
+      start, end     seconds in the video
+      score          the ranking score, higher is better: the reranker's
+                     model score in [0, 1] plus the checkpoint's fitted
+                     weight x coarse_score; without rerank, coarse_score
+      confidence     the reranker's probability that this span is the
+                     query's moment, 0..1 (null without rerank)
+      span_saliency  mean of `saliency` over the span's clips, 0..1
+      coarse_score   mean CLIP cosine between the query and the span's
+                     clips, -1..1
+      saliency       per clip of the candidate `window`: the reranker's
+                     relevance probability 0..1 (without rerank: cosine)
+    A reranker trained with negative windows (`vmr train --index`) gives
+    scores comparable across videos; see the README, "Ranking".
+    """
     from retriever.search import search_library, describe_results
 
     if not query.strip():
         raise click.UsageError("QUERY is empty")
     try:
         results = search_library(query, index_dir, top_k=top_k, checkpoint=checkpoint, rerank=not no_rerank,
-                                 device=device).moments
+                                 device=device, precision=precision).moments
     except USER_ERRORS as err:
         _fail(err)
     if as_json:
@@ -127,42 +157,85 @@ def search(query, index_dir, top_k, checkpoint, no_rerank, device, as_json):
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
-@click.option("--train", "train_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Training annotations (jsonl).")
-@click.option("--val", "val_path", default=None, type=click.Path(exists=True, dir_okay=False), help="Validation annotations (jsonl).")
+@click.option("--train", "train_path", default=None, type=click.Path(exists=True, dir_okay=False), help="Training annotations (jsonl).")
+@click.option("--labels", "from_labels", is_flag=True, help="Train on the labels `vmr serve` stored in the --index (accepted/marked moments; rejected hits become negative windows), besides any --train annotations.")
+@click.option("--val", "val_path", default=None, type=click.Path(exists=True, dir_okay=False), help="Validation annotations (jsonl); with --index they also fit the checkpoint's ranking rule (never give test queries).")
 @click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False), help="Read features from this vmr index.")
 @click.option("--features", "features_dir", default=None, type=click.Path(exists=True, file_okay=False), help="Public feature layout directory.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Where to write the best checkpoint.")
 @click.option("--dataset", type=click.Choice(["qvhighlights", "charades", "tacos", "custom"]), default="qvhighlights", show_default=True, help="Per-dataset defaults of the authors' scripts.")
 @click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False), help="JSON of config overrides.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config field (repeatable).")
-@click.option("--llm", default=None, help="LLaMA-family checkpoint (HF id/path, or consolidated.*.pth); default: the config's.")
-@click.option("--llm-layers", default=None, help="Decoder layers to use, START:END (the paper: 14:17).")
+@click.option("--llm", default=None, help="LLaMA-family checkpoint whose frozen layers the model uses (HF id/dir, or Meta consolidated.00.pth; the paper: LLaMA-7B); default: the config's (none: give --llm, or --llm-layers 0:0). 'random': random blocks for tests, needs an explicit size (--set llm_dim=...).")
+@click.option("--llm-layers", default=None, help="Decoder layers to use, START:END (the paper: 14:17; 0:0 = no LLM blocks, the paper's ablation).")
 @click.option("--resume", default=None, type=click.Path(exists=True, dir_okay=False), help="Resume from this checkpoint.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def train(train_path, val_path, index_dir, features_dir, out_path, dataset, config_path, overrides, llm, llm_layers, resume, device):
-    """Train the LLMEPET reranker on annotations; keeps the best checkpoint by the authors' criterion."""
+def train(train_path, from_labels, val_path, index_dir, features_dir, out_path, dataset, config_path, overrides, llm, llm_layers, resume, device):
+    """Train the LLMEPET reranker on annotations; keeps the best checkpoint by the authors' criterion.
+
+    Training on an index adds negative windows by default (windows without the query's moment; `--set
+    neg_ratio=0` for none); after it, --val queries fit the ranking rule `vmr search` uses (stored in the
+    checkpoint)."""
     from model.train import train_from_cli
 
     if (index_dir is None) == (features_dir is None):
         raise click.UsageError("give exactly one of --index or --features")
+    if from_labels and index_dir is None:
+        raise click.UsageError("--labels reads the labels stored in an index: give --index")
+    if train_path is None and not from_labels:
+        raise click.UsageError("give --train annotations, or --labels to train on the index's labels")
+    if llm == "random" and not _sets_key(overrides, config_path, "llm_dim"):
+        raise click.UsageError("--llm random builds random LLaMA blocks of the config's size (llm_dim 4096: ~200M "
+                               "parameters a layer, GBs of checkpoint) - for tests only; give the size: --set "
+                               "llm_dim=64 --set llm_heads=4 --set llm_kv_heads=4 --set llm_ffn_dim=128")
     try:
+        if from_labels:
+            train_path = _labels_for_training(index_dir, train_path, out_path)
         train_from_cli(train_path=train_path, val_path=val_path, index_dir=index_dir, features_dir=features_dir,
                        out_path=out_path, dataset=dataset, config_path=config_path, overrides=list(overrides),
                        llm=llm, llm_layers=llm_layers, resume=resume, device=device,
                        provider=_index_provider(index_dir, device))
+        if index_dir is not None and val_path:
+            from model.dataset import load_annotations
+            from retriever.fit_score import describe_fit, fit_checkpoint
+
+            click.echo(describe_fit(fit_checkpoint(index_dir, out_path, load_annotations(val_path), device)))
+        elif index_dir is not None:
+            click.echo("no --val: search ranks by the model's confidence alone (give --val to fit the ranking rule)")
     except USER_ERRORS as err:
         _fail(err)
 
 
+def _labels_for_training(index_dir: str, train_path: str | None, out_path: str) -> str:
+    """`vmr train --labels`: the index's labels exported beside --out (plus any --train records); the jsonl path."""
+    from store.labels import export_labels
+
+    labels_path = f"{out_path}.labels.jsonl"
+    report = export_labels(index_dir, labels_path)
+    click.echo(f"labels: {report['records']} training records from {report['labels']} labels in {index_dir}"
+               + (f" ({report['stale']} stale skipped)" if report.get("stale") else ""))
+    if train_path is None:
+        if not report["records"]:
+            raise VmrError(f"{index_dir} holds no accepted or marked labels to train on (label hits in `vmr serve`)")
+        return labels_path
+    merged = f"{out_path}.train.jsonl"
+    with open(merged, "w", encoding="utf-8") as out:
+        for path in (train_path, labels_path):
+            with open(path, encoding="utf-8") as f:
+                out.writelines(line if line.endswith("\n") else line + "\n" for line in f if line.strip())
+    return merged
+
+
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False))
-@click.option("--features", "features_dir", default=None, type=click.Path(exists=True, file_okay=False))
-@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False))
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def predict(checkpoint, index_dir, features_dir, annotations, out_path, batch_size, device):
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False), help="LLMEPET checkpoint (from `vmr train` or `vmr convert-checkpoint`).")
+@click.option("--index", "index_dir", default=None, type=click.Path(exists=True, file_okay=False), help="Read video and query features from this vmr index (annotation vid = a video's path in it, or its file name without extension).")
+@click.option("--features", "features_dir", default=None, type=click.Path(exists=True, file_okay=False), help="Public feature layout directory (<v_feat_dir>/<vid>.npz, <t_feat_dir>/qid<qid>.npz).")
+@click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False), help="Queries to answer (jsonl: qid, query, vid, duration; ground truth fields are ignored).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Submission jsonl to write (qid, query, vid, pred_relevant_windows, pred_saliency_scores); `vmr eval` reads it.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Queries per forward pass.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where the model runs.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True, help="Numeric precision of the model's frozen LLM blocks: auto = the fastest this CPU/GPU runs natively (printed); fp32 = the authors' numbers (parity).")
+def predict(checkpoint, index_dir, features_dir, annotations, out_path, batch_size, device, precision):
     """Write predictions in the official submission format (jsonl)."""
     from model.predict import predict_from_cli
 
@@ -171,7 +244,7 @@ def predict(checkpoint, index_dir, features_dir, annotations, out_path, batch_si
     try:
         predict_from_cli(checkpoint=checkpoint, index_dir=index_dir, features_dir=features_dir,
                          annotations=annotations, out_path=out_path, batch_size=batch_size, device=device,
-                         provider=_index_provider(index_dir, device))
+                         provider=_index_provider(index_dir, device), precision=precision)
     except USER_ERRORS as err:
         _fail(err)
 
@@ -214,12 +287,13 @@ def convert_checkpoint(src, out):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (anything but localhost exposes the videos and labels: no login).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def serve(index_dir, checkpoint, host, port, device):
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True, help="Numeric precision of the reranker's frozen LLM blocks: auto = the fastest this CPU/GPU runs natively (printed); fp32 = the authors' numbers (parity).")
+def serve(index_dir, checkpoint, host, port, device, precision):
     """Web page + JSON API over an index: search, watch each moment, label moments (Ctrl-C stops)."""
     from server.app import serve as run_server
 
     try:
-        run_server(index_dir, checkpoint=checkpoint, host=host, port=port, device=device)
+        run_server(index_dir, checkpoint=checkpoint, host=host, port=port, device=device, precision=precision)
     except USER_ERRORS as err:
         _fail(err)
 

@@ -192,11 +192,21 @@ def choose_clip(recorded: dict, clip_model: str | None, clip_pretrained: str | N
     where the index itself was built with them."""
     model = clip_model or recorded.get("model") or DEFAULT_CLIP[0]
     same_model = recorded.get("model") and ClipChoice(model, None).source()["model"] == recorded["model"]
+    # the index's embeddings share one precision: a re-index keeps the recorded one (older indexes: fp32), a new
+    # index gets the fastest accurate one of this device (model.precision.clip_precision)
+    precision = (recorded.get("precision") or "fp32") if recorded.get("model") else _clip_precision(device)
     if clip_pretrained is None and not allow_random:
         if same_model:
-            return ClipChoice(model, recorded.get("pretrained"), device, not recorded.get("pretrained"))
+            return ClipChoice(model, recorded.get("pretrained"), device, not recorded.get("pretrained"), precision)
         clip_pretrained = DEFAULT_CLIP[1]
-    return ClipChoice(model, clip_pretrained, device, allow_random)
+    return ClipChoice(model, clip_pretrained, device, allow_random, precision)
+
+
+def _clip_precision(device: str) -> str:
+    from model.features import resolve_device
+    from model.precision import clip_precision, detect_hardware
+
+    return clip_precision("auto", detect_hardware(resolve_device(device)))
 
 
 def _recorded_meta(index_dir: str) -> dict:

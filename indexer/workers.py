@@ -22,12 +22,15 @@ class ClipChoice:
 
     model: open_clip model name or a model-config JSON path; pretrained: open_clip tag, checkpoint path or None;
     device: "auto" | "cpu" | "cuda" (the actors' device is decided from the cluster, see indexer.pipeline);
-    allow_random: random weights allowed (tests, benchmarks of speed only).
+    allow_random: random weights allowed (tests, benchmarks of speed only);
+    precision: "fp32" | "bf16" | "auto" (bf16 where the device has it natively: model.precision.clip_precision).
+    An index records the precision it was built with (in ``source()``); re-indexing and queries use it.
     """
     model: str
     pretrained: str | None
     device: str = "auto"
     allow_random: bool = False
+    precision: str = "auto"
 
     def source(self) -> dict:
         """How search reloads this CLIP (index meta ``clip_source``): names/tags as given, local files as absolute
@@ -35,7 +38,8 @@ class ClipChoice:
         def absolute(value):
             return os.path.abspath(value) if value and os.path.isfile(value) else value
 
-        return {"model": absolute(self.model), "pretrained": absolute(self.pretrained) or None}
+        return {"model": absolute(self.model), "pretrained": absolute(self.pretrained) or None,
+                "precision": self.precision}
 
 
 @functools.lru_cache(maxsize=4)
@@ -110,7 +114,7 @@ class ClipWorker:
         self.error = None
         try:
             self.encoder = ClipEncoder.load(clip.model, clip.pretrained, device=clip.device,
-                                            allow_random=clip.allow_random)
+                                            allow_random=clip.allow_random, precision=clip.precision)
         except ModelError as err:
             self.error = str(err)
 
@@ -123,7 +127,7 @@ class ClipWorker:
         enc = self.encoder
         cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in enc.preprocess_cfg.items()}
         return {"model_id": enc.model_id, "embed_dim": enc.embed_dim, "preprocess": cfg, "device": str(enc.device),
-                "node": _node_id(), "torch_threads": torch.get_num_threads()}
+                "precision": enc.precision, "node": _node_id(), "torch_threads": torch.get_num_threads()}
 
     def embed(self, *frame_batches: np.ndarray) -> list[np.ndarray]:
         """One f32 [n_i, D] (L2-normalised) per uint8 [n_i, S, S, 3] argument; frames of all run as one batch."""

@@ -8,14 +8,18 @@ Layout (a dict):
     feature_spec             clip_model, video_kinds, video_dims, text_dim, clip_seconds
     dataset                  qvhighlights | charades | tacos | custom (post-processing rule)
     state                    the model's state_dict without the frozen LLM blocks when those are referenced
-    llm                      {"mode": "embedded"} or {"mode": "reference", "source", "layers", "sha256"}
+    llm                      {"mode": "embedded", "stored_as"} or {"mode": "reference", "source", "layers", "sha256"}
     train_state (optional)   optimizer / scheduler state, epoch, best score, train config (for --resume)
     metrics (optional)       the validation "brief" metrics of this checkpoint
 
 The frozen LLM blocks (3 LLaMA-7B layers: ~600M parameters) are stored as a reference to their source (HF id,
 directory or consolidated.pth) plus a SHA-256 of their bf16 values; loading re-reads them and refuses a source
 whose weights changed. Random LLM blocks (tests, synthetic world) cannot be re-read, so they are embedded, as
-they are when ``embed_llm=True``.
+they are when ``embed_llm=True`` (converted checkpoints). Embedded blocks are stored in the narrowest dtype that
+holds their values exactly (bf16 or fp16: released LLM weights and our random blocks are such values; anything
+else stays fp32), so storage never changes a prediction; version-1 files with fp32 blocks load as before.
+Loading assigns the stored tensors (no random init, no fp32 copy first) and casts them once, to the precision
+asked for (model.precision) or else the config's ``llm_dtype``.
 """
 from __future__ import annotations
 
@@ -56,7 +60,8 @@ def save_checkpoint(path: str, model, data_cfg: DataConfig, feature_spec: dict, 
     cfg: ModelConfig = model.cfg
     state = model.state_dict()
     if _embeds_llm(cfg, embed_llm):
-        llm = {"mode": "embedded"}
+        state, stored_as = compact_llm_blocks(state)
+        llm = {"mode": "embedded", "stored_as": stored_as}
     else:
         # the blocks are frozen, so their digest is computed once per model (it reads ~1 GB for LLaMA-7B layers)
         digest = getattr(model.llm, "_vmr_sha256", None) or llm_blocks_sha256(model)
@@ -80,6 +85,28 @@ def save_checkpoint(path: str, model, data_cfg: DataConfig, feature_spec: dict, 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _lossless_dtype(t: torch.Tensor) -> torch.dtype:
+    """The narrowest of bf16 / fp16 that holds every value of float tensor ``t`` exactly, else its own dtype."""
+    if not t.is_floating_point() or t.element_size() <= 2:
+        return t.dtype
+    for dtype in (torch.bfloat16, torch.float16):
+        if torch.equal(t.to(dtype).to(t.dtype), t):
+            return dtype
+    return t.dtype
+
+
+def compact_llm_blocks(state: dict) -> tuple[dict, str]:
+    """``state`` with the frozen LLM block tensors in their narrowest lossless dtype; (state, what was used:
+    "bfloat16" | "float16" | "float32" | "mixed")."""
+    out, used = dict(state), set()
+    for k, v in state.items():
+        if k.startswith(LLM_BLOCK_PREFIX):
+            dtype = _lossless_dtype(v)
+            out[k] = v.to(dtype)
+            used.add(str(dtype).removeprefix("torch."))
+    return out, (used.pop() if len(used) == 1 else "mixed" if used else "none")
 
 
 def load_weights_only(path: str, expected: str = "a file written by `vmr train` or `vmr convert-checkpoint`"):
@@ -108,16 +135,19 @@ def read_checkpoint(path: str) -> dict:
 
 
 def load_checkpoint(path: str, device="cpu", features: dict | None = None, what: str = "these features",
-                    ckpt: dict | None = None):
+                    ckpt: dict | None = None, precision: str | None = None, log=None):
     """Rebuild the model of a checkpoint.
 
     Args:
         features: the feature spec of the data it will see (provider.feature_spec()); refused with ModelError
             when it does not match the checkpoint's.
         ckpt: the dict ``read_checkpoint(path)`` already returned (saves reading a large file twice).
-    Returns: (model in eval mode on ``device``, checkpoint dict).
+        precision: "auto" | "fp32" | "bf16" | "int8": the frozen LLM blocks' precision for inference
+            (model.precision.apply_precision; ``log`` gets its one line); None: the config's ``llm_dtype``.
+    Returns: (model in eval mode on ``device``, checkpoint dict); ``model.precision`` says what runs.
     """
-    from model.llmepet import build_model
+    from model.llmepet import LLMEPET, _llm_dtype, build_model
+    from model.precision import apply_precision
 
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
     if features is not None:
@@ -125,8 +155,14 @@ def load_checkpoint(path: str, device="cpu", features: dict | None = None, what:
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     llm = ckpt["llm"]
     if llm["mode"] == "embedded":
-        model = build_model(cfg, llm_weights=False, device=device)
-        _load_state(model, ckpt["state"], path, allowed_missing=())
+        # the blocks take the stored tensors as they are: no random init of ~0.6 B parameters, no fp32 copy
+        model = LLMEPET(cfg, llm_blocks_on_meta=True)
+        _load_state(model, ckpt["state"], path, allowed_missing=(), assign=True)
+        model.llm.freeze()
+        if precision is None:
+            model.llm.blocks.to(_llm_dtype(cfg, device))
+            model.llm.norm.to(_llm_dtype(cfg, device))
+        model.to(device)
     else:
         if (llm["source"], llm["layers"]) != (cfg.llm, cfg.llm_layers):
             raise ModelError(f"{path}: inconsistent LLM reference")
@@ -138,12 +174,13 @@ def load_checkpoint(path: str, device="cpu", features: dict | None = None, what:
                              f"{path} was trained with (sha256 {digest[:12]} != {llm['sha256'][:12]})")
         blocks = {k for k in model.state_dict() if k.startswith(LLM_BLOCK_PREFIX)}
         _load_state(model, ckpt["state"], path, allowed_missing=blocks)
+    model.precision = apply_precision(model, precision, device, log) if precision is not None else None
     model.eval()
     return model, ckpt
 
 
-def _load_state(model, state: dict, path: str, allowed_missing) -> None:
-    result = model.load_state_dict(state, strict=False)
+def _load_state(model, state: dict, path: str, allowed_missing, assign: bool = False) -> None:
+    result = model.load_state_dict(state, strict=False, assign=assign)
     missing = set(result.missing_keys) - set(allowed_missing)
     if missing or result.unexpected_keys:
         raise ModelError(f"{path} does not fit the model its config describes "

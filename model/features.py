@@ -34,10 +34,13 @@ class ClipEncoder:
         model_id: "<model>:<weights>" e.g. "ViT-B-32:openai" (stored in the index meta and checkpoint specs).
         embed_dim: pooled/projected dim (512 for ViT-B-32). text_width: per-token dim (512 for ViT-B-32).
         image_size: side S of the preprocessed square frame.
+        precision: "fp32" | "bf16" (bf16 autocast: on a device with native bf16 ~2.4x faster, embeddings within
+            cosine 0.999 of fp32; model.precision.clip_precision). Indexes record it; queries use the index's.
     """
 
-    def __init__(self, model, preprocess, tokenizer, model_id: str, device: torch.device):
+    def __init__(self, model, preprocess, tokenizer, model_id: str, device: torch.device, precision: str = "fp32"):
         self.model = model.eval()
+        self.precision = precision
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -57,14 +60,18 @@ class ClipEncoder:
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, model_name_or_config_json: str, pretrained: str | None, device: str = "auto",
-             allow_random: bool = False) -> "ClipEncoder":
+             allow_random: bool = False, precision: str = "fp32") -> "ClipEncoder":
         """Build the model. ``pretrained``: an open_clip tag ("openai") or a checkpoint file path.
 
         ``pretrained`` empty/None gives random weights, allowed only with ``allow_random=True``.
+        ``precision``: "fp32" | "bf16" | "auto" (bf16 where the device runs it natively).
         """
         import open_clip
 
+        from model.precision import clip_precision, detect_hardware
+
         torch_device = resolve_device(device)
+        precision = clip_precision(precision, detect_hardware(torch_device))
         name, model_id, weights, kwargs = resolve_weights(model_name_or_config_json, pretrained, allow_random)
         if weights is None:
             torch.manual_seed(RANDOM_SEED)
@@ -76,7 +83,7 @@ class ClipEncoder:
             what = weights if weights and os.path.isfile(str(weights)) else model_id
             raise ModelError(f"cannot load CLIP {what}: {weights_file_problem(str(weights or model_id), err)}; "
                              "give working weights with --clip-pretrained") from None
-        return cls(model, preprocess, tokenizer, model_id, torch_device)
+        return cls(model, preprocess, tokenizer, model_id, torch_device, precision)
 
     # ---- images ------------------------------------------------------------------------------------------------
     def preprocess_frame(self, rgb: np.ndarray) -> torch.Tensor:
@@ -109,7 +116,8 @@ class ClipEncoder:
         batch = torch.as_tensor(batch)
         out = []
         for start in range(0, len(batch), chunk):
-            feats = self.model.encode_image(batch[start: start + chunk].to(self.device, torch.float32))
+            with self._autocast():
+                feats = self.model.encode_image(batch[start: start + chunk].to(self.device, torch.float32))
             out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
         if not out:
             return np.zeros((0, self.embed_dim), np.float32)
@@ -124,7 +132,8 @@ class ClipEncoder:
         the tokenizer then ends them with EOT).
         """
         tokens = self.tokenizer(list(texts)).to(self.device)  # [N, context_length]
-        hidden = self._token_states(tokens).float().cpu().numpy()  # [N, ctx, width]
+        with self._autocast():
+            hidden = self._token_states(tokens).float().cpu().numpy()  # [N, ctx, width]
         lengths = self._token_lengths(tokens.cpu())
         return [hidden[i, :n].astype(np.float32) for i, n in enumerate(lengths)]
 
@@ -132,8 +141,14 @@ class ClipEncoder:
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """Pooled projected text embeddings, L2-normalised: np.float32 [N, embed_dim]."""
         tokens = self.tokenizer(list(texts)).to(self.device)
-        feats = self.model.encode_text(tokens)
+        with self._autocast():
+            feats = self.model.encode_text(tokens)
         return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy().astype(np.float32)
+
+    def _autocast(self):
+        from model.precision import autocast_for
+
+        return autocast_for(self.precision, self.device)
 
     def _token_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """The text tower up to ln_final, as open_clip's encode_text computes it: [N, ctx, text_width]."""

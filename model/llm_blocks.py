@@ -123,7 +123,16 @@ class LLMBlocks(nn.Module):
         # The authors' final norm is never loaded from the LLM (it stays at ones) and is frozen with the blocks.
         self.norm = RMSNorm(dim, norm_eps)
         self.from_llm = nn.Linear(dim, hidden_dim, bias=False)
+        if not blocks_on_meta:
+            self._round_random_blocks()
         self.freeze()
+
+    @torch.no_grad()
+    def _round_random_blocks(self):
+        """Random blocks (tests, the synthetic world; loaded LLMs replace them) hold bf16-representable values, as
+        released LLM weights do (fp16/bf16), so checkpoints store them in 2 bytes a value without loss."""
+        for p in self.blocks.parameters():
+            p.copy_(p.to(torch.bfloat16))
 
     def freeze(self):
         for p in list(self.blocks.parameters()) + list(self.norm.parameters()):
@@ -139,7 +148,9 @@ class LLMBlocks(nn.Module):
         if self.attention == "batch":
             tokens, attend = h, None  # [L, B, dim] read as L sequences of B tokens
         else:
-            tokens = h.transpose(0, 1)  # [B, L, dim]
+            # contiguous: a transposed (strided) bf16 input sends every linear layer down a slow CPU path (10x at
+            # 2048-d, bench/results/rerank.md); fp32 is indifferent
+            tokens = h.transpose(0, 1).contiguous()  # [B, L, dim]
             attend = None if padding is None else ~padding[:, None, None, :]
         tokens = tokens.to(self.dtype)
         for block in self.blocks:

@@ -113,8 +113,11 @@ def make_provider(features_dir: str | None, data_cfg: DataConfig, clip_model: st
 
 
 def predict_from_cli(checkpoint: str, index_dir: str | None, features_dir: str | None, annotations: str,
-                     out_path: str, batch_size: int = 32, device: str = "auto", provider=None) -> list[dict]:
+                     out_path: str, batch_size: int = 32, device: str = "auto", provider=None,
+                     precision: str = "auto") -> list[dict]:
     """`vmr predict`: write the submission jsonl of ``annotations`` with ``checkpoint``.
+
+    ``precision``: of the frozen LLM blocks (model.precision: "fp32" is the parity mode); what runs is printed.
 
     ``provider`` is the feature source the CLI builds for ``--index`` (model/ does not read indexes itself).
     """
@@ -128,7 +131,8 @@ def predict_from_cli(checkpoint: str, index_dir: str | None, features_dir: str |
     # public features carry no CLIP id: they are assumed to be the public ViT-B/32 ones unless declared
     src = make_provider(features_dir, data_cfg, None, provider)
     what = f"the index {index_dir}" if index_dir else f"the features in {features_dir}"
-    model, ckpt = load_checkpoint(checkpoint, device=dev, features=src.feature_spec(), what=what, ckpt=ckpt_meta)
+    model, ckpt = load_checkpoint(checkpoint, device=dev, features=src.feature_spec(), what=what, ckpt=ckpt_meta,
+                                  precision=precision, log=lambda line: print(line, file=sys.stderr))
     if model.cfg.llm_attention == "batch":
         print(f"note: this checkpoint's LLM blocks attend across the batch (the authors' code); its predictions "
               f"depend on --batch-size (now {batch_size}; the authors evaluate QVHighlights with 100, in file order)",

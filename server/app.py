@@ -98,10 +98,10 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(index_dir: str, checkpoint: str | None = None, device: str = "auto", state: ServerState | None = None
-               ) -> FastAPI:
+def create_app(index_dir: str, checkpoint: str | None = None, device: str = "auto", state: ServerState | None = None,
+               precision: str = "auto") -> FastAPI:
     """The app over the index at ``index_dir``; models load now (once), not on the first request."""
-    state = state or ServerState(index_dir, checkpoint=checkpoint, device=device)
+    state = state or ServerState(index_dir, checkpoint=checkpoint, device=device, precision=precision)
     thumbs = ThumbnailCache(state.index_dir)
     state.on_catalogue_change.append(thumbs.sweep)
 
@@ -258,12 +258,12 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def serve(index_dir: str, checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          device: str = "auto", log_level: str = "info") -> None:
+          device: str = "auto", log_level: str = "info", precision: str = "auto") -> None:
     """`vmr serve`: load the index and models once, serve until Ctrl-C (uvicorn then shuts down cleanly)."""
     import click
     import uvicorn
 
-    app = create_app(index_dir, checkpoint=checkpoint, device=device)
+    app = create_app(index_dir, checkpoint=checkpoint, device=device, precision=precision)
     if host not in LOOPBACK:
         click.echo(f"warning: serving on {host}: anyone who can reach this port can watch the indexed videos and "
                    "write labels (there is no login)", err=True)

@@ -80,14 +80,16 @@ class _Held:
 class ServerState:
     """The loaded engine and the in-memory video catalogue of one index (see the module docstring)."""
 
-    def __init__(self, index_dir: str, checkpoint: str | None = None, device: str = "auto", engine=None):
+    def __init__(self, index_dir: str, checkpoint: str | None = None, device: str = "auto", engine=None,
+                 precision: str = "auto"):
         from retriever.search import SearchEngine
 
         self.index_dir = str(index_dir)
         self.db_lock = ReadWriteLock()
         self.search_lock = threading.Lock()
         self._catalogue_lock = threading.Lock()
-        self.engine = engine or SearchEngine(self.index_dir, checkpoint=checkpoint, device=device)
+        self.engine = engine or SearchEngine(self.index_dir, checkpoint=checkpoint, device=device,
+                                             precision=precision)
         self.meta = self.engine.meta
         self.root = self.meta.get("root")
         self._videos: dict[int, dict] = {}

@@ -41,7 +41,8 @@ def test_converted_checkpoint_reproduces_the_authors_predictions(converted, tmp_
     out = tmp_path / "submission.jsonl"
     result = CliRunner().invoke(main, ["predict", "--checkpoint", str(converted), "--features",
                                        str(GOLDEN / "features"), "--annotations", str(GOLDEN / "ann.jsonl"),
-                                       "--out", str(out), "--batch-size", str(batch_size), "--device", "cpu"])
+                                       "--out", str(out), "--batch-size", str(batch_size), "--device", "cpu",
+                                       "--precision", "fp32"])
     assert result.exit_code == 0, result.output
     ours, theirs = _rows(out), _rows(GOLDEN / f"results_b{batch_size}" / "ref_submission.jsonl")
     assert [r["qid"] for r in ours] == [r["qid"] for r in theirs] and len(theirs) == 6

@@ -1,0 +1,187 @@
+"""Precision of the frozen LLM blocks and of CLIP (model.precision), and compact checkpoints (model.checkpoint)."""
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+import world
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import ModelConfig
+from model.features import ClipEncoder
+from model.llmepet import build_model
+from model.postprocess import decode_outputs
+from model.precision import (CPU_BF16_FLAGS, CPU_INT8_FLAGS, SMALL_LLM_PARAMS, Hardware, apply_precision,
+                             choose_precision, clip_precision, detect_hardware, read_cpu_flags)
+from model.sample import DataConfig
+from model.spans import temporal_iou
+
+# the paper's structure (QVHighlights CG-DETR stages, LLaMA-shaped blocks without rotary), at a small width
+SMALL = dict(hidden_dim=64, nheads=4, dim_feedforward=128, enc_layers=2, dec_layers=2, t2v_layers=2, dummy_layers=1,
+             sent_layers=1, moment_layers=1, num_dummies=8, total_prompts=4, max_q_l=20, max_v_l=75,
+             txt_dim=64, vid_dim=66, llm="random", llm_layers="0:2", llm_dim=256, llm_heads=2, llm_kv_heads=2,
+             llm_ffn_dim=768)
+N_WINDOWS, N_CLIPS, N_TOKENS = 16, 75, 12
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(**SMALL)).eval()
+
+
+def _inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    txt = torch.nn.functional.normalize(torch.randn(N_WINDOWS, N_TOKENS, 64, generator=g), dim=-1)
+    vid = torch.randn(N_WINDOWS, N_CLIPS, 66, generator=g)
+    vid[..., :64] = torch.nn.functional.normalize(vid[..., :64], dim=-1)
+    vid[..., 64] = torch.arange(N_CLIPS) / N_CLIPS
+    vid[..., 65] = (torch.arange(N_CLIPS) + 1) / N_CLIPS
+    return txt, torch.ones(N_WINDOWS, N_TOKENS), vid, torch.ones(N_WINDOWS, N_CLIPS)
+
+
+def _predict(model, inputs):
+    with torch.inference_mode():
+        out = model(*inputs)
+    meta = [{"duration": N_CLIPS * 2.0}] * N_WINDOWS
+    return decode_outputs(out, inputs[3], meta)
+
+
+# --- auto never picks what the hardware lacks --------------------------------------------------------------------
+
+FLAG_POOL = CPU_BF16_FLAGS + CPU_INT8_FLAGS + ("sse4_2",)
+
+
+@pytest.mark.parametrize("n", range(len(FLAG_POOL) + 1))
+def test_auto_never_picks_what_the_cpu_lacks(n):
+    for flags in itertools.combinations(FLAG_POOL, n):
+        for engine in (True, False):
+            hw = Hardware("cpu", frozenset(flags), int8_engine=engine)
+            picked = choose_precision("auto", hw, llm_params=10 * SMALL_LLM_PARAMS)
+            if picked == "int8":
+                assert engine and set(flags) & set(CPU_INT8_FLAGS)
+            if picked == "bf16":
+                assert set(flags) & set(CPU_BF16_FLAGS)
+            if not engine and not set(flags) & set(CPU_BF16_FLAGS):
+                assert picked == "fp32"
+            assert clip_precision("auto", hw) in (("bf16", "fp32") if set(flags) & set(CPU_BF16_FLAGS) else ("fp32",))
+
+
+def test_auto_choices_and_explicit_requests():
+    big = 10 * SMALL_LLM_PARAMS
+    vnni_bf16 = Hardware("cpu", frozenset({"avx2", "avx512_vnni", "avx512_bf16"}), int8_engine=True)
+    assert choose_precision("auto", vnni_bf16, big) == "int8"
+    assert choose_precision("auto", Hardware("cpu", frozenset({"avx512_bf16"})), big) == "bf16"
+    assert choose_precision("auto", Hardware("cpu", frozenset()), big) == "fp32"
+    assert choose_precision("auto", vnni_bf16, llm_params=100_000) == "fp32"  # tiny blocks: nothing to gain
+    assert choose_precision("auto", Hardware("cuda", cuda_bf16=True), big) == "bf16"
+    assert choose_precision("auto", Hardware("cuda", cuda_bf16=False), big) == "fp32"
+    assert choose_precision("fp32", vnni_bf16, big) == "fp32"  # parity mode is never overridden
+    with pytest.raises(Exception, match="int8 runs on CPU only"):
+        choose_precision("int8", Hardware("cuda", cuda_bf16=True), big)
+    with pytest.raises(Exception, match="--precision must be one of"):
+        choose_precision("fp16", vnni_bf16, big)
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu avx2 avx512_vnni\n\n"
+                    "processor\t: 1\nflags\t\t: fpu\n")
+    flags, name = read_cpu_flags(str(fake))
+    assert flags == {"fpu", "avx2", "avx512_vnni"} and name == "Test CPU"
+    assert read_cpu_flags(str(tmp_path / "missing")) == (frozenset(), "")
+    hw = detect_hardware("cpu")  # this machine, detected now: auto only picks what it has
+    picked = choose_precision("auto", hw, 10 * SMALL_LLM_PARAMS)
+    assert picked == "fp32" or (picked == "int8" and hw.native_int8) or (picked == "bf16" and hw.native_bf16)
+
+
+# --- reduced precision stays within the accuracy bounds of fp32 -------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precision_within_bounds_of_fp32(small_model, precision):
+    inputs = _inputs()
+    ref = _predict(small_model, inputs)
+    model = copy.deepcopy(small_model)
+    assert apply_precision(model, precision, "cpu") == precision
+    if precision == "int8":
+        assert "quantized" in type(model.llm.blocks[0].feed_forward.w1).__module__
+    else:
+        assert model.llm.blocks[0].feed_forward.w1.weight.dtype == torch.bfloat16
+    got = _predict(model, inputs)
+    same_top1 = [temporal_iou(a["windows"][0][:2], b["windows"][0][:2]) >= 0.9 for a, b in zip(ref, got)]
+    rho = [spearmanr(a["saliency"], b["saliency"])[0] for a, b in zip(ref, got)]
+    assert np.mean(same_top1) >= 0.95, same_top1
+    assert min(rho) >= 0.99, rho
+
+
+def test_fp32_is_exactly_the_built_model(small_model):
+    model = copy.deepcopy(small_model)
+    apply_precision(model, "fp32", "cpu")
+    inputs = _inputs()
+    with torch.inference_mode():
+        assert torch.equal(model(*inputs)["saliency_scores"], small_model(*inputs)["saliency_scores"])
+
+
+# --- compact checkpoints ------------------------------------------------------------------------------------------
+
+SPEC = {"clip_model": "x", "video_kinds": ["clip"], "video_dims": [64], "text_dim": 64, "clip_seconds": 2.0}
+
+
+def _fp32_size(model) -> int:
+    return sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
+
+
+def test_compact_checkpoint_round_trip(small_model, tmp_path):
+    path = tmp_path / "small.ckpt"
+    save_checkpoint(str(path), small_model, DataConfig(), SPEC, "custom")
+    blocks = sum(p.numel() for p in small_model.llm.blocks.parameters())
+    # random blocks hold bf16 values: stored in 2 bytes each, everything else as it was
+    assert os.path.getsize(path) <= _fp32_size(small_model) - 2 * blocks + 200_000
+    loaded, ckpt = load_checkpoint(str(path))
+    assert ckpt["llm"]["stored_as"] == "bfloat16"
+    assert loaded.llm.blocks[0].attention.wq.weight.dtype == torch.float32  # the config's dtype again
+    inputs = _inputs()
+    with torch.inference_mode():  # lossless: the same numbers as before saving
+        assert torch.equal(loaded(*inputs)["saliency_scores"], small_model(*inputs)["saliency_scores"])
+    quantized, _ = load_checkpoint(str(path), precision="int8")
+    assert quantized.precision == "int8"
+    assert min(spearmanr(a["saliency"], b["saliency"])[0]
+               for a, b in zip(_predict(quantized, inputs), _predict(small_model, inputs))) >= 0.99
+
+
+def test_blocks_that_are_not_half_values_stay_fp32(small_model, tmp_path):
+    """Weights with full fp32 mantissas (the authors' golden random blocks, a fine-tuned copy) are not rounded:
+    checkpoint storage never changes a prediction; such files load as version-1 files always did."""
+    model = copy.deepcopy(small_model)
+    with torch.no_grad():
+        for p in model.llm.blocks.parameters():
+            p.add_(torch.randn_like(p) * 1e-4)
+    path = tmp_path / "full.ckpt"
+    save_checkpoint(str(path), model, DataConfig(), SPEC, "custom")
+    loaded, ckpt = load_checkpoint(str(path))
+    assert ckpt["llm"]["stored_as"] == "float32"
+    for a, b in zip(loaded.llm.blocks.parameters(), model.llm.blocks.parameters()):
+        assert torch.equal(a, b)
+
+
+# --- CLIP ---------------------------------------------------------------------------------------------------------
+
+def test_world_clip_bf16_embeddings_agree_with_fp32():
+    args = (str(world.WORLD_CLIP_CONFIG), str(world.WORLD_CLIP_WEIGHTS))
+    fp32 = ClipEncoder.load(*args, device="cpu", precision="fp32")
+    bf16 = ClipEncoder.load(*args, device="cpu", precision="bf16")
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(24, fp32.image_size, fp32.image_size, 3), dtype=np.uint8)
+    a, b = fp32.encode_frames_uint8(frames), bf16.encode_frames_uint8(frames)
+    assert (a * b).sum(1).min() >= 0.999
+    ta, tb = fp32.encode_text(["a red circle moves left", "two squares"]), bf16.encode_text(["a red circle moves left",
+                                                                                            "two squares"])
+    assert (ta * tb).sum(1).min() >= 0.999
+    auto = ClipEncoder.load(*args, device="cpu", precision="auto")
+    assert auto.precision == ("bf16" if detect_hardware("cpu").native_bf16 else "fp32")
