@@ -317,7 +317,9 @@ def build_model(cfg: ModelConfig, llm_weights: bool = True, device="cpu") -> LLM
     spec, weights = None, None
     if llm_weights and cfg.n_llm_layers:
         if not cfg.llm:
-            raise ModelError("no LLM given: pass --llm (a transformers LLaMA id/dir or a consolidated.00.pth)")
+            raise ModelError("no LLM given: pass --llm (a transformers LLaMA-family id/dir, or a Meta "
+                             "consolidated.00.pth; the paper: LLaMA-7B layers 14:17), or --llm-layers 0:0 to train "
+                             "without LLM blocks (the paper's ablation)")
         if cfg.llm != "random":
             first, end = cfg.llm_layer_range()
             spec, weights = load_llm_layers(cfg.llm, first, end)

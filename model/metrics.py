@@ -297,6 +297,10 @@ def load_jsonl(path: str | Path) -> list[dict]:
                         records.append(json.loads(line))
                     except json.JSONDecodeError as err:
                         raise ModelError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+                    if not isinstance(records[-1], dict):
+                        raise ModelError(f"{path}:{n}: not a JSON object (jsonl: one {{...}} record a line)")
+    except UnicodeDecodeError:
+        raise ModelError(f"{path} is not a UTF-8 text file (jsonl: one JSON record a line)") from None
     except OSError as err:
         raise ModelError(f"cannot read {path}: {err.strerror}") from None
     return records
@@ -304,7 +308,12 @@ def load_jsonl(path: str | Path) -> list[dict]:
 
 def evaluate_files(submission_path: str, gt_path: str, variant: str = "cgdetr") -> dict:
     """`vmr eval`: the official metrics of a submission jsonl against an annotation jsonl."""
-    return evaluate(load_jsonl(submission_path), load_jsonl(gt_path), variant)
+    records = {}
+    for path in (submission_path, gt_path):
+        records[path] = load_jsonl(path)
+        if not records[path]:
+            raise ModelError(f"{path} holds no records (jsonl: one JSON record a line)")
+    return evaluate(records[submission_path], records[gt_path], variant)
 
 
 def describe_metrics(metrics: dict) -> str:

@@ -82,10 +82,12 @@ def build_settings(dataset: str, config_path: str | None = None, overrides: list
         layered.update(base.get("train", {}))
     if config_path:
         try:
-            with open(config_path) as f:
+            with open(config_path, encoding="utf-8") as f:
                 layered.update(json.load(f))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ModelError(f"cannot read --config {config_path}: {err}") from None
+        except OSError as err:
+            raise ModelError(f"cannot read --config {config_path}: {err.strerror or err}") from None
+        except (ValueError, TypeError):  # not UTF-8, not JSON, or not one JSON object
+            raise ModelError(f"--config {config_path} is not a JSON object of config fields") from None
     for item in overrides:
         if "=" not in item:
             raise ModelError(f"--set expects KEY=VALUE, got {item!r}")

@@ -71,7 +71,8 @@ def connect(index_dir, read_only: bool, wait: float = LOCK_WAIT_SECONDS) -> duck
         except duckdb.IOException as err:
             message = str(err)
             if "lock" not in message.lower():
-                raise VmrError(f"cannot open {path}: {message.splitlines()[0]}") from None
+                raise VmrError(f"cannot open {path}: {message.splitlines()[0]} - the index is damaged: build a new "
+                               f"one (`vmr index VIDEOS --index NEW_FOLDER`)") from None
             if time.monotonic() > deadline:
                 raise VmrError(f"index {index_dir} stays locked by another vmr process: {message.splitlines()[0]}") from None
         except duckdb.Error as err:

@@ -65,7 +65,8 @@ def _answer(index_dir, checkpoint, rows, n_shown) -> dict:
 
     # No ingest runs beside the demo's queries, so one read connection serves them all.
     with SearchEngine(index_dir, checkpoint=str(checkpoint), device="cpu") as engine, engine.library.session():
-        click.echo(f"[4/4] queries ({n_shown} of {len(rows)} shown; the 10-min video's are last)")
+        click.echo(f"[4/4] queries ({n_shown} of {len(rows)} shown; the 10-min video's are last; * = the "
+                   "sentence's own video)")
         shown = rows[: n_shown - 2] + [r for r in rows if "long" in r["vid"]][:2]
         for row in shown:
             found = engine.search(row["query"], top_k=3).moments
@@ -78,4 +79,6 @@ def _answer(index_dir, checkpoint, rows, n_shown) -> dict:
         metrics = [engine_metrics(engine, rows, "coarse"), engine_metrics(engine, rows, "rerank")]
     click.echo(f"\nAll {len(rows)} sentences, video recall and VCMR recall (%):")
     click.echo(describe_corpus_metrics(metrics))
+    click.echo(f"\nNext: ask it yourself - vmr search \"{rows[0]['query']}\" --index {index_dir} --checkpoint "
+               f"{checkpoint}\n(a temporary demo folder is deleted on exit: keep one with `vmr demo --out DIR`)")
     return {m["mode"]: m for m in metrics}
