@@ -57,10 +57,30 @@ def train_reranker(work_dir, out=WORLD_RERANKER, n_videos: int = 80, synthetic: 
     write_jsonl(rows[n_val:], work_dir / "train.jsonl")
     write_jsonl(rows[:n_val], work_dir / "val.jsonl")
     provider = IndexFeatureProvider(index_dir, device=device)
-    return train_from_cli(train_path=str(work_dir / "train.jsonl"), val_path=str(work_dir / "val.jsonl"),
-                          index_dir=str(index_dir), features_dir=None, out_path=str(out), dataset="custom",
-                          config_path=str(RERANKER_CONFIG), overrides=list(overrides), device=device,
-                          provider=provider)
+    summary = train_from_cli(train_path=str(work_dir / "train.jsonl"), val_path=str(work_dir / "val.jsonl"),
+                             index_dir=str(index_dir), features_dir=None, out_path=str(out), dataset="custom",
+                             config_path=str(RERANKER_CONFIG), overrides=list(overrides), device=device,
+                             provider=provider)
+    provider.library.close()
+    # what `vmr train --index --val` does next: fit the ranking rule on the validation sentences
+    from retriever.fit_score import describe_fit, fit_checkpoint
+
+    summary["score_rule"] = fit_checkpoint(index_dir, str(out), rows[:n_val], device=device)
+    print(describe_fit(summary["score_rule"]))
+    strip_optimizer(out)
+    return summary
+
+
+def strip_optimizer(path) -> None:
+    """Drop the training state (optimizer, scheduler: the shipped file stays small; the negatives used and the
+    ranking rule stay in the model config)."""
+    import torch
+
+    from model.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(str(path))
+    ckpt.pop("train_state", None)
+    torch.save(ckpt, str(path))
 
 
 def main() -> None:

@@ -1,0 +1,91 @@
+"""Fit a checkpoint's ranking rule (retriever.merge.ScoreRule) on validation queries, and store it in the checkpoint.
+
+After `vmr train --index ... --val ...` each validation query is searched on the index once (coarse candidates,
+then the new reranker over them); every candidate rule (model score "confidence" | "saliency" | "both", coarse
+weight in COARSE_WEIGHTS) re-ranks the same moments, and the rule with the best mean of VCMR R@1 and R@5 at IoU
+0.5 and 0.7 is kept (ties: the smaller coarse weight, then the order of MODEL_SCORES). Test queries are never
+used: the caller hands validation annotations only.
+"""
+from __future__ import annotations
+
+import os
+
+from model.spans import temporal_iou
+from retriever.merge import MODEL_SCORES, ScoreRule
+
+COARSE_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+KS, IOUS = (1, 5), (0.5, 0.7)
+
+
+def _hits(ranked: list[dict], gt_video: int, windows: list, k: int, iou: float) -> bool:
+    return any(m["video_id"] == gt_video and any(temporal_iou((m["start"], m["end"]), w) >= iou for w in windows)
+               for m in ranked[:k])
+
+
+def rule_metrics(per_query: list[tuple[list, int, list]], rule: ScoreRule) -> dict:
+    """VCMR R@k (%) of ``rule`` over (reranked moments, gt video id, gt windows) per query."""
+    from retriever.search import rank_moments
+
+    hits = {(k, t): 0 for k in KS for t in IOUS}
+    for moments, gt_video, windows in per_query:
+        ranked = rank_moments(list(moments), max(KS), rule)
+        for k in KS:
+            for t in IOUS:
+                hits[(k, t)] += _hits(ranked, gt_video, windows, k, t)
+    n = max(len(per_query), 1)
+    return {f"VCMR_R{k}@{t}": 100.0 * hits[(k, t)] / n for k in KS for t in IOUS}
+
+
+def rerank_queries(engine, annotations: list[dict]) -> list[tuple[list, int, list]]:
+    """(reranked moments, gt video id, gt windows) of each annotation, searched once on the engine's index."""
+    out = []
+    with engine.library.session():
+        for ann in annotations:
+            pooled, tokens = engine.encode_query(ann["query"])
+            windows = engine.candidates(pooled)
+            out.append((engine.reranker.moments(windows, tokens), engine.library.resolve_vid(ann["vid"]),
+                        ann["relevant_windows"]))
+    return out
+
+
+def fit_rule(per_query: list[tuple[list, int, list]]) -> tuple[ScoreRule, dict]:
+    """The best rule and the figures of every candidate ({"model/w": metrics})."""
+    table, best, best_key = {}, None, None
+    for w in COARSE_WEIGHTS:
+        for model in MODEL_SCORES:
+            rule = ScoreRule(model, w)
+            m = rule_metrics(per_query, rule)
+            table[f"{model}/{w:g}"] = m
+            key = sum(m.values()) / len(m)
+            if best_key is None or key > best_key + 1e-9:
+                best, best_key = rule, key
+    return best, table
+
+
+def fit_checkpoint(index_dir, checkpoint: str, annotations: list[dict], device: str = "auto") -> dict:
+    """Fit the rule for ``checkpoint`` on ``annotations`` (validation queries of ``index_dir``) and store it in
+    the checkpoint (model_config.extra["score_rule"]). Returns what was stored."""
+    import torch
+
+    from model.checkpoint import read_checkpoint
+    from retriever.search import SearchEngine
+
+    with SearchEngine(index_dir, checkpoint=checkpoint, device=device) as engine:
+        per_query = rerank_queries(engine, annotations)
+    rule, table = fit_rule(per_query)
+    chosen = table[f"{rule.model}/{rule.coarse_weight:g}"]
+    own = max((table[f"{m}/0"] for m in MODEL_SCORES), key=lambda t: sum(t.values()))
+    stored = {**rule.to_dict(), "fit_on_queries": len(annotations), "val": chosen, "val_model_only": own}
+    ckpt = read_checkpoint(checkpoint)
+    ckpt["model_config"].setdefault("extra", {})["score_rule"] = stored
+    tmp = f"{checkpoint}.fit.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, checkpoint)  # atomically: a crash never leaves half a checkpoint
+    return stored
+
+
+def describe_fit(stored: dict) -> str:
+    v = stored["val"]
+    return (f"ranking rule fit on {stored['fit_on_queries']} validation queries: {stored['model']} + "
+            f"{stored['coarse_weight']:g} x coarse cosine (VCMR R1@0.5 {v['VCMR_R1@0.5']:.1f}, R1@0.7 "
+            f"{v['VCMR_R1@0.7']:.1f}, R5@0.5 {v['VCMR_R5@0.5']:.1f}); stored in the checkpoint")
