@@ -13,7 +13,7 @@ import os
 from model.spans import temporal_iou
 from retriever.merge import MODEL_SCORES, ScoreRule
 
-COARSE_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+COARSE_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 KS, IOUS = (1, 5), (0.5, 0.7)
 
 
