@@ -6,17 +6,22 @@ import logging
 import sys
 
 import click
+import duckdb
 
 from model.errors import ModelError
 from store.errors import VmrError
 
-USER_ERRORS = (VmrError, ModelError)
+# duckdb.IOException: a damaged index file found mid-query (a truncated one opens, then fails on its first read).
+USER_ERRORS = (VmrError, ModelError, duckdb.IOException)
 
 # Exit codes of the CLI contract (DESIGN.md).
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 
 def _fail(err: Exception) -> None:
+    if isinstance(err, duckdb.IOException):
+        err = (f"cannot read/write the index's DuckDB file: {str(err).splitlines()[0]} (a damaged index: build a new "
+               "one with `vmr index VIDEOS --index NEW_FOLDER`)")
     click.echo(f"error: {err}", err=True)
     sys.exit(EXIT_FATAL)
 

@@ -174,7 +174,7 @@ def run(out_dir: str, quick: bool) -> Section:
 
     lines = [
         f"Baseline: the plainest loop (PyAV decodes every frame, one frame per 2 s to CLIP, no Ray), same file, same "
-        f"process, back to back. (clip-video-encode, the tool the issue names first, does not install here: its "
+        f"process, back to back. (clip-video-encode, the usual stand-alone tool for this, does not install here: its "
         f"1.3.0 pins torch<2, numpy<2 and pyarrow<8, and pyarrow 7 has no Python 3.11 wheel and its source build "
         f"fails; checked in a side venv on 2026-11-25.) Machine: {machine_line()}, torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads. CLIP: {'tiny test config' if quick else 'ViT-B-32 (random weights)'}. Synthetic videos "

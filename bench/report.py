@@ -32,11 +32,37 @@ def save_figure(fig, out_dir: str, name: str) -> str:
     import matplotlib.pyplot as plt
 
     fig.suptitle(machine_line(), fontsize=8)
+    for ax in fig.axes:
+        mark_missing_bars(ax)
     fig.tight_layout()
     path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def mark_missing_bars(ax) -> None:
+    """Write "n/a" where a bar chart has a bar of no height (a value that was not measured), so that an empty
+    slot does not read as a zero."""
+    from matplotlib.patches import Rectangle
+
+    bottom = ax.get_ylim()[0]
+    for bar in [p for p in ax.patches if isinstance(p, Rectangle)]:
+        height = bar.get_height()
+        if height is None or not np.isfinite(height) or height == 0:
+            ax.annotate("n/a", (bar.get_x() + bar.get_width() / 2, bottom), xytext=(0, 3), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7, color="0.4")
+
+
+def headline_of(section: "Section") -> str:
+    """The section's headline; a section that gave none is summed up by the first sentence of its text."""
+    if section.headline:
+        return section.headline
+    for line in section.markdown.splitlines():
+        text = line.strip().lstrip("#").strip()
+        if text and not text.startswith(("|", "!", "```", "_(")):
+            return f"{section.title}: {text.split('. ')[0][:200]}"
+    return f"{section.title}: (no summary; see its section)"
 
 
 def not_available(title: str, reason: str) -> Section:
@@ -118,8 +144,9 @@ def write_report(sections: list[Section], out_dir: str, quick: bool, total_s: fl
     """Write out_dir/report.md (figures referenced by relative path); returns its path."""
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [f"# vmr benchmark report{' (quick smoke size)' if quick else ''}", "",
-           f"Machine: {machine_line()}. Generated {now} in {total_s:.0f} s.", "", "## Headlines", ""]
-    out += [f"- {s.headline or s.title}" for s in sections]
+           f"Machine (every section and plot): {machine_line()}. Generated {now} in {total_s:.0f} s.", "",
+           "## Headlines", ""]
+    out += [f"- {headline_of(s)}" for s in sections]
     for i, s in enumerate(sections, 1):
         out += ["", f"## {i}. {s.title}", ""]
         if s.available:

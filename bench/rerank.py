@@ -1,19 +1,21 @@
-"""Rerank benchmark: windows/s of the LLMEPET forward at three LLM-block shapes, fp32 and bf16, ours vs the authors'.
+"""Rerank benchmark: the LLMEPET forward at the paper's shape, every precision and batch size, vs the authors' code.
 
-Shapes (random weights; only the shapes matter for speed):
-  tiny      llm_dim 64,   4 heads,  FFN 256,   3 layers   (the test configs)
-  1B-class  llm_dim 2048, 16 heads, FFN 5632,  3 layers   (TinyLlama-1.1B widths)
-  7B-class  llm_dim 4096, 32 heads, FFN 11008, 3 layers   (LLaMA-7B, the paper); 1 layer on CPU (stated)
-The FFN width follows LLaMA's rule (2/3 * 4 * dim rounded up to 256), which is also what the authors' code computes.
+Paper shape: the authors' QVHighlights architecture with 3 LLaMA-7B-shaped blocks (llm_dim 4096, 32 heads, FFN 11008,
+~0.6 B parameters), random weights (only shapes matter for speed; accuracy is measured against our own fp32 on the
+same weights). A window = 75 clips (150 s) of 514-d video features (CLIP 512 + TEF 2) and a 20-token query of 512-d
+CLIP token features. Inference mode, eval(), no negative pass, B windows per forward.
 
-A window is one QVHighlights-sized input: 75 clips (150 s) of 514-d video features (CLIP 512 + TEF 2) and a
-20-token query of 512-d CLIP token features, with the authors' QVHighlights architecture (dataset_defaults).
-fp32: everything fp32. bf16: the frozen LLM blocks are stored and run in bfloat16, the rest fp32 (what
-model.llmepet does on GPU). Inference mode, eval(), no negative pass, batch of B windows per forward.
+Rows: ours at fp32 / bf16 / int8 (model.precision: the frozen blocks cast or dynamically quantized, the rest fp32)
+and the authors' fp32 at the same batch size, same inputs, timed interleaved in one process (median of the runs
+after a warm-up), so load changes on a shared machine hit all alike. Then: accuracy of bf16/int8 against fp32 at
+the paper shape (top-1 span IoU >= 0.9 share, saliency Spearman), and search latency over a 10^3-video synthetic
+library with a paper-size reranker (world CLIP feature widths, 3 x 4096-d random blocks) at the precision
+``auto`` picks, reranking ``SEARCH_WINDOWS`` windows.
 
-The authors' implementation (github fletcherjiang/LLMEPET, read from ../ref) runs side by side from a throwaway
-copy under /tmp with the minimal patches needed to run without their checkpoint on this machine (listed in the
-report); their code is never imported from or copied into this repository.
+The authors' implementation (github fletcherjiang/LLMEPET, a read-only checkout at ../ref/fletcherjiang+LLMEPET or
+where VMR_AUTHORS_LLMEPET says) runs side by side from a throwaway copy under /tmp with the minimal patches needed
+to run without their checkpoint on this machine (listed in the report); their code is never imported from or
+copied into this repository.
 """
 from __future__ import annotations
 
@@ -40,22 +42,14 @@ def llama_ffn_dim(dim: int, multiple_of: int = 256) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def shapes(device: str, quick: bool) -> list[dict]:
-    """The LLM block shapes to measure: name, dims, layers, windows per forward, timed runs."""
-    gpu = device == "cuda"
-    all_shapes = [
-        dict(name="tiny", dim=64, heads=4, layers=3, batch=8 if not quick else 1, runs=5 if not quick else 1,
-             smoke=quick, note="smoke size: 1 layer per CG-DETR stage" if quick else ""),
-        dict(name="1B-class", dim=2048, heads=16, layers=3, batch=8 if gpu else 2, runs=3 if gpu else 2),
-        dict(name="7B-class", dim=4096, heads=32, layers=3 if gpu else 1, batch=8 if gpu else 1, runs=3 if gpu else 2,
-             note="" if gpu else "1 of the paper's 3 layers on CPU",
-             # no native bf16 on this CPU (AVX2 only), and a 7B-class bf16 row costs minutes of a shared 2-core
-             # machine; the 1B-class rows already compare the two dtypes
-             dtypes=("float32", "bfloat16") if gpu else ("float32",)),
-    ]
-    for s in all_shapes:
-        s["ffn"] = llama_ffn_dim(s["dim"])
-    return all_shapes[:1] if quick else all_shapes
+def paper_shape(quick: bool) -> dict:
+    """The LLM blocks measured: the paper's (3 x 4096-d), or a tiny smoke size (quick)."""
+    if quick:
+        s = dict(name="tiny (smoke size)", dim=64, heads=4, layers=3, smoke=True)
+    else:
+        s = dict(name="paper (LLaMA-7B blocks)", dim=4096, heads=32, layers=3)
+    s["ffn"] = llama_ffn_dim(s["dim"])
+    return s
 
 
 def inputs(batch: int, device: str, seed: int = 0):
@@ -143,7 +137,7 @@ def prepare_authors_copy(dest: str, cuda: bool) -> list[str]:
     """Copy their llm_epet/ to dest and apply AUTHORS_PATCHES (+ .cuda() -> CPU). Returns the patch notes."""
     src = os.path.join(AUTHORS_REPO, "llm_epet")
     if not os.path.isdir(src):
-        raise FileNotFoundError(f"{src} not found")
+        raise FileNotFoundError(f"the authors' code is not on this machine (looked for {src})")
     shutil.copytree(src, os.path.join(dest, "llm_epet"))
     notes = []
     for rel, old, new, why in AUTHORS_PATCHES:
@@ -218,46 +212,231 @@ def forward_authors(model, batch):
 
 # --- the section ---------------------------------------------------------------------------------------------------
 
+SEARCH_WINDOWS = 4  # windows a paper-size reranker scores per query (the coarse stage ranks the rest)
+SEARCH_QUERIES = 7
+
+
 def _llm_params(model) -> int:
     blocks = model.llm.blocks if hasattr(model, "llm") else model.transformer.llama.layers
     return sum(p.numel() for p in blocks.parameters())
 
 
-def _measure_pair(shape: dict, dtype: str, device: str, with_authors: bool) -> dict:
-    """Ours and (if with_authors) theirs on the same inputs, timed interleaved (ours, theirs, ours, ...) so that
-    load changes on a shared machine hit both sides alike. Returns windows/s, seconds/forward, LLM params."""
+def _with_precision(model, precision: str, device: str):
+    import copy
+
+    from model.precision import apply_precision
+
+    if precision == "fp32":
+        return model
+    clone = copy.deepcopy(model)
+    apply_precision(clone, precision, device)
+    return clone
+
+
+def _speed_rows(shape: dict, device: str, quick: bool, precisions, batches, with_authors: bool) -> tuple[list, dict]:
+    """Ours at each precision and the authors' fp32, per batch size, timed interleaved. Returns (rows, models)."""
     import torch
 
-    sides = {"ours": (build_ours, forward_ours)}
+    torch.manual_seed(0)
+    ours = {"fp32": build_ours(shape, "float32", device)}
+    for p in precisions:
+        if p != "fp32":
+            ours[p] = _with_precision(ours["fp32"], p, device)
+    sides = {f"ours {p}": (m, forward_ours) for p, m in ours.items()}
+    auth_error = None
     if with_authors:
-        sides["auth"] = (build_authors, forward_authors)
-    batch = inputs(shape["batch"], device)
-    models, row = {}, {}
-    for name, (build, forward) in sides.items():
-        torch.manual_seed(0)
         try:
-            models[name] = build(shape, dtype, device)
-            with torch.inference_mode():
-                out = forward(models[name], batch)  # warm-up, and a check that it really ran
-            if tuple(out["pred_spans"].shape) != (shape["batch"], 10, 2):
-                raise RuntimeError(f"unexpected pred_spans shape {tuple(out['pred_spans'].shape)}")
-        except Exception as err:
-            if name == "ours":
-                raise
-            models.pop(name, None)
-            row["auth_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
-    row["llm_params"] = _llm_params(models["ours"])
-    times = {name: [] for name in models}
-    with torch.inference_mode():
-        for _ in range(shape["runs"]):
-            for name, model in models.items():
-                times[name].append(time_forward(lambda: sides[name][1](model, batch), runs=1, warmup=0))
-    for name, ts in times.items():
-        sec = float(np.median(ts))
-        row[f"{name}_s"], row[f"{name}_wps"] = sec, shape["batch"] / sec
-    del models
+            torch.manual_seed(0)
+            sides["authors fp32"] = (build_authors(shape, "float32", device), forward_authors)
+        except Exception as err:  # their code cannot build here: say why, keep measuring ours
+            auth_error = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+    runs = 1 if quick else 2
+    rows = []
+    for b in batches:
+        batch = inputs(b, device)
+        times = {name: [] for name in sides}
+        with torch.inference_mode():
+            for name, (model, forward) in list(sides.items()):
+                try:
+                    out = forward(model, batch)  # warm-up, and a check that it really ran
+                    if tuple(out["pred_spans"].shape) != (b, 10, 2):
+                        raise RuntimeError(f"unexpected pred_spans shape {tuple(out['pred_spans'].shape)}")
+                except Exception as err:
+                    if not name.startswith("authors"):
+                        raise
+                    auth_error = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                    sides.pop(name)
+                    times.pop(name)
+            for _ in range(runs):
+                for name, (model, forward) in sides.items():
+                    times[name].append(time_forward(lambda: forward(model, batch), runs=1, warmup=0))
+        for name, ts in times.items():
+            sec = float(np.median(ts))
+            rows.append(dict(side=name, batch=b, s=sec, wps=b / sec))
+    info = dict(llm_params=_llm_params(ours["fp32"]), auth_error=auth_error)
+    sides.pop("authors fp32", None)
     gc.collect()
-    return row
+    return rows, dict(ours=ours, info=info)
+
+
+def _accuracy(ours: dict, device: str, n_windows: int) -> list[dict]:
+    """bf16/int8 against fp32 on the same weights and windows: share of windows whose top-1 span keeps IoU >= 0.9,
+    saliency Spearman (min and median over windows)."""
+    import torch
+    from scipy.stats import spearmanr
+
+    from model.postprocess import decode_outputs
+    from model.spans import temporal_iou
+
+    batch = inputs(n_windows, device, seed=1)
+    meta = [{"duration": N_CLIPS * 2.0}] * n_windows
+    preds = {}
+    with torch.inference_mode():
+        for p, model in ours.items():
+            preds[p] = decode_outputs(model(*batch), batch[3], meta)
+    rows = []
+    for p, got in preds.items():
+        if p == "fp32":
+            continue
+        same = [temporal_iou(a["windows"][0][:2], b["windows"][0][:2]) >= 0.9 for a, b in zip(preds["fp32"], got)]
+        rho = [spearmanr(a["saliency"], b["saliency"])[0] for a, b in zip(preds["fp32"], got)]
+        rows.append(dict(precision=p, windows=n_windows, top1_same=float(np.mean(same)),
+                         spearman_min=float(np.min(rho)), spearman_median=float(np.median(rho))))
+    return rows
+
+
+def _search_latency(shape: dict, device: str, quick: bool, precisions, n_videos: int | None = None) -> dict:
+    """p50 of `SearchEngine.search` over a synthetic 10^3-video library (30 quick) with a paper-size reranker."""
+    import torch
+
+    from bench.search import make_library
+    from model.checkpoint import read_checkpoint, save_checkpoint
+    from model.config import ModelConfig
+    from model.features import ClipEncoder
+    from model.llmepet import build_model
+    from model.sample import DataConfig
+    from retriever.coarse import CoarseConfig
+    from retriever.search import SearchEngine
+    from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_RERANKER
+
+    n_videos = n_videos or (30 if quick else 1000)
+    work = tempfile.mkdtemp(prefix="vmr_bench_rerank_search_")
+    try:
+        encoder = ClipEncoder.load(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS), device=device)
+        t0 = time.perf_counter()
+        queries = make_library(os.path.join(work, "index"), n_videos, encoder, seed=n_videos)
+        build_s = time.perf_counter() - t0
+        world = read_checkpoint(str(WORLD_RERANKER))
+        cfg = ModelConfig.from_dict(world["model_config"]).replace(
+            llm="random", llm_layers=f"0:{shape['layers']}", llm_dim=shape["dim"], llm_heads=shape["heads"],
+            llm_kv_heads=shape["heads"], llm_ffn_dim=shape["ffn"], llm_dtype="float32")
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        ckpt = os.path.join(work, "paper_size_reranker.pt")
+        save_checkpoint(ckpt, model, DataConfig.from_dict(world["data_config"]), world["feature_spec"],
+                        world["dataset"])
+        del model
+        gc.collect()
+        out = dict(videos=n_videos, build_s=build_s, windows=SEARCH_WINDOWS, rows=[],
+                   ckpt_mb=os.path.getsize(ckpt) / 1e6)
+        for p in precisions:
+            with SearchEngine(os.path.join(work, "index"), checkpoint=ckpt, device=device, precision=p,
+                              coarse=CoarseConfig(n_windows=SEARCH_WINDOWS)) as engine:
+                engine.encoder = encoder
+                picked = engine.reranker.model.precision
+                engine.search(queries[0]["query"], top_k=10)  # warm-up
+                totals, reranks = [], []
+                for q in queries[: 2 if quick else SEARCH_QUERIES]:
+                    res = engine.search(q["query"], top_k=10)
+                    totals.append(res.timings["total"])
+                    reranks.append(res.timings["rerank"])
+            out["rows"].append(dict(requested=p, picked=picked, p50=float(np.median(totals)),
+                                    rerank_p50=float(np.median(reranks)), queries=len(totals)))
+            gc.collect()
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(device: str, quick: bool, with_search: bool = True, n_videos: int | None = None,
+            search_only: bool = False) -> dict:
+    """Everything the section reports, as data (also what the GPU run writes)."""
+    import torch
+
+    from model.precision import choose_precision, detect_hardware
+
+    hw = detect_hardware(device)
+    shape = paper_shape(quick)
+    if search_only:  # the library part alone (a device run split in two bounded commands)
+        search = _search_latency(shape, device, quick, ("auto", "fp32"), n_videos)
+        return dict(device=device, hardware=hw.describe(), torch=torch.__version__, threads=torch.get_num_threads(),
+                    shape=shape, search=search)
+    precisions = ("fp32", "bf16") if device == "cuda" else ("fp32", "bf16", "int8")
+    batches = (1, 2) if quick else ((1, 8, 32) if device == "cuda" else (1, 8))
+    tmp = tempfile.mkdtemp(prefix="vmr_bench_authors_")
+    notes, authors_error = [], None
+    try:
+        try:
+            notes = prepare_authors_copy(tmp, cuda=device == "cuda")
+            import_authors_copy(tmp)  # fails here if their code cannot import
+        except Exception as err:  # their code cannot run here: report why, keep measuring ours
+            authors_error = str(err) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
+        rows, built = _speed_rows(shape, device, quick, precisions, batches, with_authors=authors_error is None)
+    finally:
+        for name in [m for m in sys.modules if m == "llm_epet" or m.startswith("llm_epet.")]:
+            del sys.modules[name]
+        shutil.rmtree(tmp, ignore_errors=True)
+    accuracy = _accuracy(built["ours"], device, 4 if quick else 16)
+    auto = choose_precision("auto", hw, built["info"]["llm_params"])
+    del built["ours"]
+    gc.collect()
+    search = _search_latency(shape, device, quick, ("auto",) if quick else ("auto", "fp32"), n_videos) \
+        if with_search else None
+    return dict(device=device, hardware=hw.describe(), torch=torch.__version__, threads=torch.get_num_threads(),
+                shape=shape, rows=rows, accuracy=accuracy, auto=auto, search=search,
+                authors_error=authors_error or built["info"]["auth_error"], patches=notes,
+                llm_params=built["info"]["llm_params"])
+
+
+def describe(m: dict) -> list[str]:
+    s = m["shape"]
+    lines = [
+        "Baseline: the authors' implementation (fletcherjiang/LLMEPET) in fp32 at the same batch size, same inputs, "
+        "same process, timed interleaved with ours (median of the runs after a warm-up). "
+        f"Machine: {machine_line()}, torch {m['torch']} on {m['device']}, {m['threads']} threads.",
+        f"Hardware detected now: {m['hardware']}; `--precision auto` picks **{m['auto']}** here for this shape.",
+        f"Shape: {s['name']}: {s['layers']} blocks x {s['dim']}-d (FFN {s['ffn']}, {m['llm_params'] / 1e6:.0f}M "
+        f"parameters), QVHighlights CG-DETR (6 enc / 6 dec layers), random weights; a window = {N_CLIPS} clips x "
+        f"{VID_DIM}-d + {N_TOKENS} tokens x {TXT_DIM}-d. Ours attends across time, theirs across the batch (their "
+        "code's behaviour): the same FLOPs in the blocks' linear layers, which dominate.",
+        "",
+        "| windows/forward | side | precision | windows/s | s/forward | speed-up vs authors' fp32 |",
+        "|---:|---|---|---:|---:|---:|",
+    ]
+    for r in m["rows"]:
+        auth = next((a for a in m["rows"] if a["batch"] == r["batch"] and a["side"] == "authors fp32"), None)
+        ratio = f"{auth['s'] / r['s']:.2f}x" if auth else "-"
+        side, prec = r["side"].split(" ")
+        lines.append(f"| {r['batch']} | {side} | {prec} | {r['wps']:.2f} | {r['s']:.2f} | {ratio} |")
+    if m["authors_error"]:
+        lines += ["", f"Authors' implementation: not available: {m['authors_error']}"]
+    lines += ["", f"Accuracy against our fp32 on the same weights and windows ({s['name']}):", "",
+              "| precision | windows | top-1 span IoU >= 0.9 | saliency Spearman min / median |", "|---|---:|---:|---:|"]
+    for a in m["accuracy"]:
+        lines.append(f"| {a['precision']} | {a['windows']} | {100 * a['top1_same']:.0f}% | "
+                     f"{a['spearman_min']:.4f} / {a['spearman_median']:.4f} |")
+    if m.get("search"):
+        sr = m["search"]
+        lines += ["", f"Search over a {sr['videos']:,}-video synthetic library (built in {sr['build_s']:.0f} s) with a "
+                  f"paper-size reranker (world CLIP widths, {s['layers']} x {s['dim']}-d random blocks; checkpoint "
+                  f"{sr['ckpt_mb']:.0f} MB), {sr['windows']} windows reranked per query:", "",
+                  "| --precision | runs as | queries | search p50 (s) | rerank stage p50 (s) |", "|---|---|---:|---:|---:|"]
+        for r in sr["rows"]:
+            lines.append(f"| {r['requested']} | {r['picked']} | {r['queries']} | {r['p50']:.2f} | {r['rerank_p50']:.2f} |")
+    if m["patches"]:
+        lines += ["", "Patches applied to the throwaway copy of their code (nothing of it is kept): "
+                  + "; ".join(m["patches"]) + "."]
+    return lines
 
 
 def run(out_dir: str, quick: bool) -> Section:
@@ -268,77 +447,52 @@ def run(out_dir: str, quick: bool) -> Section:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows, notes, authors_error = [], [], None
-    tmp = tempfile.mkdtemp(prefix="vmr_bench_authors_")
-    try:
-        try:
-            notes = prepare_authors_copy(tmp, cuda=device == "cuda")
-            import_authors_copy(tmp)  # fails here if their code cannot import
-        except Exception as err:  # their code cannot run here: report why, keep measuring ours
-            authors_error = f"{type(err).__name__}: {err}"
-        for shape in shapes(device, quick):
-            for dtype in ("float32",) if quick else shape.get("dtypes", ("float32", "bfloat16")):
-                row = dict(shape=shape, dtype=dtype)
-                row.update(_measure_pair(shape, dtype, device, with_authors=authors_error is None))
-                rows.append(row)
-    finally:
-        for name in [m for m in sys.modules if m == "llm_epet" or m.startswith("llm_epet.")]:
-            del sys.modules[name]
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    lines = [
-        f"Baseline: the authors' implementation (fletcherjiang/LLMEPET) on the same shapes, same inputs, same process, "
-        "timed interleaved with ours (median of the runs after a warm-up). "
-        f"Machine: {machine_line()}, torch {torch.__version__} on {device}, {torch.get_num_threads()} threads.",
-        f"A window = {N_CLIPS} clips x {VID_DIM}-d video + {N_TOKENS} tokens x {TXT_DIM}-d text, QVHighlights "
-        "architecture (6 enc / 6 dec layers), random weights, inference (no negative pass). bf16 = LLM blocks in "
-        "bfloat16, the rest fp32. Ours runs its default attention across time; theirs attends across the batch "
-        "(their code's behaviour) - the same FLOPs in the LLM FFN, which dominates.",
-        "",
-        "| LLM shape | LLM params | dtype | windows/forward | ours windows/s | authors windows/s | ours time / theirs |",
-        "|---|---:|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        s = r["shape"]
-        label = f"{s['name']} (dim {s['dim']}, {s['layers']} layer{'s' if s['layers'] > 1 else ''})"
-        if s.get("note"):
-            label += f" - {s['note']}"
-        if "auth_wps" in r:
-            auth, ratio = f"{r['auth_wps']:.2f}", f"{r['ours_s'] / r['auth_s']:.2f}x"
-        else:
-            auth, ratio = "not available", "-"
-        lines.append(f"| {label} | {r['llm_params'] / 1e6:.0f}M | {r['dtype']} | {s['batch']} | "
-                     f"{r['ours_wps']:.2f} | {auth} | {ratio} |")
-    if device == "cpu" and not quick:
-        lines += ["", "7B-class bf16 is not measured on CPU (time budget of the suite on a shared 2-core machine); "
-                  "this CPU has no native bf16 (AVX2 only): compare fp32 and bf16 in the 1B-class rows."]
-    if authors_error:
-        lines += ["", f"Authors' implementation: not available: {authors_error}"]
-    else:
-        errs = {r["auth_error"] for r in rows if "auth_error" in r}
-        if errs:
-            lines += ["", "Authors' implementation failed on some rows: " + "; ".join(sorted(errs))]
-        lines += ["", "Patches applied to the throwaway copy of their code (nothing of it is kept): "
-                  + "; ".join(notes) + "."]
-
+    m = measure(device, quick)
     fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{r['shape']['name']}\n{'bf16' if r['dtype'] == 'bfloat16' else 'fp32'}" for r in rows]
-    x = np.arange(len(rows))
-    ax.bar(x - 0.2, [r["ours_wps"] for r in rows], 0.4, label="vmr (ours)")
-    ax.bar(x + 0.2, [r.get("auth_wps", 0) for r in rows], 0.4, label="authors' code")
-    ax.set_xticks(x, labels, fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("windows / s (log)")
-    ax.set_title("LLMEPET forward throughput by LLM block shape")
+    sides = list(dict.fromkeys(r["side"] for r in m["rows"]))
+    batches = sorted({r["batch"] for r in m["rows"]})
+    width = 0.8 / max(1, len(sides))
+    for i, side in enumerate(sides):
+        wps = [next((r["wps"] for r in m["rows"] if r["side"] == side and r["batch"] == b), 0) for b in batches]
+        ax.bar(np.arange(len(batches)) + i * width, wps, width, label=side)
+    ax.set_xticks(np.arange(len(batches)) + width * (len(sides) - 1) / 2, [f"{b} windows/forward" for b in batches])
+    ax.set_ylabel("windows / s")
+    ax.set_title(f"LLMEPET forward, {m['shape']['name']}: ours by precision vs the authors' fp32")
     ax.legend(fontsize=8)
     png = save_figure(fig, out_dir, "rerank.png")
 
-    head_rows = [r for r in rows if r["dtype"] == "float32"]
-    big = head_rows[-1]
-    headline = f"rerank, {big['shape']['name']} fp32: {big['ours_wps']:.2f} windows/s"
-    if "auth_wps" in big:
-        headline += f" vs authors' {big['auth_wps']:.2f} ({big['ours_s'] / big['auth_s']:.2f}x their time)"
-    elif authors_error:
-        headline += " (authors' code not available)"
-    return Section("Rerank: LLMEPET forward by LLM shape, fp32/bf16, vs the authors' code", "\n".join(lines), [png],
-                   headline, data=[{k: v for k, v in r.items()} for r in rows])
+    best = max((r for r in m["rows"] if r["side"].startswith("ours")), key=lambda r: r["wps"])
+    auth = next((r for r in m["rows"] if r["side"] == "authors fp32" and r["batch"] == best["batch"]), None)
+    headline = f"rerank, {m['shape']['name']}: ours {best['side'].split()[1]} {best['wps']:.2f} windows/s"
+    headline += f" = {auth['s'] / best['s']:.2f}x the authors' fp32" if auth else " (authors' code not available)"
+    return Section("Rerank: LLMEPET at the paper's shape by precision and batch, vs the authors' code",
+                   "\n".join(describe(m)), [png], headline, data=[m])
+
+
+def main() -> None:
+    """python -m bench.rerank --out DIR [--quick] [--no-search]: the section alone, its data as rerank.json."""
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-search", action="store_true")
+    parser.add_argument("--search-only", action="store_true")
+    parser.add_argument("--videos", type=int, default=None, help="library size of the search part (default 1000)")
+    args = parser.parse_args()
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = measure(device, args.quick, with_search=not args.no_search, n_videos=args.videos,
+                search_only=args.search_only)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "rerank.json"), "w") as f:
+        json.dump(m, f, indent=1, default=str)
+    text = json.dumps(m["search"], indent=1) if args.search_only else "\n".join(describe(m))
+    with open(os.path.join(args.out, "rerank.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.report import machine_line
 from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_RERANKER
 from world.generator import ObjectPool, annotations, sample_video
 from world.scene import ALL_OBJECTS
@@ -89,8 +88,8 @@ def run(out_dir, quick: bool = False, sizes=None, device: str = "cpu", queries: 
     sizes = sizes or (QUICK_SIZES if quick else SIZES)
     queries = queries or (30 if quick else 200)
     encoder = ClipEncoder.load(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS), device=device)
-    results = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, {device}, torch threads "
-                          f"{torch.get_num_threads()}", "seed": seed, "queries_asked": queries, "sizes": {}}
+    results = {"machine": f"{machine_line()}; {device}, torch threads {torch.get_num_threads()}", "seed": seed,
+               "queries_asked": queries, "sizes": {}}
     for n in sizes:
         results["sizes"][str(n)] = ranking_size(n, queries, seed, encoder, device)
         if exhaustive:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from bench.report import Section, coerce_section, machine_line, not_available, write_report
+from bench.report import Section, coerce_section, not_available, write_report
 
 # key, title, module
 SECTIONS = [
@@ -129,8 +129,6 @@ def run_suite(out_dir: str, quick: bool = False, sections: list[str] | None = No
         print(f"[bench] {key}: {module} ...", file=sys.stderr, flush=True)
         limit = timeout or (TIMEOUT_QUICK if quick else TIMEOUT_FULL_SECTION.get(key, TIMEOUT_FULL))
         section = _run_child(key, title, module, out_dir, quick, limit)
-        if section.available and "Machine" not in section.markdown:  # every figure names its machine
-            section.markdown += f"\n\nMachine: {machine_line()}."
         print(f"[bench] {key}: {section.headline or section.markdown[:120]} ({section.seconds:.0f} s)",
               file=sys.stderr, flush=True)
         done[key] = section

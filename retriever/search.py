@@ -96,7 +96,8 @@ class SearchEngine:
         except VmrError:
             raise
         except Exception as err:  # a corrupt DuckDB/FAISS file: one line, not a traceback
-            raise VmrError(f"cannot read the index at {self.index_dir}: {' '.join(str(err).split())[:200]}") from None
+            raise VmrError(f"cannot read the index at {self.index_dir}: {' '.join(str(err).split())[:200]} (a "
+                           "damaged index: build a new one with `vmr index VIDEOS --index NEW_FOLDER`)") from None
         self.coarse_cfg = coarse or CoarseConfig()
         self.clip_seconds = index_clip_seconds(self.meta)
         self.encoder = load_query_encoder(self.meta, device)

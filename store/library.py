@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import time
 
@@ -228,7 +229,13 @@ class Library:
             return None
         cached = self._faiss_cache.get(kind)
         if cached is None or cached[0] != mtime:
-            cached = (mtime, faiss_index.read_index(path))
+            try:
+                index = faiss_index.read_index(path)
+            except VmrError as err:  # DuckDB holds every vector: answer exactly from it meanwhile
+                logging.getLogger("vmr.store").warning("%s: searching the DuckDB vectors directly (slower) until "
+                                                       "`vmr index` rebuilds the FAISS files", err)
+                index = None
+            cached = (mtime, index)
             self._faiss_cache[kind] = cached
         return cached[1]
 
