@@ -58,6 +58,8 @@ class MomentDataset(torch.utils.data.Dataset):
             for a in annotations:
                 if not a.get("relevant_windows"):
                     raise ModelError(f"qid {a.get('qid')!r} has no relevant_windows (needed for training)")
+        if hasattr(provider, "preload"):  # an index: every annotated video in one read, not one read per item
+            provider.preload({a["vid"] for a in annotations})
         self.negatives = None
         if neg_ratio > 0 and load_labels and windows is None:
             self.negatives = NegativeSampler(annotations, provider, self.n_clips, cfg.v_limit, cfg.clip_length,

@@ -76,6 +76,10 @@ class NegativeSampler:
             self.vids_of_query.setdefault(a["query"], set()).add(a["vid"])
         self.hard = getattr(provider, "hard_negatives", None) if "hard" in self.sources else None
         self._hard_cache: dict[str, list] = {}
+        many = getattr(provider, "hard_negatives_many", None) if self.hard is not None else None
+        if many is not None:  # every query's coarse search once, up front (not one search per query mid-epoch)
+            got = many(dict(self.vids_of_query))  # query -> the vids annotated with it (never negatives)
+            self._hard_cache = {q: list(w)[:HARD_POOL] for q, w in got.items()}
 
     def _size(self, n: int) -> int:
         return n if self.v_limit is None else min(n, self.v_limit)

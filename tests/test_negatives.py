@@ -121,7 +121,21 @@ def test_index_training_negatives_come_from_other_videos_and_outside_the_moment(
     ratio, why = negative_ratio(TrainConfig(), "custom", public_features=False)
     assert ratio == 1.0 and "default" in why
     ds = MomentDataset(rows, provider, DataConfig(), seed=0, neg_ratio=ratio)
-    negatives = [ds[i] for i in range(len(rows), len(ds))]
+    # built once: features and every query's hard windows are in memory, so an epoch opens no DuckDB connection
+    # (per-item opens, ~40 ms each, made the world reranker's epochs 5x slower)
+    import store.db
+
+    def no_connect(*args, **kwargs):
+        raise AssertionError("an epoch read the index")
+
+    real_connect, store.db.connect = store.db.connect, no_connect
+    try:
+        negatives = [ds[i] for i in range(len(rows), len(ds))]
+        positives = [ds[i] for i in range(len(rows))]
+    finally:
+        store.db.connect = real_connect
+    assert len(positives) == len(rows)
+    assert set(ds.negatives._hard_cache) == {r["query"] for r in rows}
     assert len(negatives) == len(rows)
     seen = set()
     clip = DataConfig().clip_length
