@@ -3,9 +3,10 @@ bootstrap intervals, and per-stage latency (optionally the exhaustive baseline).
 
     python -m bench.search --out DIR [--sizes 100,1000,10000] [--queries 200] [--seed S] [--exhaustive] [--quick]
 
-Ranking evaluation (issue 9): for each size, libraries are written from seed S until ``--queries`` held-out
+Ranking evaluation (issue 9): for each size, libraries are made from seed S until ``--queries`` held-out
 queries are collected (each library has N_TARGETS target videos with unique objects; the world vocabulary allows
-~33 unambiguous queries per library, so 200 queries take several libraries per size). The world reranker never saw
+~33 unambiguous queries per library, so 200 queries take several libraries per size; a size's distractor videos
+are written once and each library adds its own targets to a copy of them: ``target_libraries``). The world reranker never saw
 these libraries (it trains on world.train_reranker's seed) and its ranking rule was fit on its own validation
 sentences. Rows: coarse only (the coarse stage's moments), model (the reranker's own score, coarse weight 0) and
 fused (the checkpoint's fitted rule); one rerank pass per query serves both reranked rows. Intervals: 95%
@@ -33,6 +34,7 @@ first size: the final-score rule study (coarse weight 0 = model confidence alone
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -53,23 +55,60 @@ BOOTSTRAP = 1000
 RANK_KEYS = [f"VCMR_R{k}@{t}" for t in (0.5, 0.7) for k in (1, 5, 10)]
 
 
+def split_objects(rng: np.random.Generator) -> tuple[set, set]:
+    """(target objects, distractor objects): half of the vocabulary each, so a target's sentence names objects
+    no distractor shows."""
+    objects = list(ALL_OBJECTS)
+    rng.shuffle(objects)
+    return set(objects[: len(objects) // 2]), set(objects[len(objects) // 2:])
+
+
+def random_videos(rng: np.random.Generator, prefix: str, count: int, objects: set) -> list:
+    pool = ObjectPool(rng, exclude=set(ALL_OBJECTS) - objects)
+    return [sample_video(rng, f"{prefix}{i:05d}", 2 * int(rng.integers(30, 76)), pool) for i in range(count)]
+
+
 def make_library(index_dir, n_videos: int, encoder, seed: int = 0):
     """Write a synthetic library of ``n_videos``; returns the query annotations (target events)."""
     from world.synthetic import write_library
 
     rng = np.random.default_rng(seed)
-    objects = list(ALL_OBJECTS)
-    rng.shuffle(objects)
-    target_objects = set(objects[: len(objects) // 2])
-    distractor_objects = set(objects) - target_objects
-    targets_pool = ObjectPool(rng, exclude=distractor_objects)
-    distract_pool = ObjectPool(rng, exclude=target_objects)
+    target_objects, distractor_objects = split_objects(rng)
     n_targets = min(N_TARGETS, n_videos)
-    videos = [sample_video(rng, f"t{i:05d}", 2 * int(rng.integers(30, 76)), targets_pool) for i in range(n_targets)]
-    videos += [sample_video(rng, f"d{i:05d}", 2 * int(rng.integers(30, 76)), distract_pool)
-               for i in range(n_videos - n_targets)]
+    videos = random_videos(rng, "t", n_targets, target_objects)
+    videos += random_videos(rng, "d", n_videos - n_targets, distractor_objects)
     write_library(index_dir, videos, encoder, seed=seed, progress=n_videos >= 1000)
     return annotations(videos[:n_targets])
+
+
+def target_libraries(work, n_videos: int, encoder, seed: int):
+    """Libraries of ``n_videos`` for the ranking rows, one after another: (index dir, query annotations).
+
+    The distractor videos of a size are written once; each library is a copy of them plus its own
+    ``N_TARGETS`` target videos (new placements and sentences from the target half of the vocabulary), one
+    frame content one embedding across all of them. Writing 10^4 distractors per library (~9 libraries for
+    200 queries) took ~an hour on 2 shared cores; copying them takes seconds."""
+    import shutil
+
+    from world.synthetic import StateEmbedder, write_library
+
+    work = Path(work)
+    base_seed = seed * 100003 + n_videos * 101  # never the world reranker's training seed
+    rng = np.random.default_rng(base_seed)
+    target_objects, distractor_objects = split_objects(rng)
+    embed = StateEmbedder(encoder, base_seed)
+    n_targets = min(N_TARGETS, n_videos)
+    distractors = work / "distractors"
+    write_library(distractors, random_videos(rng, "d", n_videos - n_targets, distractor_objects), encoder,
+                  seed=base_seed, progress=n_videos >= 1000, embed=embed)
+    for k in itertools.count():
+        index = work / f"library{k}"
+        shutil.copytree(distractors, index)
+        lib_rng = np.random.default_rng(base_seed + 1 + k)
+        targets = random_videos(lib_rng, "t", n_targets, target_objects)
+        write_library(index, targets, encoder, seed=base_seed + 1 + k, embed=embed)
+        yield index, annotations(targets)
+        shutil.rmtree(index)
 
 
 def _round(d):
@@ -134,14 +173,12 @@ def ranking_size(n: int, n_queries: int, seed: int, encoder, device: str) -> dic
     latency = {name: [] for name in ("coarse", "fused")}
     libraries, build = 0, 0.0
     rule = None
-    while len(rows["fused"][RANK_KEYS[0]]) < n_queries:
-        with tempfile.TemporaryDirectory(prefix=f"vmr-rank-bench-{n}-") as tmp:
-            t0 = time.perf_counter()
-            lib_seed = seed * 100003 + n * 101 + libraries  # never the world reranker's training seed
-            queries = make_library(Path(tmp) / "index", n, encoder, seed=lib_seed)
+    with tempfile.TemporaryDirectory(prefix=f"vmr-rank-bench-{n}-") as tmp:
+        t0 = time.perf_counter()
+        for index, queries in target_libraries(tmp, n, encoder, seed):
             build += time.perf_counter() - t0
             libraries += 1
-            with SearchEngine(Path(tmp) / "index", checkpoint=str(WORLD_RERANKER), device=device) as engine, \
+            with SearchEngine(index, checkpoint=str(WORLD_RERANKER), device=device) as engine, \
                     engine.library.session():
                 engine.encoder = encoder
                 rule = engine.reranker.score_rule
@@ -151,16 +188,19 @@ def ranking_size(n: int, n_queries: int, seed: int, encoder, device: str) -> dic
                     gt = engine.library.resolve_vid(ann["vid"])
                     coarse = engine.search(ann["query"], top_k=10, rerank=False)
                     latency["coarse"].append(coarse.timings["total"])
-                    t0 = time.perf_counter()
+                    t1 = time.perf_counter()
                     pooled, tokens = engine.encode_query(ann["query"])
                     windows = engine.candidates(pooled)
                     moments = engine.reranker.moments(windows, tokens)
                     fused = rank_moments(moments, 10, rule)
-                    latency["fused"].append(time.perf_counter() - t0)
+                    latency["fused"].append(time.perf_counter() - t1)
                     model = rank_moments(moments, 10, own)
                     for name, ranked in (("coarse", coarse.moments), ("model", model), ("fused", fused)):
                         for k, v in _hit_rows(ranked, gt, ann["relevant_windows"]).items():
                             rows[name][k].append(v)
+            if len(rows["fused"][RANK_KEYS[0]]) >= n_queries:
+                break
+            t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     out = {"videos": n, "queries": len(rows["fused"][RANK_KEYS[0]]), "libraries": libraries,
            "library_build_s": build, "rule": rule.to_dict() if rule else None}

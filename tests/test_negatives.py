@@ -230,3 +230,68 @@ def test_authors_compat_with_llm_blocks_would_mix_batch_companions_but_search_do
     assert key(reranker.moments(windows[:1] + windows[2:], text)) == alone
     reranker.batch_size = 8  # what a 'vmr' checkpoint does
     assert key(reranker.moments(windows, text)) != alone
+
+
+def test_train_on_index_labels_uses_rejected_hits_as_negatives(tmp_path, monkeypatch):
+    """`vmr train --index IDX --labels`: labels stored in the index (accepted moments, rejected hits, written by
+    store.labels as `vmr serve` does) train the model; the rejected hits are drawn as negative windows and the
+    checkpoint records the source."""
+    from click.testing import CliRunner
+
+    import world
+    from cli import main
+    from model.checkpoint import read_checkpoint
+    from model.features import ClipEncoder
+    from model.negatives import _gaps, _relevant_clips
+    from store.labels import add_label, write_connection
+    from store.library import Library
+    from world.generator import build_world
+    from world.synthetic import write_library
+
+    videos, rows = build_world(tmp_path, n_videos=6, seed=5, long_videos=0, write=False)
+    encoder = ClipEncoder.load(str(world.WORLD_CLIP_CONFIG), str(world.WORLD_CLIP_WEIGHTS), device="cpu")
+    index = tmp_path / "index"
+    write_library(index, videos, encoder, seed=5)
+    with Library(index) as lib:
+        ids = {r["vid"]: lib.resolve_vid(r["vid"]) for r in rows}
+    rejected = 0
+    con = write_connection(index)
+    try:
+        for r in rows[:8]:
+            (st, ed), = [w[:2] for w in r["relevant_windows"][:1]]
+            add_label(con, ids[r["vid"]], r["query"], st, ed, "accept")
+            n = int(r["duration"] // 2)
+            gap = max(_gaps(n, _relevant_clips(r, 2.0)), key=lambda g: g[1] - g[0])
+            if gap[1] - gap[0] >= 4:  # a hit the person rejected: clear of the moment
+                add_label(con, ids[r["vid"]], r["query"], 2.0 * gap[0], 2.0 * (gap[0] + 3), "reject")
+                rejected += 1
+    finally:
+        con.close()
+    assert rejected >= 3
+    drawn = []
+    sample = NegativeSampler.sample
+
+    def spy(self, ann, rng):
+        got = sample(self, ann, rng)
+        drawn.append((got, ann))
+        return got
+
+    monkeypatch.setattr(NegativeSampler, "sample", spy)
+    out = tmp_path / "labels.pt"
+    res = CliRunner().invoke(main, [
+        "train", "--index", str(index), "--labels", "--out", str(out), "--dataset", "custom", "--device", "cpu",
+        "--config", str(world.WORLD_DIR / "world_reranker.json"), "--set", "n_epoch=2", "--set", "eval_epoch=1",
+        "--set", "bsz=4", "--set", "neg_sources=labels", "--set", "progress=false"])
+    assert res.exit_code == 0, res.output
+    assert "labels: 8 training records" in res.output and "from labels" in res.output
+    exported = [json.loads(line) for line in open(f"{out}.labels.jsonl")]
+    assert sum(bool(r["negative_windows"]) for r in exported) == rejected
+    used = [(got, ann) for got, ann in drawn if got is not None]
+    assert len(used) == 2 * rejected  # each epoch: one negative per record that has a rejected hit
+    for (source, vid, a, b), ann in used:
+        assert source == "labels" and vid == ann["vid"]
+        (rs, re_), = ann["negative_windows"]
+        assert a * 2.0 <= rs < re_ <= b * 2.0  # the window holds the rejected hit
+        for st, ed in ann["relevant_windows"]:
+            assert b * 2.0 <= st or a * 2.0 >= ed  # and none of the moment
+    assert read_checkpoint(str(out))["model_config"]["extra"]["negatives"]["sources"] == ["labels"]

@@ -61,14 +61,17 @@ def events_of(vectors: np.ndarray, duration: float) -> tuple[np.ndarray, np.ndar
     return np.asarray(secs, np.float32), np.asarray(clips, np.int64), np.asarray(vecs, np.float32)
 
 
-def write_library(index_dir, videos: list[WorldVideo], encoder, seed: int = 0, progress: bool = False) -> None:
-    """An index at ``index_dir`` holding ``videos`` as synthetic clip vectors (paths ``<vid>.mp4``)."""
+def write_library(index_dir, videos: list[WorldVideo], encoder, seed: int = 0, progress: bool = False,
+                  embed: StateEmbedder | None = None) -> None:
+    """An index at ``index_dir`` holding ``videos`` as synthetic clip vectors (paths ``<vid>.mp4``); an existing
+    one gets them added. ``embed``: a StateEmbedder to share with an earlier write (one frame content, one
+    embedding across the writes)."""
     from tqdm import tqdm
 
     from store.library import Library
 
     rng = np.random.default_rng(seed)
-    embed = StateEmbedder(encoder, seed)
+    embed = embed or StateEmbedder(encoder, seed)
     with Library(index_dir, read_only=False) as lib:
         # Synthetic libraries are world libraries: queries are encoded with the world CLIP (``encoder``).
         lib.prepare(encoder.model_id, encoder.embed_dim, root="synthetic", clip_seconds=CLIP_SECONDS,
