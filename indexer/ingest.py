@@ -25,7 +25,7 @@ from indexer.discover import Candidate, discover
 from indexer.pipeline import Pipeline, Video
 from indexer.workers import ClipChoice
 from model.spans import CLIP_SECONDS, clip_bounds, clip_to_seconds
-from store import db
+from store import db, vectors
 from store.errors import VmrError
 from store.library import Library
 from store.lock import ingest_lock, lock_path
@@ -94,7 +94,7 @@ def plan_run(lib: Library, root: str, index_dir: str) -> Plan:
 
 
 DEFAULT_CLIP = ("ViT-B-32", "openai")  # open_clip model and weights of a new index when none are given
-INDEX_FILES = ("library.duckdb", "library.duckdb.wal", "clips.faiss", "events.faiss", "faiss.json")
+INDEX_FILES = (db.DB_FILE, db.DB_FILE + ".wal", vectors.STATE_FILE, *(f"{kind}.faiss" for kind in vectors.KINDS))
 
 
 def run_ingest(video_dir, index_dir, clip_model: str | None = None, clip_pretrained: str | None = None,
@@ -125,7 +125,7 @@ def run_ingest(video_dir, index_dir, clip_model: str | None = None, clip_pretrai
                 _ingest(root, index_dir, summary, clip_model, clip_pretrained, device, ray_address, workers,
                         allow_random, progress, reranker)
         except (Exception, KeyboardInterrupt) as err:
-            if "library.duckdb" not in existed and summary.indexed == 0:
+            if db.DB_FILE not in existed and summary.indexed == 0:
                 _remove_new_index(index_dir, existed, made_folder)  # nothing was stored: leave no half index
             if isinstance(err, KeyboardInterrupt):
                 raise VmrError(f"interrupted: {_progress_line(index_dir)}; re-run `vmr index {video_dir} --index "
@@ -211,7 +211,7 @@ def _clip_precision(device: str) -> str:
 
 def _recorded_meta(index_dir: str) -> dict:
     """The meta of an existing index ({} when there is none yet)."""
-    if not os.path.isfile(os.path.join(index_dir, "library.duckdb")):
+    if not os.path.isfile(db.db_path(index_dir)):
         return {}
     try:
         with Library(index_dir, read_only=True) as lib:
@@ -263,7 +263,7 @@ def _sigterm_interrupts():
 
 def _rebuild_faiss(index_dir: str) -> IngestSummary:
     """`vmr index --rebuild-faiss`: the FAISS files again from the DuckDB vectors."""
-    if not os.path.isfile(os.path.join(index_dir, "library.duckdb")):
+    if not os.path.isfile(db.db_path(index_dir)):
         raise VmrError(f"no vmr index at {index_dir} to rebuild")
     with Library(index_dir, read_only=False) as lib:
         if not lib.meta().get("clip_model"):
