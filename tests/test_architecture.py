@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +43,20 @@ class Import:
         return f"{self.file}:{self.line} imports {self.target}{where}"
 
 
+def _candidate_files() -> list[Path]:
+    """The checkout's own .py files: tracked or untracked-but-not-ignored (a throwaway copy of someone else's
+    code that .gitignore or .git/info/exclude hides is not ours); every .py below ROOT outside git."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "*.py"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return sorted(ROOT.rglob("*.py"))
+    return sorted(ROOT / rel for rel in listed if rel and (ROOT / rel).is_file())
+
+
 def python_files() -> list[Path]:
     out = []
-    for path in sorted(ROOT.rglob("*.py")):
+    for path in _candidate_files():
         rel = path.relative_to(ROOT)
         if not SKIP_DIRS & set(rel.parts[:-1]) and not rel.parts[0].endswith(".egg-info"):
             out.append(path)
