@@ -63,11 +63,13 @@ def query_tokens(encoder, query: str) -> int:
 @dataclass
 class SearchResult:
     """One query's answer: ``moments`` (best first, the dicts `vmr search --json` prints), ``timings`` (seconds per
-    stage of STAGES, and "total") and ``window_videos`` (the video id of each candidate window, coarse ranking
-    order: video recall of the coarse stage)."""
+    stage of STAGES, and "total"), ``window_videos`` (the video id of each candidate window, coarse ranking
+    order: video recall of the coarse stage) and ``rerank_depth`` (how many candidate windows there were and how
+    many the reranker scored: "windows", "reranked", and with a time budget "budget_s", "s_per_window")."""
     moments: list[dict]
     timings: dict[str, float]
     window_videos: list[int] = field(default_factory=list)
+    rerank_depth: dict = field(default_factory=dict)
 
 
 class SearchEngine:
