@@ -126,8 +126,9 @@ def status(index_dir, as_json):
 @click.option("--no-rerank", is_flag=True, help="Coarse FAISS result only.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True, help="Numeric precision of the reranker's frozen LLM blocks: auto = the fastest this CPU/GPU runs natively (printed); fp32 = the authors' numbers (parity).")
+@click.option("--rerank-budget", "rerank_budget", type=click.FloatRange(min=0), default=None, metavar="SECONDS", help="Seconds the reranker may take: it scores the best coarse windows until they are spent, the rest keep their coarse moments (default 1.5; 0 = rerank every candidate window).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (list of moments, best first).")
-def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, as_json):
+def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, rerank_budget, as_json):
     """Find the moments matching QUERY across the whole library.
 
     \b
@@ -150,9 +151,10 @@ def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, as
 
     if not query.strip():
         raise click.UsageError("QUERY is empty")
+    budget = {} if rerank_budget is None else {"rerank_budget_s": rerank_budget or None}
     try:
         results = search_library(query, index_dir, top_k=top_k, checkpoint=checkpoint, rerank=not no_rerank,
-                                 device=device, precision=precision).moments
+                                 device=device, precision=precision, **budget).moments
     except USER_ERRORS as err:
         _fail(err)
     if as_json:
@@ -237,7 +239,7 @@ def _labels_for_training(index_dir: str, train_path: str | None, out_path: str) 
 @click.option("--features", "features_dir", default=None, type=click.Path(exists=True, file_okay=False), help="Public feature layout directory (<v_feat_dir>/<vid>.npz, <t_feat_dir>/qid<qid>.npz).")
 @click.option("--annotations", required=True, type=click.Path(exists=True, dir_okay=False), help="Queries to answer (jsonl: qid, query, vid, duration; ground truth fields are ignored).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Submission jsonl to write (qid, query, vid, pred_relevant_windows, pred_saliency_scores); `vmr eval` reads it.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Queries per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Queries per forward pass (default: chosen for this CPU/GPU and printed; 32 for checkpoints whose LLM blocks attend across the batch).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where the model runs.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True, help="Numeric precision of the model's frozen LLM blocks: auto = the fastest this CPU/GPU runs natively (printed); fp32 = the authors' numbers (parity).")
 def predict(checkpoint, index_dir, features_dir, annotations, out_path, batch_size, device, precision):

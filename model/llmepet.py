@@ -166,7 +166,8 @@ class LLMEPET(nn.Module):
     def forward(self, src_txt, src_txt_mask, src_vid, src_vid_mask, targets=None, vid=None, negative_pass=None):
         """
         Args:
-            src_txt [B, Lt, Dt], src_txt_mask [B, Lt] (1 = valid word)
+            src_txt [B, Lt, Dt], src_txt_mask [B, Lt] (1 = valid word); or [1, Lt, Dt], [1, Lt]: one sentence for
+                all B videos, its text side (projection, dummy encoder) computed once and shared
             src_vid [B, Lv, Dv] (features + TEF), src_vid_mask [B, Lv] (1 = valid clip; valid clips first)
             targets: training targets (see criterion.SetCriterion); their ``relevant_clips`` (or
                 ``saliency_all_labels``) [B, Lv] > 0 marks the moment's clips for the moment-token encoders.
@@ -182,7 +183,9 @@ class LLMEPET(nn.Module):
         """
         cfg = self.cfg
         nd = cfg.num_dummies
-        b = src_vid.shape[0]
+        b, bt = src_vid.shape[0], src_txt.shape[0]
+        if bt not in (1, b):
+            raise ModelError(f"{bt} sentences for {b} videos: give one per video, or one for all")
         vid_valid, txt_valid = src_vid_mask.bool(), src_txt_mask.bool()
         vid_feat = self.vid_proj(src_vid) + self.token_type.weight[1]
         txt = self.txt_proj(src_txt) + self.token_type.weight[0]
@@ -190,13 +193,16 @@ class LLMEPET(nn.Module):
         txt_pos = self.txt_pos(txt) if cfg.use_txt_pos else torch.zeros_like(txt)
 
         # Dummy tokens read the sentence first, so what they absorb depends on it.
-        dummies = self.dummy_tokens[None].expand(b, -1, -1)
-        dummy_pos = self.dummy_pos[None].expand(b, -1, -1)
-        dummy_valid = txt_valid.new_ones(b, nd)
+        dummies = self.dummy_tokens[None].expand(bt, -1, -1)
+        dummy_pos = self.dummy_pos[None].expand(bt, -1, -1)
+        dummy_valid = txt_valid.new_ones(bt, nd)
         encoded = self.dummy_encoder(_seq_first(torch.cat([dummies, txt], 1)),
                                      ~torch.cat([dummy_valid, txt_valid], 1),
                                      _seq_first(torch.cat([dummy_pos, txt_pos], 1)))
-        dummy_ctx = _seq_first(encoded[:nd])  # [B, Nd, D]
+        dummy_ctx = _seq_first(encoded[:nd])  # [Bt, Nd, D]
+        if bt < b:  # one sentence for every video (a rerank call): its text side ran once, shared by all
+            txt, txt_valid, txt_pos, dummy_ctx, dummy_pos, dummy_valid = (
+                t.expand(b, *t.shape[1:]) for t in (txt, txt_valid, txt_pos, dummy_ctx, dummy_pos, dummy_valid))
         keys = torch.cat([dummy_ctx, txt], 1)
         keys_valid = torch.cat([dummy_valid, txt_valid], 1)
         keys_pos = torch.cat([dummy_pos, txt_pos], 1)

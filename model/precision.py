@@ -111,6 +111,20 @@ def choose_precision(requested: str, hw: Hardware, llm_params: int = SMALL_LLM_P
     return "fp32"
 
 
+# Windows per forward for a model with paper-size LLM blocks (bench/results/rerank.md, "Batch size"): on CPU the
+# per-window time stops falling at about 4 (int8 and bf16, the 2-core EPYC), and a budgeted search (retriever.search)
+# wants small steps; a GPU is latency-bound below ~32 (H200: 37 windows/s at 1, 279 at 8, 1103 at 32, bf16).
+CPU_BATCH, GPU_BATCH = 4, 32
+SMALL_MODEL_BATCH = 32  # small blocks: a forward is mostly fixed overhead, so more windows a forward is cheaper
+
+
+def choose_batch_size(hw: Hardware, llm_params: int) -> int:
+    """Windows per forward for reranking and `vmr predict` on ``hw`` (the constants above say why)."""
+    if hw.device == "cuda":
+        return GPU_BATCH
+    return CPU_BATCH if llm_params >= SMALL_LLM_PARAMS else SMALL_MODEL_BATCH
+
+
 def llm_block_params(model) -> int:
     return sum(p.numel() for p in model.llm.blocks.parameters())
 

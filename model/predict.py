@@ -28,6 +28,8 @@ from model.config import load_preset
 from model.postprocess import clean_windows, decode_outputs, merge_windows
 from model.spans import tile_windows
 
+BATCH_ATTENTION_DEFAULT = 32  # --batch-size of checkpoints attending across the batch, when none is given
+
 
 def prediction_windows(annotations: list[dict], provider, cfg: DataConfig) -> list[tuple[int, int | None, int | None]]:
     """(annotation index, first clip, end clip) entries: one per annotation, several for long videos."""
@@ -113,11 +115,13 @@ def make_provider(features_dir: str | None, data_cfg: DataConfig, clip_model: st
 
 
 def predict_from_cli(checkpoint: str, index_dir: str | None, features_dir: str | None, annotations: str,
-                     out_path: str, batch_size: int = 32, device: str = "auto", provider=None,
+                     out_path: str, batch_size: int | None = None, device: str = "auto", provider=None,
                      precision: str = "auto") -> list[dict]:
     """`vmr predict`: write the submission jsonl of ``annotations`` with ``checkpoint``.
 
     ``precision``: of the frozen LLM blocks (model.precision: "fp32" is the parity mode); what runs is printed.
+    ``batch_size``: None = chosen for the hardware (model.precision.choose_batch_size), printed; checkpoints whose
+    blocks attend across the batch (their predictions depend on it) get BATCH_ATTENTION_DEFAULT instead.
 
     ``provider`` is the feature source the CLI builds for ``--index`` (model/ does not read indexes itself).
     """
@@ -133,6 +137,13 @@ def predict_from_cli(checkpoint: str, index_dir: str | None, features_dir: str |
     what = f"the index {index_dir}" if index_dir else f"the features in {features_dir}"
     model, ckpt = load_checkpoint(checkpoint, device=dev, features=src.feature_spec(), what=what, ckpt=ckpt_meta,
                                   precision=precision, log=lambda line: print(line, file=sys.stderr))
+    if batch_size is None:
+        from model.precision import choose_batch_size, detect_hardware, llm_block_params
+
+        batch_size = BATCH_ATTENTION_DEFAULT if model.cfg.llm_attention == "batch" else \
+            choose_batch_size(detect_hardware(dev), llm_block_params(model))
+        print(f"batch: {batch_size} queries a forward (chosen for this hardware; --batch-size to set)",
+              file=sys.stderr)
     if model.cfg.llm_attention == "batch":
         print(f"note: this checkpoint's LLM blocks attend across the batch (the authors' code); its predictions "
               f"depend on --batch-size (now {batch_size}; the authors evaluate QVHighlights with 100, in file order)",

@@ -2,12 +2,15 @@
 
 Each window is one model sample, assembled by model.sample as training and prediction assemble theirs (clip
 features L2-normalised with the TEF appended, the query's tokens cut to max_q_l and L2-normalised). Windows run in
-batches (padded, masked); the outputs are decoded by model.postprocess (foreground probability, spans in
-window seconds, rounded to the 2-s grid) and shifted by the window's start.
+batches (padded, masked; as many a forward as the hardware does best, model.precision.choose_batch_size) with the
+query's text side computed once per batch; the outputs are decoded by model.postprocess (foreground probability,
+spans in window seconds, rounded to the 2-s grid) and shifted by the window's start. ``Reranker.rerank`` can stop
+at a time budget, taking the windows in the caller's (coarse) order.
 """
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -29,11 +32,16 @@ class Reranker:
     video_dims, text_dim, clip_seconds), device.
     """
 
-    def __init__(self, model, data_cfg, spec: dict, device, batch_size: int = 32, path: str = ""):
+    def __init__(self, model, data_cfg, spec: dict, device, batch_size: int | None = None, path: str = ""):
+        """``batch_size``: windows per forward; None: chosen for the hardware (model.precision.choose_batch_size)."""
+        from model.precision import choose_batch_size, detect_hardware, llm_block_params
+
         self.model = model.eval()
         self.data_cfg = data_cfg
         self.spec = spec
         self.device = device
+        if batch_size is None:
+            batch_size = choose_batch_size(detect_hardware(device), llm_block_params(model))
         # A converted authors' checkpoint (compat "authors") attends across the batch (its LLM blocks mix the
         # samples at each time step, its T2V mask reads other samples' padding): a window's result would depend on
         # its batch companions, so such checkpoints rerank one window at a time.
@@ -41,17 +49,24 @@ class Reranker:
         self.path = path
         # the checkpoint's ranking rule, fit on validation queries after training (retriever.merge.ScoreRule)
         self.score_rule = ScoreRule.from_dict(model.cfg.extra.get("score_rule"))
+        # seconds per window of the latest forwards (exponential mean): how many windows fit a time budget
+        self.window_seconds: float | None = None
 
     @classmethod
-    def load(cls, checkpoint: str, device: str = "auto", batch_size: int = 32, precision: str = "auto") -> "Reranker":
-        """``precision``: of the frozen LLM blocks, chosen once here (model.precision; the choice is logged)."""
+    def load(cls, checkpoint: str, device: str = "auto", batch_size: int | None = None,
+             precision: str = "auto") -> "Reranker":
+        """``precision``: of the frozen LLM blocks, chosen once here (model.precision; the choice is logged);
+        ``batch_size`` None: chosen for the hardware (logged)."""
         from model.checkpoint import data_config_of, load_checkpoint
         from model.features import resolve_device
 
         torch_device = resolve_device(device)
         model, ckpt = load_checkpoint(checkpoint, device=torch_device, precision=precision, log=log.info)
-        return cls(model, data_config_of(ckpt), dict(ckpt["feature_spec"]), torch_device, batch_size,
-                   str(checkpoint))
+        reranker = cls(model, data_config_of(ckpt), dict(ckpt["feature_spec"]), torch_device, batch_size,
+                       str(checkpoint))
+        log.info("rerank batch: %d windows a forward%s", reranker.batch_size,
+                 "" if batch_size is not None else " (chosen for this hardware)")
+        return reranker
 
     def check_index(self, meta: dict) -> None:
         """Refuse an index whose CLIP features are not the ones the checkpoint was trained on."""
@@ -71,34 +86,64 @@ class Reranker:
         video = video_input(feats, self.data_cfg, self.spec.get("video_dims"))
         return {"video": video, "text": text, "meta": {"duration": len(video) * window.clip_seconds}}
 
-    @torch.inference_mode()
     def moments(self, windows: list[Window], text_tokens: np.ndarray,
                 per_window: int = MOMENTS_PER_WINDOW) -> list[Moment]:
         """Localized moments of every window (``per_window`` best each), in absolute video seconds.
 
         Args: windows with feats [n_i, D] and clip_scores [n_i]; text_tokens np.float32 [L, Dt].
         """
+        return self.rerank(windows, text_tokens, None, per_window)[0]
+
+    @torch.inference_mode()
+    def rerank(self, windows: list[Window], text_tokens: np.ndarray, budget_s: float | None = None,
+               per_window: int = MOMENTS_PER_WINDOW) -> tuple[list[Moment], int]:
+        """(moments, n): the moments of the first n ``windows``, taken in order, batch by batch.
+
+        budget_s: None = every window; else stop before a batch whose estimated end (``window_seconds``, measured
+        on this call's and earlier forwards) lies past ``budget_s`` seconds after the call began; a batch is cut
+        to the windows that fit. At least one window is reranked; before any forward was ever measured the first
+        batch is a whole one.
+        """
         text = text_input(text_tokens, self.data_cfg)
         out: list[Moment] = []
-        for start in range(0, len(windows), self.batch_size):
-            chunk = windows[start: start + self.batch_size]
-            batch = collate([self._item(w, text) for w in chunk])
-            inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
-            outputs = self.model(**inputs)
-            decoded = decode_outputs(outputs, inputs["src_vid_mask"], batch["meta"])
-            for window, pred in zip(chunk, decoded):
-                clip_seconds = window.clip_seconds
-                saliency = 1.0 / (1.0 + np.exp(-np.asarray(pred["saliency"], dtype=np.float64)))  # [n] in (0, 1)
-                rows = clean_windows(pred["windows"], clip_seconds, max_ts=None)[:per_window]
-                for st, ed, conf in rows:
-                    st, ed = window.start + st, window.start + ed
-                    ed = min(ed, window.end)
-                    if ed - st < clip_seconds / 2:  # rounding collapsed it: keep one clip
-                        ed = min(st + clip_seconds, window.end)
-                    out.append(Moment(window.video_id, window.path, st, ed, float(conf),
-                                      span_coarse_score(window.clip_scores, window.first_clip, st, ed,
-                                                        clip_seconds),
-                                      saliency=saliency.tolist(), window=(window.start, window.end),
-                                      span_saliency=span_coarse_score(saliency, window.first_clip, st, ed,
-                                                                      clip_seconds)))
+        t0 = time.perf_counter()
+        done = 0
+        while done < len(windows):
+            n = self.batch_size
+            if budget_s is not None and self.window_seconds is not None:
+                fit = int((budget_s - (time.perf_counter() - t0)) // self.window_seconds)
+                if fit < 1 and done:
+                    break
+                n = min(n, max(fit, 1))
+            chunk = windows[done: done + n]
+            t1 = time.perf_counter()
+            out += self._forward(chunk, text, per_window)
+            seconds = (time.perf_counter() - t1) / len(chunk)
+            self.window_seconds = seconds if self.window_seconds is None else 0.5 * (self.window_seconds + seconds)
+            done += len(chunk)
+        return out, done
+
+    def _forward(self, chunk: list[Window], text: torch.Tensor, per_window: int) -> list[Moment]:
+        """One batched forward over ``chunk`` -> its windows' moments, window by window."""
+        out: list[Moment] = []
+        batch = collate([self._item(w, text) for w in chunk])
+        inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
+        # every window has the query's sentence: its text side runs once for the batch (LLMEPET.forward)
+        inputs["src_txt"], inputs["src_txt_mask"] = inputs["src_txt"][:1], inputs["src_txt_mask"][:1]
+        outputs = self.model(**inputs)
+        decoded = decode_outputs(outputs, inputs["src_vid_mask"], batch["meta"])
+        for window, pred in zip(chunk, decoded):
+            clip_seconds = window.clip_seconds
+            saliency = 1.0 / (1.0 + np.exp(-np.asarray(pred["saliency"], dtype=np.float64)))  # [n] in (0, 1)
+            rows = clean_windows(pred["windows"], clip_seconds, max_ts=None)[:per_window]
+            for st, ed, conf in rows:
+                st, ed = window.start + st, window.start + ed
+                ed = min(ed, window.end)
+                if ed - st < clip_seconds / 2:  # rounding collapsed it: keep one clip
+                    ed = min(st + clip_seconds, window.end)
+                out.append(Moment(window.video_id, window.path, st, ed, float(conf),
+                                  span_coarse_score(window.clip_scores, window.first_clip, st, ed, clip_seconds),
+                                  saliency=saliency.tolist(), window=(window.start, window.end),
+                                  span_saliency=span_coarse_score(saliency, window.first_clip, st, ed,
+                                                                  clip_seconds)))
         return out

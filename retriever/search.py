@@ -2,7 +2,8 @@
 
     query --CLIP text--> pooled embedding [D] + per-token features [L, Dt]
           --coarse.coarse_candidates--> ≤ n_windows scored windows (≤75 clips each)
-          --rerank.Reranker.moments--> localized moments (video seconds, model confidence)
+          --rerank.Reranker.rerank--> localized moments (video seconds, model confidence) of the best windows
+                                      that fit the rerank time budget (RERANK_BUDGET_S; the rest stay coarse)
           --merge.nms_merge--> ranked list, score = the checkpoint's merge.ScoreRule (model score + fitted
                                coarse weight)
 
@@ -22,12 +23,19 @@ import numpy as np
 
 from model.errors import ModelError
 from retriever.coarse import CoarseConfig, coarse_candidates
-from retriever.merge import Moment, ScoreRule, nms_merge
+from model.spans import paired_iou
+from retriever.merge import NMS_IOU, Moment, ScoreRule, nms_merge
 from retriever.windows import Window, index_clip_seconds
 from store.errors import VmrError
 
 log = logging.getLogger("vmr.search")
 STAGES = ("text_encode", "coarse", "windows", "rerank", "merge")
+# Seconds the rerank stage may take per query (None: every candidate window). The reranker scores the coarse
+# windows best first until the next batch would end past it; the rest keep their coarse moment, ranked below every
+# reranked one. 1.5 s leaves ~0.5 s of a 2-s search for the other stages at 10^3 videos on the 2-core EPYC, where a
+# paper-size int8 reranker does ~3 windows/s (bench/results/rerank.md); the world reranker and a GPU rerank all 24
+# candidate windows well inside it.
+RERANK_BUDGET_S = 1.5
 
 
 def load_query_encoder(meta: dict, device: str = "auto"):
@@ -77,13 +85,15 @@ class SearchEngine:
 
     Args: index_dir; checkpoint: LLMEPET checkpoint path or None (coarse only); rerank: False forces coarse only;
     device: "auto" | "cpu" | "cuda"; coarse: CoarseConfig; precision: the reranker's LLM blocks ("auto" | "fp32" |
-    "bf16" | "int8", model.precision). Each query opens its own DuckDB read connection, so
+    "bf16" | "int8", model.precision); rerank_budget_s: seconds the rerank stage may take (RERANK_BUDGET_S; None:
+    rerank every candidate window). Each query opens its own DuckDB read connection, so
     an ingest can write between queries; a caller that knows no writer runs can hold one for a batch of queries
     (``with engine.library.session():``).
     """
 
     def __init__(self, index_dir, checkpoint: str | None = None, rerank: bool = True, device: str = "auto",
-                 coarse: CoarseConfig | None = None, precision: str = "auto"):
+                 coarse: CoarseConfig | None = None, precision: str = "auto",
+                 rerank_budget_s: float | None = RERANK_BUDGET_S):
         from store.library import Library
 
         self.index_dir = str(index_dir)
@@ -101,6 +111,7 @@ class SearchEngine:
             raise VmrError(f"cannot read the index at {self.index_dir}: {' '.join(str(err).split())[:200]} (a "
                            "damaged index: build a new one with `vmr index VIDEOS --index NEW_FOLDER`)") from None
         self.coarse_cfg = coarse or CoarseConfig()
+        self.rerank_budget_s = rerank_budget_s
         self.clip_seconds = index_clip_seconds(self.meta)
         self.encoder = load_query_encoder(self.meta, device)
         if self.encoder.embed_dim != int(self.meta.get("embed_dim", self.encoder.embed_dim)):
@@ -161,17 +172,24 @@ class SearchEngine:
         timings["text_encode"] = time.perf_counter() - t0
         windows = self.candidates(pooled, timings)
         t1 = time.perf_counter()
+        depth = {"windows": len(windows), "reranked": 0}
         if use_rerank:
-            moments = self.reranker.moments(windows, tokens)
+            moments, n = self.reranker.rerank(windows, tokens, self.rerank_budget_s)
             timings["rerank"] = time.perf_counter() - t1
+            depth.update(reranked=n, budget_s=self.rerank_budget_s, s_per_window=self.reranker.window_seconds)
+            rest = [coarse_moment(w) for w in windows[n:]]
         else:
-            moments = [coarse_moment(w) for w in windows]
+            moments, rest = [coarse_moment(w) for w in windows], []
         t2 = time.perf_counter()
         rule = rule or (self.reranker.score_rule if self.reranker is not None else ScoreRule())
         ranked = rank_moments(moments, top_k, rule, reranked=use_rerank)
+        if rest and len(ranked) < top_k:  # windows past the budget: their coarse moments, below every reranked one
+            kept = [(r["video_id"], r["start"], r["end"]) for r in ranked]
+            rest = [m for m in rest if not overlaps_kept(m, kept)]
+            ranked += rank_moments(rest, top_k - len(ranked), ScoreRule(), reranked=False)
         timings["merge"] = time.perf_counter() - (t2 if use_rerank else t1)
         timings["total"] = time.perf_counter() - t0
-        return SearchResult(ranked, timings, [w.video_id for w in windows])
+        return SearchResult(ranked, timings, [w.video_id for w in windows], depth)
 
 
 def rank_moments(moments: list[Moment], top_k: int, rule: ScoreRule | None = None,
@@ -181,6 +199,12 @@ def rank_moments(moments: list[Moment], top_k: int, rule: ScoreRule | None = Non
     for m in moments:
         m.score = rule.score(m)
     return [m.to_dict(reranked=reranked) for m in nms_merge(moments, top_k=top_k)]
+
+
+def overlaps_kept(m: Moment, kept: list[tuple[int, float, float]], iou_threshold: float = NMS_IOU) -> bool:
+    """Whether ``m`` overlaps one of the ``kept`` (video id, start, end) of its video by more than the NMS IoU."""
+    same = [(st, ed) for vid, st, ed in kept if vid == m.video_id]
+    return bool(same) and bool((paired_iou(np.array([m.start, m.end]), np.array(same)) > iou_threshold).any())
 
 
 def coarse_moment(window: Window) -> Moment:
@@ -193,7 +217,8 @@ def coarse_moment(window: Window) -> Moment:
 
 
 def search_library(query: str, index_dir: str, top_k: int = 10, checkpoint: str | None = None,
-                   rerank: bool = True, device: str = "auto", precision: str = "auto") -> SearchResult:
+                   rerank: bool = True, device: str = "auto", precision: str = "auto",
+                   rerank_budget_s: float | None = RERANK_BUDGET_S) -> SearchResult:
     """One query against the index at ``index_dir`` (what `vmr search` runs). Errors: one-line VmrError."""
     if not isinstance(query, str) or not query.strip():
         raise VmrError("the query is empty")
@@ -201,7 +226,7 @@ def search_library(query: str, index_dir: str, top_k: int = 10, checkpoint: str 
 
     try:
         with SearchEngine(index_dir, checkpoint=checkpoint, rerank=rerank, device=device,
-                          precision=precision) as engine:
+                          precision=precision, rerank_budget_s=rerank_budget_s) as engine:
             if engine.fallback_reason:
                 log.warning("%s", engine.fallback_reason)
             result = engine.search(query, top_k=top_k)

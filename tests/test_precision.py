@@ -16,8 +16,9 @@ from model.config import ModelConfig
 from model.features import ClipEncoder
 from model.llmepet import build_model
 from model.postprocess import decode_outputs
-from model.precision import (CPU_BF16_FLAGS, CPU_INT8_FLAGS, SMALL_LLM_PARAMS, Hardware, apply_precision,
-                             choose_precision, clip_precision, detect_hardware, read_cpu_flags)
+from model.precision import (CPU_BATCH, CPU_BF16_FLAGS, CPU_INT8_FLAGS, GPU_BATCH, SMALL_LLM_PARAMS, SMALL_MODEL_BATCH,
+                             Hardware, apply_precision, choose_batch_size, choose_precision, clip_precision,
+                             detect_hardware, read_cpu_flags)
 from model.sample import DataConfig
 from model.spans import temporal_iou
 
@@ -88,6 +89,13 @@ def test_auto_choices_and_explicit_requests():
         choose_precision("fp16", vnni_bf16, big)
 
 
+def test_batch_size_by_hardware_and_model_size():
+    cpu, gpu = Hardware("cpu", frozenset({"avx512_vnni"}), int8_engine=True), Hardware("cuda", cuda_bf16=True)
+    assert choose_batch_size(cpu, 607_000_000) == CPU_BATCH < choose_batch_size(gpu, 607_000_000) == GPU_BATCH
+    assert choose_batch_size(cpu, 100_000) == SMALL_MODEL_BATCH
+    assert choose_batch_size(gpu, 0) == GPU_BATCH
+
+
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     fake = tmp_path / "cpuinfo"
     fake.write_text("processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu avx2 avx512_vnni\n\n"
@@ -125,6 +133,26 @@ def test_fp32_is_exactly_the_built_model(small_model):
     inputs = _inputs()
     with torch.inference_mode():
         assert torch.equal(model(*inputs)["saliency_scores"], small_model(*inputs)["saliency_scores"])
+
+
+# --- the query's text side once per rerank call ---------------------------------------------------------------------
+
+def test_one_sentence_for_all_windows_equals_it_repeated(small_model):
+    """A rerank batch gives the query's sentence once ([1, Lt, Dt]); the outputs equal those of the same sentence
+    repeated per window, with windows of different lengths (padded) in the batch."""
+    txt, txt_mask, vid, vid_mask = _inputs()
+    txt_mask[:, 9:] = 0  # a 9-word sentence padded to 12
+    vid_mask[3, 40:] = 0
+    vid_mask[7, 10:] = 0
+    repeated = (txt[:1].expand_as(txt).clone(), txt_mask[:1].expand_as(txt_mask).clone(), vid, vid_mask)
+    with torch.inference_mode():
+        want = small_model(*repeated)
+        got = small_model(txt[:1], txt_mask[:1], vid, vid_mask)
+    for key in ("pred_logits", "pred_spans", "saliency_scores", "t2vattnvalues", "pred_event_spans"):
+        assert got[key].shape == want[key].shape
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    with pytest.raises(Exception, match="2 sentences for 16 videos"):
+        small_model(txt[:2], txt_mask[:2], vid, vid_mask)
 
 
 # --- compact checkpoints ------------------------------------------------------------------------------------------

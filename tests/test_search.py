@@ -69,6 +69,33 @@ def test_search_result_carries_stage_timings_and_window_videos(engine, world_ind
     assert engine.search(row["query"], top_k=3, rerank=False).timings["rerank"] == 0.0
 
 
+def test_rerank_time_budget(engine, world_index):
+    """The default budget reranks every candidate window of the world reranker (cheap windows: nothing changes);
+    a budget smaller than one window reranks one, the best coarse window, and fills top_k with the other windows'
+    coarse moments ranked below every reranked one."""
+    from retriever.search import RERANK_BUDGET_S
+
+    query = world_index[2][1]["query"]
+    assert engine.rerank_budget_s == RERANK_BUDGET_S
+    default = engine.search(query, top_k=10)
+    assert default.rerank_depth["reranked"] == default.rerank_depth["windows"] > 1
+    assert default.rerank_depth["budget_s"] == RERANK_BUDGET_S and default.rerank_depth["s_per_window"] > 0
+    engine.rerank_budget_s = None
+    try:
+        unlimited = engine.search(query, top_k=10)
+        engine.rerank_budget_s = 1e-9
+        tight = engine.search(query, top_k=10)
+    finally:
+        engine.rerank_budget_s = RERANK_BUDGET_S
+    assert unlimited.moments == default.moments
+    assert tight.rerank_depth["reranked"] == 1
+    flags = [m["reranked"] for m in tight.moments]
+    assert len(flags) == 10 and flags[0] and not flags[-1] and flags == sorted(flags, reverse=True)
+    best = engine.candidates(engine.encode_query(query)[0])[0]
+    assert all(m["video_id"] == best.video_id and best.start - 1e-3 <= m["start"] <= m["end"] <= best.end + 1e-3
+               for m in tight.moments if m["reranked"])
+
+
 def test_bench_pruned_baseline_equals_full_baseline(world_index, tmp_path):
     """The benchmark's pruned exhaustive baseline returns exactly the full one's top-10 while reranking fewer
     windows (checked by bench itself, as a separate program: tests never import bench)."""
