@@ -9,8 +9,9 @@ Rows: ours at fp32 / bf16 / int8 (model.precision: the frozen blocks cast or dyn
 and the authors' fp32 at the same batch size, same inputs, timed interleaved in one process (median of the runs
 after a warm-up), so load changes on a shared machine hit all alike. Then: accuracy of bf16/int8 against fp32 at
 the paper shape (top-1 span IoU >= 0.9 share, saliency Spearman), and search latency over a 10^3-video synthetic
-library with a paper-size reranker (world CLIP feature widths, 3 x 4096-d random blocks) at the precision
-``auto`` picks, reranking ``SEARCH_WINDOWS`` windows.
+library with a paper-size reranker (world CLIP feature widths, 3 x 4096-d random blocks) as `vmr search` runs it
+(rerank time budget, hardware batch size) at auto and fp32, beside the earlier fixed 4 windows; and the peak RSS
+of a search process.
 
 The authors' implementation (github fletcherjiang/LLMEPET, a read-only checkout at ../ref/fletcherjiang+LLMEPET or
 where VMR_AUTHORS_LLMEPET says) runs side by side from a throwaway copy under /tmp with the minimal patches needed
@@ -212,25 +213,30 @@ def forward_authors(model, batch):
 
 # --- the section ---------------------------------------------------------------------------------------------------
 
-SEARCH_WINDOWS = 4  # windows a paper-size reranker scores per query (the coarse stage ranks the rest)
 SEARCH_QUERIES = 7
-
-
-def _llm_params(model) -> int:
-    blocks = model.llm.blocks if hasattr(model, "llm") else model.transformer.llama.layers
-    return sum(p.numel() for p in blocks.parameters())
-
-
-def _with_precision(model, precision: str, device: str):
-    import copy
-
-    from model.precision import apply_precision
-
-    if precision == "fp32":
-        return model
-    clone = copy.deepcopy(model)
-    apply_precision(clone, precision, device)
-    return clone
+# (label, --precision, candidate windows, rerank budget): "budget" = the product's default (RERANK_BUDGET_S over the
+# coarse stage's 24 windows); the fixed 4-window rows are the previous design, measured beside it
+SEARCH_RUNS = (("auto, budget", "auto", None, "default"), ("fp32, budget", "fp32", None, "default"),
+               ("auto, 4 windows", "auto", 4, None))
+RSS_SCRIPT = """
+import json, resource, sys
+import duckdb, faiss, open_clip, torch
+from retriever.search import SearchEngine
+runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the libraries alone, nothing loaded
+index, ckpt, precision, queries = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+with SearchEngine(index, checkpoint=ckpt, device="cpu", precision=precision) as engine:
+    totals = [engine.search(q, top_k=10).timings["total"] for q in queries]
+    weights = 0
+    for m in engine.reranker.model.modules():
+        if hasattr(m, "_packed_params"):  # torch's dynamically quantized linear: int8 weight + per-channel scales
+            w = m.weight()
+            weights += w.numel() * w.element_size() + w.q_per_channel_scales().numel() * 12
+            weights += 0 if m.bias() is None else m.bias().numel() * m.bias().element_size()
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            weights += t.numel() * t.element_size()
+print(json.dumps(dict(peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, weights=weights, runtime=runtime,
+                      precision=engine.reranker.model.precision, totals=totals)))
+"""
 
 
 def _speed_rows(shape: dict, device: str, quick: bool, precisions, batches, with_authors: bool) -> tuple[list, dict]:
@@ -305,8 +311,15 @@ def _accuracy(ours: dict, device: str, n_windows: int) -> list[dict]:
     return rows
 
 
-def _search_latency(shape: dict, device: str, quick: bool, precisions, n_videos: int | None = None) -> dict:
-    """p50 of `SearchEngine.search` over a synthetic 10^3-video library (30 quick) with a paper-size reranker."""
+def _search_latency(shape: dict, device: str, quick: bool, runs=SEARCH_RUNS, n_videos: int | None = None,
+                    rss: bool = True) -> dict:
+    """p50 of `SearchEngine.search` over a synthetic 10^3-video library (30 quick) with a paper-size reranker, per
+    entry of ``runs`` (label, precision, candidate windows or None for the coarse default, rerank budget: "default"
+    or None = every candidate window); then (``rss``, CPU) peak RSS of a search process at ``auto`` against its
+    reranker's weights in memory plus the index on disk."""
+    import json
+    import subprocess
+
     import torch
 
     from bench.search import make_library
@@ -316,7 +329,7 @@ def _search_latency(shape: dict, device: str, quick: bool, precisions, n_videos:
     from model.llmepet import build_model
     from model.sample import DataConfig
     from retriever.coarse import CoarseConfig
-    from retriever.search import SearchEngine
+    from retriever.search import RERANK_BUDGET_S, SearchEngine
     from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_RERANKER
 
     n_videos = n_videos or (30 if quick else 1000)
@@ -324,7 +337,8 @@ def _search_latency(shape: dict, device: str, quick: bool, precisions, n_videos:
     try:
         encoder = ClipEncoder.load(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS), device=device)
         t0 = time.perf_counter()
-        queries = make_library(os.path.join(work, "index"), n_videos, encoder, seed=n_videos)
+        index = os.path.join(work, "index")
+        queries = make_library(index, n_videos, encoder, seed=n_videos)
         build_s = time.perf_counter() - t0
         world = read_checkpoint(str(WORLD_RERANKER))
         cfg = ModelConfig.from_dict(world["model_config"]).replace(
@@ -337,22 +351,38 @@ def _search_latency(shape: dict, device: str, quick: bool, precisions, n_videos:
                         world["dataset"])
         del model
         gc.collect()
-        out = dict(videos=n_videos, build_s=build_s, windows=SEARCH_WINDOWS, rows=[],
+        out = dict(videos=n_videos, build_s=build_s, budget_s=RERANK_BUDGET_S, rows=[],
                    ckpt_mb=os.path.getsize(ckpt) / 1e6)
-        for p in precisions:
-            with SearchEngine(os.path.join(work, "index"), checkpoint=ckpt, device=device, precision=p,
-                              coarse=CoarseConfig(n_windows=SEARCH_WINDOWS)) as engine:
+        asked = [q["query"] for q in queries[: 2 if quick else SEARCH_QUERIES]]
+        for label, precision, n_windows, budget in runs:
+            coarse = CoarseConfig(n_windows=n_windows) if n_windows else CoarseConfig()
+            budget_s = RERANK_BUDGET_S if budget == "default" else None
+            with SearchEngine(index, checkpoint=ckpt, device=device, precision=precision, coarse=coarse,
+                              rerank_budget_s=budget_s) as engine:
                 engine.encoder = encoder
-                picked = engine.reranker.model.precision
                 engine.search(queries[0]["query"], top_k=10)  # warm-up
-                totals, reranks = [], []
-                for q in queries[: 2 if quick else SEARCH_QUERIES]:
-                    res = engine.search(q["query"], top_k=10)
-                    totals.append(res.timings["total"])
-                    reranks.append(res.timings["rerank"])
-            out["rows"].append(dict(requested=p, picked=picked, p50=float(np.median(totals)),
-                                    rerank_p50=float(np.median(reranks)), queries=len(totals)))
+                results = [engine.search(q, top_k=10) for q in asked]
+                out["rows"].append(dict(
+                    label=label, requested=precision, picked=engine.reranker.model.precision,
+                    batch=engine.reranker.batch_size, budget_s=budget_s, candidates=coarse.n_windows,
+                    p50=float(np.median([r.timings["total"] for r in results])),
+                    rerank_p50=float(np.median([r.timings["rerank"] for r in results])),
+                    reranked_p50=float(np.median([r.rerank_depth["reranked"] for r in results])),
+                    queries=len(results)))
             gc.collect()
+        if rss and device == "cpu":
+            env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, index, ckpt, "auto", json.dumps(asked[:3])],
+                                  capture_output=True, text=True, env=env, timeout=1800)
+            if proc.returncode == 0:
+                got = json.loads(proc.stdout.strip().splitlines()[-1])
+                index_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(index) for f in fs)
+                base = got["weights"] + index_bytes
+                out["rss"] = dict(peak_rss=got["peak_rss"], runtime=got["runtime"], weights=got["weights"],
+                                  index=index_bytes, precision=got["precision"], ratio=got["peak_rss"] / base,
+                                  ratio_above_runtime=(got["peak_rss"] - got["runtime"]) / base)
+            else:
+                out["rss"] = dict(error=proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else "?")
         return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -368,11 +398,11 @@ def measure(device: str, quick: bool, with_search: bool = True, n_videos: int | 
     hw = detect_hardware(device)
     shape = paper_shape(quick)
     if search_only:  # the library part alone (a device run split in two bounded commands)
-        search = _search_latency(shape, device, quick, ("auto", "fp32"), n_videos)
+        search = _search_latency(shape, device, quick, n_videos=n_videos)
         return dict(device=device, hardware=hw.describe(), torch=torch.__version__, threads=torch.get_num_threads(),
                     shape=shape, search=search)
     precisions = ("fp32", "bf16") if device == "cuda" else ("fp32", "bf16", "int8")
-    batches = (1, 2) if quick else ((1, 8, 32) if device == "cuda" else (1, 8))
+    batches = (1, 2) if quick else ((1, 8, 32) if device == "cuda" else (1, 4, 8))
     tmp = tempfile.mkdtemp(prefix="vmr_bench_authors_")
     notes, authors_error = [], None
     try:
@@ -390,7 +420,7 @@ def measure(device: str, quick: bool, with_search: bool = True, n_videos: int | 
     auto = choose_precision("auto", hw, built["info"]["llm_params"])
     del built["ours"]
     gc.collect()
-    search = _search_latency(shape, device, quick, ("auto",) if quick else ("auto", "fp32"), n_videos) \
+    search = _search_latency(shape, device, quick, SEARCH_RUNS[:1] if quick else SEARCH_RUNS, n_videos) \
         if with_search else None
     return dict(device=device, hardware=hw.describe(), torch=torch.__version__, threads=torch.get_num_threads(),
                 shape=shape, rows=rows, accuracy=accuracy, auto=auto, search=search,
@@ -426,16 +456,34 @@ def describe(m: dict) -> list[str]:
         lines.append(f"| {a['precision']} | {a['windows']} | {100 * a['top1_same']:.0f}% | "
                      f"{a['spearman_min']:.4f} / {a['spearman_median']:.4f} |")
     if m.get("search"):
-        sr = m["search"]
-        lines += ["", f"Search over a {sr['videos']:,}-video synthetic library (built in {sr['build_s']:.0f} s) with a "
-                  f"paper-size reranker (world CLIP widths, {s['layers']} x {s['dim']}-d random blocks; checkpoint "
-                  f"{sr['ckpt_mb']:.0f} MB), {sr['windows']} windows reranked per query:", "",
-                  "| --precision | runs as | queries | search p50 (s) | rerank stage p50 (s) |", "|---|---|---:|---:|---:|"]
-        for r in sr["rows"]:
-            lines.append(f"| {r['requested']} | {r['picked']} | {r['queries']} | {r['p50']:.2f} | {r['rerank_p50']:.2f} |")
+        lines += [""] + describe_search(m["search"], s)
     if m["patches"]:
         lines += ["", "Patches applied to the throwaway copy of their code (nothing of it is kept): "
                   + "; ".join(m["patches"]) + "."]
+    return lines
+
+
+def describe_search(sr: dict, s: dict) -> list[str]:
+    lines = [f"Search over a {sr['videos']:,}-video synthetic library (built in {sr['build_s']:.0f} s) with a "
+             f"paper-size reranker (world CLIP widths, {s['layers']} x {s['dim']}-d random blocks; checkpoint "
+             f"{sr['ckpt_mb']:.0f} MB), {max(r['queries'] for r in sr['rows'])} queries after a warm-up, one run "
+             "after another in one process:", "",
+             "| run | --precision | runs as | windows/forward | candidate windows | rerank budget (s) | windows "
+             "reranked p50 | search p50 (s) | rerank stage p50 (s) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sr["rows"]:
+        budget = "-" if r["budget_s"] is None else f"{r['budget_s']:.1f}"
+        lines.append(f"| {r['label']} | {r['requested']} | {r['picked']} | {r['batch']} | {r['candidates']} | "
+                     f"{budget} | {r['reranked_p50']:.0f} | {r['p50']:.2f} | {r['rerank_p50']:.2f} |")
+    rss = sr.get("rss")
+    if rss and "error" in rss:
+        lines += ["", f"Peak RSS of a search process: not measured ({rss['error']})"]
+    elif rss:
+        mib = lambda x: f"{x / 2**20:.0f} MiB"  # noqa: E731
+        lines += ["", f"Peak RSS of a search process (`--precision auto` = {rss['precision']}, load + 3 queries, "
+                  f"child process): {mib(rss['peak_rss'])} = {rss['ratio']:.2f}x the reranker's weights in memory "
+                  f"({mib(rss['weights'])}) + the index on disk ({mib(rss['index'])}). Of it, {mib(rss['runtime'])} "
+                  "is the process with its libraries imported and nothing loaded (torch, open_clip, FAISS, DuckDB); "
+                  f"above that: {mib(rss['peak_rss'] - rss['runtime'])} = **{rss['ratio_above_runtime']:.2f}x**."]
     return lines
 
 
@@ -488,7 +536,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "rerank.json"), "w") as f:
         json.dump(m, f, indent=1, default=str)
-    text = json.dumps(m["search"], indent=1) if args.search_only else "\n".join(describe(m))
+    text = "\n".join(describe_search(m["search"], m["shape"]) if args.search_only else describe(m))
     with open(os.path.join(args.out, "rerank.md"), "w") as f:
         f.write(text + "\n")
     print(text)

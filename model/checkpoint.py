@@ -158,6 +158,9 @@ def load_checkpoint(path: str, device="cpu", features: dict | None = None, what:
         # the blocks take the stored tensors as they are: no random init of ~0.6 B parameters, no fp32 copy
         model = LLMEPET(cfg, llm_blocks_on_meta=True)
         _load_state(model, ckpt["state"], path, allowed_missing=(), assign=True)
+        if precision is not None:  # the model owns the block tensors now: casting/quantizing can release them
+            for key in [k for k in ckpt["state"] if k.startswith(LLM_BLOCK_PREFIX)]:
+                del ckpt["state"][key]
         model.llm.freeze()
         if precision is None:
             model.llm.blocks.to(_llm_dtype(cfg, device))
