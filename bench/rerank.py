@@ -228,7 +228,7 @@ with SearchEngine(index, checkpoint=ckpt, device="cpu", precision=precision) as 
     totals = [engine.search(q, top_k=10).timings["total"] for q in queries]
     weights = 0
     for m in engine.reranker.model.modules():
-        if hasattr(m, "_packed_params"):  # torch's dynamically quantized linear: int8 weight + per-channel scales
+        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):  # int8 weight + per-channel scales, bias
             w = m.weight()
             weights += w.numel() * w.element_size() + w.q_per_channel_scales().numel() * 12
             weights += 0 if m.bias() is None else m.bias().numel() * m.bias().element_size()

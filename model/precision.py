@@ -126,7 +126,15 @@ def choose_batch_size(hw: Hardware, llm_params: int) -> int:
 
 
 def llm_block_params(model) -> int:
-    return sum(p.numel() for p in model.llm.blocks.parameters())
+    """Parameters of the frozen LLM blocks, counted alike before and after int8 quantization (a quantized linear
+    holds its weight outside ``parameters()``)."""
+    n = 0
+    for m in model.llm.blocks.modules():
+        weight = getattr(m, "weight", None)
+        if callable(weight) and not isinstance(weight, torch.Tensor):  # torch's quantized linear: weight() method
+            n += weight().numel()
+        n += sum(p.numel() for p in m.parameters(recurse=False))
+    return n
 
 
 def apply_precision(model, requested: str = "auto", device=None, log=None) -> str:

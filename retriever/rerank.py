@@ -49,8 +49,8 @@ class Reranker:
         self.path = path
         # the checkpoint's ranking rule, fit on validation queries after training (retriever.merge.ScoreRule)
         self.score_rule = ScoreRule.from_dict(model.cfg.extra.get("score_rule"))
-        # seconds per window of the latest forwards (exponential mean): how many windows fit a time budget
-        self.window_seconds: float | None = None
+        # seconds a forward of n windows took, per n (exponential mean of the latest): what fits a time budget
+        self.forward_seconds: dict[int, float] = {}
 
     @classmethod
     def load(cls, checkpoint: str, device: str = "auto", batch_size: int | None = None,
@@ -94,33 +94,46 @@ class Reranker:
         """
         return self.rerank(windows, text_tokens, None, per_window)[0]
 
+    def estimate_seconds(self, n: int) -> float | None:
+        """An upper bound of the seconds a forward of ``n`` windows takes, from the forwards measured so far (None:
+        none yet): a forward of m windows that took t bounds n <= m by t (fewer windows are not slower) and n > m by
+        t * n / m (the time per window does not grow with the batch: on CPU a forward streams every weight once,
+        whatever the batch, so small batches cost nearly as much as larger ones)."""
+        if not self.forward_seconds:
+            return None
+        return min(t if n <= m else t * n / m for m, t in self.forward_seconds.items())
+
     @torch.inference_mode()
     def rerank(self, windows: list[Window], text_tokens: np.ndarray, budget_s: float | None = None,
                per_window: int = MOMENTS_PER_WINDOW) -> tuple[list[Moment], int]:
         """(moments, n): the moments of the first n ``windows``, taken in order, batch by batch.
 
-        budget_s: None = every window; else stop before a batch whose estimated end (``window_seconds``, measured
-        on this call's and earlier forwards) lies past ``budget_s`` seconds after the call began; a batch is cut
-        to the windows that fit. At least one window is reranked; before any forward was ever measured the first
-        batch is a whole one.
+        budget_s: None = every window; else each forward takes the most windows (up to ``batch_size``) whose
+        estimated time (``estimate_seconds``) ends within ``budget_s`` seconds of the call's start, and the call
+        stops when not one more fits. At least one window is reranked; before any forward was measured the first
+        one is a whole batch.
         """
         text = text_input(text_tokens, self.data_cfg)
         out: list[Moment] = []
         t0 = time.perf_counter()
         done = 0
         while done < len(windows):
-            n = self.batch_size
-            if budget_s is not None and self.window_seconds is not None:
-                fit = int((budget_s - (time.perf_counter() - t0)) // self.window_seconds)
-                if fit < 1 and done:
-                    break
-                n = min(n, max(fit, 1))
+            n = min(self.batch_size, len(windows) - done)
+            if budget_s is not None and self.forward_seconds:
+                left = budget_s - (time.perf_counter() - t0)
+                while n > 0 and self.estimate_seconds(n) > left:
+                    n -= 1
+                if n == 0:
+                    if done:
+                        break
+                    n = 1
             chunk = windows[done: done + n]
             t1 = time.perf_counter()
             out += self._forward(chunk, text, per_window)
-            seconds = (time.perf_counter() - t1) / len(chunk)
-            self.window_seconds = seconds if self.window_seconds is None else 0.5 * (self.window_seconds + seconds)
-            done += len(chunk)
+            took = time.perf_counter() - t1
+            old = self.forward_seconds.get(n)
+            self.forward_seconds[n] = took if old is None else 0.5 * (old + took)
+            done += n
         return out, done
 
     def _forward(self, chunk: list[Window], text: torch.Tensor, per_window: int) -> list[Moment]:

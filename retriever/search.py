@@ -73,7 +73,8 @@ class SearchResult:
     """One query's answer: ``moments`` (best first, the dicts `vmr search --json` prints), ``timings`` (seconds per
     stage of STAGES, and "total"), ``window_videos`` (the video id of each candidate window, coarse ranking
     order: video recall of the coarse stage) and ``rerank_depth`` (how many candidate windows there were and how
-    many the reranker scored: "windows", "reranked", and with a time budget "budget_s", "s_per_window")."""
+    many the reranker scored: "windows", "reranked", "budget_s", and "batch" windows a forward, "batch_s" its
+    estimated seconds)."""
     moments: list[dict]
     timings: dict[str, float]
     window_videos: list[int] = field(default_factory=list)
@@ -176,7 +177,8 @@ class SearchEngine:
         if use_rerank:
             moments, n = self.reranker.rerank(windows, tokens, self.rerank_budget_s)
             timings["rerank"] = time.perf_counter() - t1
-            depth.update(reranked=n, budget_s=self.rerank_budget_s, s_per_window=self.reranker.window_seconds)
+            depth.update(reranked=n, budget_s=self.rerank_budget_s, batch=self.reranker.batch_size,
+                         batch_s=self.reranker.estimate_seconds(self.reranker.batch_size))
             rest = [coarse_moment(w) for w in windows[n:]]
         else:
             moments, rest = [coarse_moment(w) for w in windows], []

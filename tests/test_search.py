@@ -79,7 +79,7 @@ def test_rerank_time_budget(engine, world_index):
     assert engine.rerank_budget_s == RERANK_BUDGET_S
     default = engine.search(query, top_k=10)
     assert default.rerank_depth["reranked"] == default.rerank_depth["windows"] > 1
-    assert default.rerank_depth["budget_s"] == RERANK_BUDGET_S and default.rerank_depth["s_per_window"] > 0
+    assert default.rerank_depth["budget_s"] == RERANK_BUDGET_S and default.rerank_depth["batch_s"] > 0
     engine.rerank_budget_s = None
     try:
         unlimited = engine.search(query, top_k=10)
@@ -94,6 +94,16 @@ def test_rerank_time_budget(engine, world_index):
     best = engine.candidates(engine.encode_query(query)[0])[0]
     assert all(m["video_id"] == best.video_id and best.start - 1e-3 <= m["start"] <= m["end"] <= best.end + 1e-3
                for m in tight.moments if m["reranked"])
+
+
+def test_rerank_time_estimate_is_an_upper_bound_from_measured_forwards():
+    from retriever.rerank import Reranker
+
+    reranker = Reranker.__new__(Reranker)
+    reranker.forward_seconds = {}
+    assert reranker.estimate_seconds(4) is None
+    reranker.forward_seconds = {4: 2.0, 1: 1.2}  # a forward streams the weights once: 4 windows cost < 4 x 1
+    assert [reranker.estimate_seconds(n) for n in (1, 2, 3, 4, 8)] == [1.2, 2.0, 2.0, 2.0, 4.0]
 
 
 def test_bench_pruned_baseline_equals_full_baseline(world_index, tmp_path):
