@@ -6,7 +6,7 @@ bootstrap intervals, and per-stage latency (optionally the exhaustive baseline).
 Ranking evaluation (issue 9): for each size, libraries are made from seed S until ``--queries`` held-out
 queries are collected (each library has N_TARGETS target videos with unique objects; the world vocabulary allows
 ~33 unambiguous queries per library, so 200 queries take several libraries per size; a size's distractor videos
-are written once and each library adds its own targets to a copy of them: ``target_libraries``). The world reranker never saw
+are written once and each library adds its own targets to a copy of them: world.synthetic.target_libraries). The world reranker never saw
 these libraries (it trains on world.train_reranker's seed) and its ranking rule was fit on its own validation
 sentences. Rows: coarse only (the coarse stage's moments), model (the reranker's own score, coarse weight 0) and
 fused (the checkpoint's fitted rule); one rerank pass per query serves both reranked rows. Intervals: 95%
@@ -34,7 +34,6 @@ first size: the final-score rule study (coarse weight 0 = model confidence alone
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import tempfile
 import time
@@ -45,27 +44,14 @@ import torch
 
 from bench.report import machine_line
 from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_RERANKER
-from world.generator import ObjectPool, annotations, sample_video
-from world.scene import ALL_OBJECTS
+from world.generator import annotations
+from world.synthetic import random_videos, split_objects, target_libraries
 
 SIZES, QUICK_SIZES = (100, 1000, 10000), (30,)
 N_TARGETS = 12  # target videos (each 1-3 events = queries) per library
 EXHAUSTIVE_QUERIES = {100: 1000, 1000: 12, 10000: 4}  # queries the baseline answers per size (others: all)
 BOOTSTRAP = 1000
 RANK_KEYS = [f"VCMR_R{k}@{t}" for t in (0.5, 0.7) for k in (1, 5, 10)]
-
-
-def split_objects(rng: np.random.Generator) -> tuple[set, set]:
-    """(target objects, distractor objects): half of the vocabulary each, so a target's sentence names objects
-    no distractor shows."""
-    objects = list(ALL_OBJECTS)
-    rng.shuffle(objects)
-    return set(objects[: len(objects) // 2]), set(objects[len(objects) // 2:])
-
-
-def random_videos(rng: np.random.Generator, prefix: str, count: int, objects: set) -> list:
-    pool = ObjectPool(rng, exclude=set(ALL_OBJECTS) - objects)
-    return [sample_video(rng, f"{prefix}{i:05d}", 2 * int(rng.integers(30, 76)), pool) for i in range(count)]
 
 
 def make_library(index_dir, n_videos: int, encoder, seed: int = 0):
@@ -81,36 +67,6 @@ def make_library(index_dir, n_videos: int, encoder, seed: int = 0):
     return annotations(videos[:n_targets])
 
 
-def target_libraries(work, n_videos: int, encoder, seed: int):
-    """Libraries of ``n_videos`` for the ranking rows, one after another: (index dir, query annotations).
-
-    The distractor videos of a size are written once; each library is a copy of them plus its own
-    ``N_TARGETS`` target videos (new placements and sentences from the target half of the vocabulary), one
-    frame content one embedding across all of them. Writing 10^4 distractors per library (~9 libraries for
-    200 queries) took ~an hour on 2 shared cores; copying them takes seconds."""
-    import shutil
-
-    from world.synthetic import StateEmbedder, write_library
-
-    work = Path(work)
-    base_seed = seed * 100003 + n_videos * 101  # never the world reranker's training seed
-    rng = np.random.default_rng(base_seed)
-    target_objects, distractor_objects = split_objects(rng)
-    embed = StateEmbedder(encoder, base_seed)
-    n_targets = min(N_TARGETS, n_videos)
-    distractors = work / "distractors"
-    write_library(distractors, random_videos(rng, "d", n_videos - n_targets, distractor_objects), encoder,
-                  seed=base_seed, progress=n_videos >= 1000, embed=embed)
-    for k in itertools.count():
-        index = work / f"library{k}"
-        shutil.copytree(distractors, index)
-        lib_rng = np.random.default_rng(base_seed + 1 + k)
-        targets = random_videos(lib_rng, "t", n_targets, target_objects)
-        write_library(index, targets, encoder, seed=base_seed + 1 + k, embed=embed)
-        yield index, annotations(targets)
-        shutil.rmtree(index)
-
-
 def _round(d):
     if isinstance(d, dict):
         return {k: _round(v) for k, v in d.items()}
@@ -118,7 +74,7 @@ def _round(d):
 
 
 def run(out_dir, quick: bool = False, sizes=None, device: str = "cpu", queries: int | None = None, seed: int = 0,
-        exhaustive: bool = False) -> dict:
+        exhaustive: bool = False, checkpoint=WORLD_RERANKER, work=None) -> dict:
     """Run the benchmark; writes search.json and search.md into ``out_dir``. Returns the results dict."""
     from model.features import ClipEncoder
 
@@ -128,9 +84,9 @@ def run(out_dir, quick: bool = False, sizes=None, device: str = "cpu", queries: 
     queries = queries or (30 if quick else 200)
     encoder = ClipEncoder.load(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS), device=device)
     results = {"machine": f"{machine_line()}; {device}, torch threads {torch.get_num_threads()}", "seed": seed,
-               "queries_asked": queries, "sizes": {}}
+               "queries_asked": queries, "checkpoint": str(checkpoint), "sizes": {}}
     for n in sizes:
-        results["sizes"][str(n)] = ranking_size(n, queries, seed, encoder, device)
+        results["sizes"][str(n)] = ranking_size(n, queries, seed, encoder, device, checkpoint, work)
         if exhaustive:
             with tempfile.TemporaryDirectory(prefix=f"vmr-search-bench-{n}-") as tmp:
                 results["sizes"][str(n)]["exhaustive_study"] = _run_size(Path(tmp) / "index", n, encoder, device,
@@ -163,9 +119,11 @@ def bootstrap(hits: dict[str, list[bool]], rng: np.random.Generator, resamples: 
     return out
 
 
-def ranking_size(n: int, n_queries: int, seed: int, encoder, device: str) -> dict:
+def ranking_size(n: int, n_queries: int, seed: int, encoder, device: str, checkpoint=WORLD_RERANKER,
+                 work=None) -> dict:
     """Coarse only / model's own score / fused rule on ``n_queries`` held-out queries over libraries of ``n``
-    videos (as many libraries from ``seed`` as the queries need)."""
+    videos (as many libraries from ``seed`` as the queries need; ``work``: keep the distractors there, for a
+    second run on the same libraries)."""
     from retriever.merge import ScoreRule
     from retriever.search import SearchEngine, rank_moments
 
@@ -175,10 +133,11 @@ def ranking_size(n: int, n_queries: int, seed: int, encoder, device: str) -> dic
     rule = None
     with tempfile.TemporaryDirectory(prefix=f"vmr-rank-bench-{n}-") as tmp:
         t0 = time.perf_counter()
-        for index, queries in target_libraries(tmp, n, encoder, seed):
+        where = Path(work) / f"{n}_{seed}" if work else tmp
+        for index, queries in target_libraries(where, n, encoder, seed, N_TARGETS):
             build += time.perf_counter() - t0
             libraries += 1
-            with SearchEngine(index, checkpoint=str(WORLD_RERANKER), device=device) as engine, \
+            with SearchEngine(index, checkpoint=str(checkpoint), device=device) as engine, \
                     engine.library.session():
                 engine.encoder = encoder
                 rule = engine.reranker.score_rule
@@ -319,10 +278,13 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=None, help="held-out queries per size (default 200)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exhaustive", action="store_true", help="also the exhaustive-baseline study")
+    parser.add_argument("--checkpoint", default=str(WORLD_RERANKER), help="the reranker (default: the world's)")
+    parser.add_argument("--work", default=None, help="keep the libraries' distractor videos here (reused by a rerun)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny world models: one thread is as fast, far faster on a busy machine
     sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else None
-    run(args.out, quick=args.quick, sizes=sizes, queries=args.queries, seed=args.seed, exhaustive=args.exhaustive)
+    run(args.out, quick=args.quick, sizes=sizes, queries=args.queries, seed=args.seed, exhaustive=args.exhaustive,
+        checkpoint=args.checkpoint, work=args.work)
 
 
 if __name__ == "__main__":

@@ -65,17 +65,24 @@ def fit_rule(per_query: list[tuple[list, int, list]]) -> tuple[ScoreRule, dict]:
 def fit_checkpoint(index_dir, checkpoint: str, annotations: list[dict], device: str = "auto") -> dict:
     """Fit the rule for ``checkpoint`` on ``annotations`` (validation queries of ``index_dir``) and store it in
     the checkpoint (model_config.extra["score_rule"]). Returns what was stored."""
+    return fit_checkpoint_sets(checkpoint, [(index_dir, annotations)], device)
+
+
+def fit_checkpoint_sets(checkpoint: str, query_sets, device: str = "auto") -> dict:
+    """``fit_checkpoint`` on several (index dir, validation annotations) pairs pooled into one fit."""
     import torch
 
     from model.checkpoint import read_checkpoint
     from retriever.search import SearchEngine
 
-    with SearchEngine(index_dir, checkpoint=checkpoint, device=device) as engine:
-        per_query = rerank_queries(engine, annotations)
+    per_query = []
+    for index_dir, annotations in query_sets:
+        with SearchEngine(index_dir, checkpoint=checkpoint, device=device) as engine:
+            per_query += rerank_queries(engine, annotations)
     rule, table = fit_rule(per_query)
     chosen = table[f"{rule.model}/{rule.coarse_weight:g}"]
     own = max((table[f"{m}/0"] for m in MODEL_SCORES), key=lambda t: sum(t.values()))
-    stored = {**rule.to_dict(), "fit_on_queries": len(annotations), "val": chosen, "val_model_only": own}
+    stored = {**rule.to_dict(), "fit_on_queries": len(per_query), "val": chosen, "val_model_only": own}
     ckpt = read_checkpoint(checkpoint)
     ckpt["model_config"].setdefault("extra", {})["score_rule"] = stored
     tmp = f"{checkpoint}.fit.tmp"

@@ -8,12 +8,15 @@ indexer uses. TEST WORLD ONLY.
 """
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
-from world.generator import CLIP_SECONDS, WorldVideo
-from world.scene import render_frame
+from world.generator import CLIP_SECONDS, ObjectPool, WorldVideo, annotations, sample_video
+from world.scene import ALL_OBJECTS, render_frame
 from model.pseudo_events import pseudo_event_clip_spans
 
 CLIP_NOISE = 0.03  # std of the per-dimension noise added to a clip's state embedding (before re-normalising)
@@ -88,3 +91,52 @@ def write_library(index_dir, videos: list[WorldVideo], encoder, seed: int = 0, p
                         "width": 64, "height": 64}
                 lib.commit_video(ids[f"{v.vid}.mp4"], info, clip_spans, vecs, ev_secs, ev_clips, ev_vecs)
         lib.save_faiss(lib.open_faiss(force_rebuild=True))
+
+
+def split_objects(rng: np.random.Generator) -> tuple[set, set]:
+    """(target objects, distractor objects): half of the vocabulary each, so a target's sentence names objects
+    no distractor shows."""
+    objects = list(ALL_OBJECTS)
+    rng.shuffle(objects)
+    return set(objects[: len(objects) // 2]), set(objects[len(objects) // 2:])
+
+
+def random_videos(rng: np.random.Generator, prefix: str, count: int, objects: set) -> list:
+    pool = ObjectPool(rng, exclude=set(ALL_OBJECTS) - objects)
+    return [sample_video(rng, f"{prefix}{i:05d}", 2 * int(rng.integers(30, 76)), pool) for i in range(count)]
+
+
+def target_libraries(work, n_videos: int, encoder, seed: int, n_targets: int = 12):
+    """Libraries of ``n_videos`` whose queries are unambiguous, one after another: (index dir, query annotations)
+    (bench.search's held-out libraries; world.train_reranker's ranking-rule fit, on other seeds).
+
+    The distractor videos of a size are written once; each library is a copy of them plus its own
+    ``n_targets`` target videos (new placements and sentences from the target half of the vocabulary), one
+    frame content one embedding across all of them. Writing 10^4 distractors per library (~9 libraries for
+    200 queries) took ~an hour on 2 shared cores; copying them takes seconds."""
+    import shutil
+
+    work = Path(work)
+    base_seed = seed * 100003 + n_videos * 101
+    rng = np.random.default_rng(base_seed)
+    target_objects, distractor_objects = split_objects(rng)
+    embed = StateEmbedder(encoder, base_seed)
+    n_targets = min(n_targets, n_videos)
+    distractors = work / "distractors"
+    videos = random_videos(rng, "d", n_videos - n_targets, distractor_objects)
+    if not (distractors / "done").is_file():
+        write_library(distractors, videos, encoder, seed=base_seed, progress=n_videos >= 1000, embed=embed)
+        (distractors / "done").write_text(f"{n_videos} {seed}\n")
+    else:  # a kept work dir holds them already: only replay the embedder, so the targets' frames embed the same
+        for v in videos:
+            clip_vectors(v, embed, np.random.default_rng(0))
+    for k in itertools.count():
+        index = work / f"library{k}"
+        if index.exists():
+            shutil.rmtree(index)
+        shutil.copytree(distractors, index)
+        lib_rng = np.random.default_rng(base_seed + 1 + k)
+        targets = random_videos(lib_rng, "t", n_targets, target_objects)
+        write_library(index, targets, encoder, seed=base_seed + 1 + k, embed=embed)
+        yield index, annotations(targets)
+        shutil.rmtree(index)
