@@ -1,7 +1,8 @@
 """`vmr serve`: the JSON API (OpenAPI at /docs) and the page (server/static) over one index.
 
-    GET  /api/status                      index counts, ingest progress, labels, model
-    GET  /api/search?q=...&top_k=10       moments as `vmr search --json` + rank, duration, thumbnail_url, video_url
+    GET  /api/status                      index counts, ingest progress (+ the incomplete-ingest note), labels, model
+    GET  /api/search?q=...&top_k=10       moments as `vmr search --json` + rank, duration, thumbnail_url, video_url,
+                                          playable (false + unplayable_reason, URLs null: a file not served)
     GET  /api/videos?offset=&limit=       indexed videos (metadata)
     GET  /api/videos/{id}                 one video: metadata + pseudo-events
     GET  /api/videos/{id}/file            the video's bytes (HTTP Range -> 206, so the player can seek)
@@ -23,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.media import Forbidden, ThumbnailCache, clip_of, video_file
+from server.media import Forbidden, ThumbnailCache, clip_of, unplayable_reason, video_file
 from server.state import ServerState
 from store import labels as label_store
 from store.errors import VmrError
@@ -161,7 +162,10 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
                 "clip_model": state.meta.get("clip_model"), "reranker": engine.reranker is not None,
                 "fallback": engine.fallback_reason, "videos": ingest["indexed"], "ingest": ingest, "labels": labels}
 
-    @app.get("/api/search", summary="Best moments for a sentence (the fields of `vmr search --json`, plus URLs)")
+    @app.get("/api/search", summary="Best moments for a sentence (the fields of `vmr search --json`, plus URLs)",
+             description="Each moment adds rank, duration, thumbnail_url, video_url and playable; a video whose "
+                         "file is not served (a link to outside the indexed folder, or a file gone since indexing) "
+                         "has playable false, unplayable_reason saying why, and no URLs.")
     def search(q: str = Query(min_length=1, max_length=MAX_QUERY_CHARS, description="the sentence"),
                top_k: int = Query(10, ge=1, le=MAX_TOP_K)):
         if not q.strip():
@@ -172,25 +176,27 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
             raise HTTPException(400, str(err)) from None
         out = []
         for rank, m in enumerate(moments, 1):
-            row = state._videos.get(int(m["video_id"])) or {}
             vid = int(m["video_id"])
-            out.append({**m, "rank": rank, "duration": row.get("duration"),
-                        "thumbnail_url": f"/api/videos/{vid}/thumbnail?t={m['start']}",
-                        "video_url": f"/api/videos/{vid}/file"})
+            row = state._videos.get(vid) or {"id": vid, "path": m["path"]}
+            reason = unplayable_reason(state.root, row)
+            out.append({**m, "rank": rank, "duration": row.get("duration"), "playable": reason is None,
+                        "unplayable_reason": reason,
+                        "thumbnail_url": None if reason else f"/api/videos/{vid}/thumbnail?t={m['start']}",
+                        "video_url": None if reason else f"/api/videos/{vid}/file"})
         return {"query": " ".join(q.split()), "moments": out,
                 "timings": {k: round(float(v), 4) for k, v in timings.items()}}
 
     @app.get("/api/videos", summary="Indexed videos (metadata), by id")
     def videos(offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)):
         rows = [v for v in state.videos() if v["status"] == "indexed"]
-        return {"total": len(rows), "videos": [_public(v) for v in rows[offset: offset + limit]]}
+        return {"total": len(rows), "videos": [_public(v, state.root) for v in rows[offset: offset + limit]]}
 
     @app.get("/api/videos/{video_id}", summary="One video: metadata and pseudo-events")
     def video(video_id: int):
         row = indexed(video_id)
         events = state.read(lambda con: con.execute('SELECT start, "end" FROM events WHERE video_id = ? ORDER BY idx',
                                                     [video_id]).fetchall())
-        return {**_public(row), "events": [[s, e] for s, e in events]}
+        return {**_public(row, state.root), "events": [[s, e] for s, e in events]}
 
     @app.get("/api/videos/{video_id}/file", summary="The video's bytes; honours HTTP Range (206)")
     def video_bytes(video_id: int):
@@ -243,9 +249,11 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
     return app
 
 
-def _public(row: dict) -> dict:
+def _public(row: dict, root: str) -> dict:
     keys = ("id", "path", "duration", "fps", "width", "height", "n_clips", "n_events", "size")
-    return {**{k: row.get(k) for k in keys}, "video_url": f"/api/videos/{row['id']}/file"}
+    reason = unplayable_reason(root, row)
+    return {**{k: row.get(k) for k in keys}, "playable": reason is None, "unplayable_reason": reason,
+            "video_url": None if reason else f"/api/videos/{row['id']}/file"}
 
 
 def _media_type(path: str) -> str:

@@ -45,6 +45,17 @@ def video_file(root: str, row: dict) -> str:
     return real
 
 
+def unplayable_reason(root: str, row: dict) -> str | None:
+    """Why the page cannot show an indexed video's file (None: it can): the API's per-hit ``playable`` flag."""
+    try:
+        video_file(root, row)
+    except Forbidden:
+        return "file not served: outside the indexed folder"
+    except VmrError:
+        return "file gone since it was indexed: re-run `vmr index`"
+    return None
+
+
 def clip_of(t: float, duration: float | None) -> int:
     """The 2-s clip holding time ``t`` (clamped to the video)."""
     last = max(int(((duration or 0.0) - 1e-6) // CLIP_SECONDS), 0)

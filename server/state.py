@@ -18,6 +18,8 @@ import time
 
 from store import db
 from store.errors import VmrError
+from store.lock import ingest_running
+from store.status import incomplete_note
 
 CATALOGUE_SECONDS = 2.0  # the video table is re-read at most this often (plus on an unknown id)
 UNKNOWN_ID_REFRESH_SECONDS = 0.5  # an unknown id forces a re-read at most this often (ids probing cannot flood)
@@ -179,8 +181,11 @@ class ServerState:
         return self._by_path.get(path)
 
     def ingest_progress(self) -> dict:
-        """What the video table says of a running ingest: new files wait as 'pending' until indexed or failed.
-        ``writer_active``: another process holds the DuckDB file for writing right now."""
+        """The video table's counts and whether an ingest runs: {running, writer_active, done, total, indexed,
+        failed, pending, note}. ``running``: some `vmr index` holds the index's ingest lock (store/lock.py); new
+        files wait as 'pending' until indexed or failed, so done/total is its progress. ``writer_active``: a
+        process holds the DuckDB file for writing right now. ``note``: `vmr status`'s line when videos are
+        pending (an ingest running, or one stopped early that a re-run finishes), else None."""
         self.refresh(force=True)
         counts = {"indexed": 0, "failed": 0, "pending": 0}
         for v in self._videos.values():
@@ -191,5 +196,7 @@ class ServerState:
         except VmrError as err:
             writer_active = "locked" in str(err)
         total = sum(counts.values())
-        return {"running": counts["pending"] > 0 or writer_active, "writer_active": writer_active,
-                "done": counts["indexed"] + counts["failed"], "total": total, **counts}
+        running = ingest_running(self.index_dir)
+        note = incomplete_note({**counts, "videos": total, "ingest_running": running})
+        return {"running": running, "writer_active": writer_active, "done": counts["indexed"] + counts["failed"],
+                "total": total, **counts, "note": note}

@@ -1,9 +1,10 @@
 """`vmr serve`'s JSON API on a real uvicorn server (localhost, free port) over a real test-world index.
 
-Covers: search fields (== in-process search), status, video metadata, Range requests (exact bytes), thumbnails
-(cache in the index), traversal attempts (.., encoded, absolute, a symlink planted in the video folder pointing
-outside), oversized / malformed bodies and unknown ids (4xx with a JSON error), parallel label writes + searches
-(counts consistent), `vmr labels export` (the format `vmr train --index` reads).
+Covers: search fields (== in-process search), status (incl. the note of an ingest stopped early), video metadata,
+Range requests (exact bytes), thumbnails (cache in the index), traversal attempts (.., encoded, absolute, a symlink
+planted in the video folder pointing outside; its hits say "not playable" and why), oversized / malformed bodies
+and unknown ids (4xx with a JSON error), parallel label writes + searches (counts consistent), `vmr labels export`
+(the format `vmr train --index` reads).
 """
 from __future__ import annotations
 
@@ -171,6 +172,27 @@ def test_status_videos_and_metadata(port, world):
     assert "/api/search" in get_json(port, "/openapi.json")["paths"]
 
 
+def test_status_says_when_an_ingest_stopped_early(port, app, world):
+    """A pending video with no ingest running (a `vmr index` stopped after listing its files) gets `vmr status`'s
+    note; while an ingest holds the index's lock the same counts read as a running ingest."""
+    from store.lock import ingest_lock
+
+    state = app.state.vmr
+    state.write(lambda con: con.execute("INSERT INTO videos (id, path, size, mtime, status) "
+                                        "VALUES (9999, 'stopped.mp4', 1, 0, 'pending')"))
+    try:
+        ingest = get_json(port, "/api/status")["ingest"]
+        assert ingest["running"] is False and ingest["pending"] == 1 and ingest["total"] == 7
+        assert ingest["note"] == "5 of 7 videos indexed (1 not yet); ingest incomplete — re-run `vmr index` to finish"
+        with ingest_lock(world[1]):
+            ingest = get_json(port, "/api/status")["ingest"]
+            assert ingest["running"] is True and ingest["note"].endswith("an ingest is running")
+    finally:
+        state.write(lambda con: con.execute("DELETE FROM videos WHERE id = 9999"))
+    ingest = get_json(port, "/api/status")["ingest"]
+    assert ingest["running"] is False and ingest["note"] is None and ingest["total"] == 6
+
+
 def test_range_requests_return_exact_bytes(port, world):
     ids = video_ids(port)
     name = sorted(p for p in ids if p.startswith("world"))[0]
@@ -223,6 +245,27 @@ def test_traversal_and_escapes_are_refused(port, world):
         assert headers["content-type"].startswith("application/json") and "error" in json.loads(body), path
         assert SECRET.encode() not in body and b"root:" not in body, path
     assert request(port, "GET", f"/api/videos/{escape}/file")[0] == 403  # indexed, but its real file is outside
+
+
+def test_hits_whose_file_is_not_served_say_so(port, world):
+    """escape.mp4 links to a copy of the last world video kept outside the indexed folder: indexed and found (the
+    same frames as its original), but marked not playable, with the reason and no URLs to a file it refuses."""
+    last = sorted(p.name for p in (world[0] / "videos").glob("world*.mp4"))[-1]
+    row = next(r for r in world[2] if f"{r['vid']}.mp4" == last)
+    hits = get_json(port, "/api/search?q=" + row["query"].replace(" ", "+") + "&top_k=20")["moments"]
+    by_path = {}
+    for h in hits:
+        by_path.setdefault(h["path"], h)
+    assert {last, "escape.mp4"} <= by_path.keys()
+    escape = by_path["escape.mp4"]
+    assert escape["playable"] is False and escape["unplayable_reason"] == "file not served: outside the indexed folder"
+    assert escape["thumbnail_url"] is None and escape["video_url"] is None
+    assert all(h["playable"] is True and h["unplayable_reason"] is None and h["video_url"] for h in hits
+               if h["path"] != "escape.mp4")
+    listed = {v["path"]: v for v in get_json(port, "/api/videos")["videos"]}
+    assert listed["escape.mp4"]["playable"] is False and listed["escape.mp4"]["video_url"] is None
+    assert listed[last]["playable"] is True
+    assert request(port, "GET", f"/api/videos/{escape['video_id']}/thumbnail?t={escape['start']}")[0] == 403
 
 
 def test_bad_bodies_and_unknown_ids(port):

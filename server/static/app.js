@@ -33,7 +33,8 @@ async function pollStatus() {
     const s = await api("GET", "/api/status");
     const ing = s.ingest;
     let text = `${s.videos} videos · ${s.labels.total} labels · ${s.reranker ? "reranked" : "coarse only"}`;
-    if (ing.running) text += ` · <span class="busy">ingest: ${ing.done}/${ing.total} files${ing.pending ? `, ${ing.pending} waiting` : ""}</span>`;
+    if (ing.running) text += ` · <span class="busy">ingest running: ${ing.done}/${ing.total} files${ing.pending ? `, ${ing.pending} waiting` : ""}</span>`;
+    else if (ing.note) text += ` · <span class="warn">${escapeHtml(ing.note)}</span>`;
     $("status").innerHTML = text;
     if (view.videosAtSearch !== null && s.videos !== view.videosAtSearch && view.query) {
       $("results-info").innerHTML = `${s.videos - view.videosAtSearch} new videos since this search — ` +
@@ -83,10 +84,15 @@ function renderHits() {
     const li = document.createElement("li");
     li.className = "hit";
     li.dataset.index = i; li.dataset.start = h.start; li.dataset.end = h.end;
-    li.innerHTML = `<img loading="lazy" alt="not served" src="${h.thumbnail_url}">
+    // a file the server does not serve gets its reason instead of a broken image
+    const thumb = h.playable === false
+      ? `<div class="no-thumb">${escapeHtml(h.unplayable_reason || "file not served")}</div>`
+      : `<img loading="lazy" alt="thumbnail unavailable" src="${h.thumbnail_url}">`;
+    li.innerHTML = `${thumb}
       <div><div class="path">${h.rank}. ${escapeHtml(h.path)}</div>
       <div class="meta">${clock(h.start)} – ${clock(h.end)} · score ${h.score.toFixed(3)} · cos ${h.coarse_score.toFixed(3)}</div>
       ${saliencyStrip(h)}</div>`;
+    if (h.playable === false) li.classList.add("unplayable");
     li.onclick = () => select(i, true);
     list.appendChild(li);
     paintLabel(i);
@@ -127,7 +133,19 @@ function select(i, autoplay) {
   showEdit();
   $("now-playing").textContent = `${h.path} · ${clock(h.start)} – ${clock(h.end)}`;
   $("label-state").textContent = h.label ? `labelled: ${h.label.verdict}` : "";
+  if (h.playable === false) {
+    stopPlayer();
+    $("now-playing").innerHTML += ` · <span class="error">${escapeHtml(h.unplayable_reason || "file not served")}</span>`;
+    return;
+  }
   playRange(h.video_url, h.start, h.end, autoplay);
+}
+
+function stopPlayer() {
+  view.stopAt = null;
+  player.pause();
+  player.removeAttribute("src");
+  player.load();
 }
 
 function playRange(url, start, end, autoplay) {
@@ -147,7 +165,7 @@ function playRange(url, start, end, autoplay) {
 
 function replay() {
   const h = view.hits[view.sel];
-  if (h) playRange(h.video_url, view.edit.start, view.edit.end, true);
+  if (h && h.playable !== false) playRange(h.video_url, view.edit.start, view.edit.end, true);
 }
 
 function enforceStop() {
