@@ -2,7 +2,8 @@
 
 `vmr serve` runs as a child process over a test-world index (h264 mp4, which Chromium plays). The browser types a
 query, clicks the first hit and checks the player starts within 1 s of the hit's start and pauses by its end;
-j moves to the next hit; a label accepted and a moment marked in the page come out of `vmr labels export`; Ctrl-C
+j moves to the next hit; a hit whose file is outside the indexed folder shows why instead of a broken
+thumbnail; a label accepted and a moment marked in the page come out of `vmr labels export`; Ctrl-C
 (SIGINT) stops the server cleanly. Screenshots go to tests/artifacts/ (or $VMR_TEST_ARTIFACTS).
 
 Skipped only when Chromium or Playwright is missing AND $CI is not set; under CI they must be there.
@@ -101,6 +102,28 @@ def shot(pg, name: str) -> None:
 
 def player(pg, prop: str):
     return pg.evaluate(f"document.getElementById('player').{prop}")
+
+
+def test_a_hit_whose_file_is_not_served_says_so(served, page):
+    """escape.mp4 (a link to a copy kept outside the indexed folder) is found with its original, and its hit shows
+    'file not served: outside the indexed folder' instead of a broken thumbnail; selecting it loads no file."""
+    base, index, rows, proc, log = served
+    last = sorted(p.name for p in (index.parent / "videos").glob("world*.mp4"))[-1]
+    row = next(r for r in rows if f"{r['vid']}.mp4" == last)
+    page.goto(base + "/")
+    page.fill("#q", row["query"])
+    page.press("#q", "Enter")
+    page.wait_for_selector(".hit.unplayable")
+    page.wait_for_function("[...document.querySelectorAll('.hit img')].every(i => i.complete)", timeout=20_000)
+    shot(page, "not_served")
+    escape = page.locator(".hit.unplayable").first
+    assert "escape.mp4" in escape.inner_text()
+    assert escape.locator(".no-thumb").inner_text() == "file not served: outside the indexed folder"
+    assert escape.locator("img").count() == 0
+    assert page.evaluate("[...document.querySelectorAll('.hit img')].filter(i => !i.naturalWidth).length") == 0
+    escape.click()
+    assert "outside the indexed folder" in page.locator("#now-playing").inner_text()
+    assert not page.evaluate("document.getElementById('player').getAttribute('src')")
 
 
 def test_search_watch_label_in_the_browser(served, page):
