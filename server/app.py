@@ -156,7 +156,7 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
     @app.get("/api/status", summary="Index counts, ingest progress, labels, models")
     def status():
         ingest = state.ingest_progress()
-        labels = state.read(label_store.count_labels)
+        labels = state.label_counts()
         engine = state.engine
         return {"index": state.index_dir, "root": state.root, "generation": state.generation,
                 "clip_model": state.meta.get("clip_model"), "reranker": engine.reranker is not None,

@@ -8,6 +8,8 @@ and a read-write connection to the same file at once. So, in this process:
   - connections are opened per request and closed at once (never held), so an `vmr index` process running beside
     the server gets the file between requests; thumbnails and video bytes need no DuckDB at all (the catalogue
     below answers them from memory).
+/api/status waits at most STATUS_WAIT_SECONDS for the file, then answers with the counts it read last (flagged
+writer_active), so the page's status line keeps up with an ingest however long one of its batches holds the file.
 The catalogue (id -> video row) is re-read when older than CATALOGUE_SECONDS, so videos an ingest adds appear
 within seconds, and deleted ones disappear with their cached thumbnails.
 """
@@ -21,6 +23,7 @@ from store.errors import VmrError
 from store.lock import ingest_running
 from store.status import incomplete_note
 
+STATUS_WAIT_SECONDS = 1.0  # /api/status waits this long for a writer's batch, then answers with the last counts
 CATALOGUE_SECONDS = 2.0  # the video table is re-read at most this often (plus on an unknown id)
 UNKNOWN_ID_REFRESH_SECONDS = 0.5  # an unknown id forces a re-read at most this often (ids probing cannot flood)
 VIDEO_COLUMNS = ("id", "path", "size", "mtime", "content_hash", "duration", "fps", "width", "height", "n_clips",
@@ -99,6 +102,7 @@ class ServerState:
         self._read_at = 0.0
         self._forced_at = 0.0
         self.generation = None
+        self._label_counts = None  # the last read, answered while a writer holds the file
         self.on_catalogue_change = []  # callables(set of live ids), e.g. the thumbnail cache's sweep
         self.refresh(force=True)
 
@@ -136,8 +140,9 @@ class ServerState:
         return moments, timings
 
     # ---- the catalogue -------------------------------------------------------------------------------------
-    def refresh(self, force: bool = False) -> None:
-        """Re-read the video table if it is older than CATALOGUE_SECONDS (or ``force``)."""
+    def refresh(self, force: bool = False, wait: float = db.LOCK_WAIT_SECONDS) -> None:
+        """Re-read the video table if it is older than CATALOGUE_SECONDS (or ``force``); VmrError when the file
+        stays locked for ``wait`` seconds."""
         now = time.monotonic()
         if not force and now - self._read_at < CATALOGUE_SECONDS:
             return
@@ -150,7 +155,7 @@ class ServerState:
                 rows = con.execute(f"SELECT {names} FROM videos ORDER BY id").fetchall()
                 return rows, db.read_meta(con).get("generation")
 
-            rows, generation = self.read(load)
+            rows, generation = self.read(load, wait=wait)
             videos = {int(r[0]): dict(zip(VIDEO_COLUMNS, r)) for r in rows}
             changed = generation != self.generation or videos.keys() != self._videos.keys()
             self._videos, self.generation = videos, generation
@@ -184,19 +189,47 @@ class ServerState:
         """The video table's counts and whether an ingest runs: {running, writer_active, done, total, indexed,
         failed, pending, note}. ``running``: some `vmr index` holds the index's ingest lock (store/lock.py); new
         files wait as 'pending' until indexed or failed, so done/total is its progress. ``writer_active``: a
-        process holds the DuckDB file for writing right now. ``note``: `vmr status`'s line when videos are
-        pending (an ingest running, or one stopped early that a re-run finishes), else None."""
-        self.refresh(force=True)
+        process holds the DuckDB file for writing right now (if for over STATUS_WAIT_SECONDS, the counts are the
+        last ones read: status answers at once however long an ingest's batch takes). ``note``: `vmr status`'s
+        line when videos are pending (an ingest running, or one stopped early that a re-run finishes), else None."""
+        try:
+            self.refresh(force=True, wait=STATUS_WAIT_SECONDS)
+            writer_active = _locked(lambda: self.read(lambda con: None, wait=0.0))
+        except VmrError as err:
+            if not _lock_error(err) or not self._read_at:
+                raise
+            writer_active = True
         counts = {"indexed": 0, "failed": 0, "pending": 0}
         for v in self._videos.values():
             counts[v["status"]] = counts.get(v["status"], 0) + 1
-        try:
-            self.read(lambda con: None, wait=0.0)
-            writer_active = False
-        except VmrError as err:
-            writer_active = "locked" in str(err)
         total = sum(counts.values())
         running = ingest_running(self.index_dir)
         note = incomplete_note({**counts, "videos": total, "ingest_running": running})
         return {"running": running, "writer_active": writer_active, "done": counts["indexed"] + counts["failed"],
                 "total": total, **counts, "note": note}
+
+    def label_counts(self) -> dict:
+        """{"total", "accept", "reject"} (store/labels.py); the last read while a writer holds the file."""
+        from store.labels import count_labels
+
+        try:
+            self._label_counts = self.read(count_labels, wait=STATUS_WAIT_SECONDS)
+        except VmrError as err:
+            if not _lock_error(err) or self._label_counts is None:
+                raise
+        return self._label_counts
+
+
+def _lock_error(err: VmrError) -> bool:
+    return "locked" in str(err)  # store.db.connect: the file stayed locked by another process
+
+
+def _locked(probe) -> bool:
+    """True when ``probe`` (a read with no wait) finds the file locked by a writer."""
+    try:
+        probe()
+    except VmrError as err:
+        if _lock_error(err):
+            return True
+        raise
+    return False

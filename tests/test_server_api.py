@@ -1,10 +1,10 @@
 """`vmr serve`'s JSON API on a real uvicorn server (localhost, free port) over a real test-world index.
 
-Covers: search fields (== in-process search), status (incl. the note of an ingest stopped early), video metadata,
-Range requests (exact bytes), thumbnails (cache in the index), traversal attempts (.., encoded, absolute, a symlink
-planted in the video folder pointing outside; its hits say "not playable" and why), oversized / malformed bodies
-and unknown ids (4xx with a JSON error), parallel label writes + searches (counts consistent), `vmr labels export`
-(the format `vmr train --index` reads).
+Covers: search fields (== in-process search), status (the note of an ingest stopped early; answers while another
+process holds the file), video metadata, Range requests (exact bytes), thumbnails (cache in the index), traversal
+attempts (.., encoded, absolute, a symlink planted in the video folder pointing outside; its hits say "not playable"
+and why), oversized / malformed bodies and unknown ids (4xx with a JSON error), parallel label writes + searches
+(counts consistent), `vmr labels export` (the format `vmr train --index` reads).
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -191,6 +193,26 @@ def test_status_says_when_an_ingest_stopped_early(port, app, world):
         state.write(lambda con: con.execute("DELETE FROM videos WHERE id = 9999"))
     ingest = get_json(port, "/api/status")["ingest"]
     assert ingest["running"] is False and ingest["note"] is None and ingest["total"] == 6
+
+
+def test_status_answers_while_another_process_holds_the_index(port, world):
+    """A writer (an ingest's commit batch, a FAISS rebuild) holding the DuckDB file: status still answers, with
+    the last counts read and writer_active set; once it lets go the counts are read afresh."""
+    before = get_json(port, "/api/status")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from store.db import connect; "
+                               "con = connect(sys.argv[1], read_only=False); print('held', flush=True); "
+                               "sys.stdin.read(); con.close()", str(world[1])],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        during = get_json(port, "/api/status")
+        assert during["ingest"] == {**before["ingest"], "writer_active": True}
+        assert during["labels"] == before["labels"] and during["videos"] == before["videos"]
+    finally:
+        holder.stdin.close()
+        assert holder.wait(60) == 0
+    after = get_json(port, "/api/status")
+    assert after["ingest"] == {**before["ingest"], "writer_active": False}
 
 
 def test_range_requests_return_exact_bytes(port, world):
