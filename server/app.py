@@ -9,7 +9,8 @@
     GET  /api/videos/{id}/thumbnail?t=s   JPEG of the 2-s clip holding t (cached in the index folder)
     GET/POST /api/labels, PATCH/DELETE /api/labels/{id}    label mode (store/labels.py)
 
-Every error is a 4xx/5xx with a JSON body {"error": "..."}; request bodies over MAX_BODY_BYTES get 413.
+Every error is a 4xx/5xx with a JSON body {"error": "..."}; request bodies over MAX_BODY_BYTES get 413; a request
+that waited the server's lock_wait for a running ingest to let go of the index gets 503 with Retry-After.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.media import Forbidden, ThumbnailCache, clip_of, unplayable_reason, video_file
-from server.state import ServerState
+from server.state import Busy, ServerState
 from store import labels as label_store
 from store.errors import VmrError
 
@@ -123,6 +124,11 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
     async def validation_error(_request, exc):
         problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
         return JSONResponse({"error": "; ".join(problems)[:1000] or "invalid request"}, status_code=422)
+
+    @app.exception_handler(Busy)
+    async def busy(_request, exc):  # an ingest kept the index's file past the request's wait: try again
+        return JSONResponse({"error": f"the index is busy ({exc}); try again"}, status_code=503,
+                            headers={"Retry-After": "2"})
 
     @app.exception_handler(Exception)
     async def internal_error(_request, exc):

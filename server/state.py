@@ -30,6 +30,11 @@ VIDEO_COLUMNS = ("id", "path", "size", "mtime", "content_hash", "duration", "fps
                  "n_events", "status", "error")
 
 
+class Busy(Exception):
+    """Another process (an ingest) kept the index's DuckDB file for longer than the request may wait: HTTP 503,
+    try again. Not a VmrError, so no endpoint mistakes it for a bad request."""
+
+
 class ReadWriteLock:
     """Many readers or one writer; a waiting writer blocks new readers (writer preference)."""
 
@@ -91,6 +96,7 @@ class ServerState:
 
         self.index_dir = str(index_dir)
         self.db_lock = ReadWriteLock()
+        self.lock_wait = db.LOCK_WAIT_SECONDS  # seconds a request waits out another process's write batch
         self.search_lock = threading.Lock()
         self._catalogue_lock = threading.Lock()
         self.engine = engine or SearchEngine(self.index_dir, checkpoint=checkpoint, device=device,
@@ -111,10 +117,12 @@ class ServerState:
             self.engine.close()
 
     # ---- DuckDB access -------------------------------------------------------------------------------------
-    def read(self, fn, wait: float = db.LOCK_WAIT_SECONDS):
-        """fn(read-only connection) under the shared lock, with a connection opened for this call only."""
+    def read(self, fn, wait: float | None = None):
+        """fn(read-only connection) under the shared lock, with a connection opened for this call only (waiting at
+        most ``wait`` s, default lock_wait, for a writer: Busy after)."""
         with self.db_lock.reading():
-            con = db.connect(self.index_dir, read_only=True, wait=wait)
+            con = _busy_if_locked(db.connect, self.index_dir, read_only=True,
+                                  wait=self.lock_wait if wait is None else wait)
             try:
                 return fn(con)
             finally:
@@ -125,7 +133,7 @@ class ServerState:
         from store.labels import write_connection
 
         with self.db_lock.writing():
-            con = write_connection(self.index_dir)
+            con = _busy_if_locked(write_connection, self.index_dir, wait=self.lock_wait)
             try:
                 return fn(con)
             finally:
@@ -134,15 +142,15 @@ class ServerState:
     def search(self, query: str, top_k: int):
         """(moments as `vmr search --json` dicts, stage seconds) for one query."""
         with self.search_lock, self.db_lock.reading():
-            result = self.engine.search(query, top_k=top_k)
+            result = _busy_if_locked(self.engine.search, query, top_k=top_k)
             moments = getattr(result, "moments", result)
             timings = getattr(result, "timings", None) or dict(getattr(self.engine, "last_timings", {}))
         return moments, timings
 
     # ---- the catalogue -------------------------------------------------------------------------------------
-    def refresh(self, force: bool = False, wait: float = db.LOCK_WAIT_SECONDS) -> None:
-        """Re-read the video table if it is older than CATALOGUE_SECONDS (or ``force``); VmrError when the file
-        stays locked for ``wait`` seconds."""
+    def refresh(self, force: bool = False, wait: float | None = None) -> None:
+        """Re-read the video table if it is older than CATALOGUE_SECONDS (or ``force``); Busy when the file stays
+        locked for ``wait`` seconds (default lock_wait)."""
         now = time.monotonic()
         if not force and now - self._read_at < CATALOGUE_SECONDS:
             return
@@ -166,13 +174,21 @@ class ServerState:
             for callback in self.on_catalogue_change:
                 callback(live)
 
+    def _refresh_or_keep(self) -> None:
+        """refresh(), but while another process holds the file past STATUS_WAIT_SECONDS the catalogue read last
+        answers (files and thumbnails need nothing newer)."""
+        try:
+            self.refresh(wait=STATUS_WAIT_SECONDS)
+        except Busy:
+            pass
+
     def videos(self) -> list[dict]:
-        self.refresh()
+        self._refresh_or_keep()
         return list(self._videos.values())
 
     def video(self, video_id: int) -> dict:
         """The catalogue row of an indexed video; VmrError when there is none (re-reads once for a new id)."""
-        self.refresh()
+        self._refresh_or_keep()
         row = self._videos.get(int(video_id))
         if row is None and time.monotonic() - self._forced_at > UNKNOWN_ID_REFRESH_SECONDS:
             self._forced_at = time.monotonic()
@@ -194,10 +210,9 @@ class ServerState:
         line when videos are pending (an ingest running, or one stopped early that a re-run finishes), else None."""
         try:
             self.refresh(force=True, wait=STATUS_WAIT_SECONDS)
-            writer_active = _locked(lambda: self.read(lambda con: None, wait=0.0))
-        except VmrError as err:
-            if not _lock_error(err) or not self._read_at:
-                raise
+            self.read(lambda con: None, wait=0.0)
+            writer_active = False
+        except Busy:
             writer_active = True
         counts = {"indexed": 0, "failed": 0, "pending": 0}
         for v in self._videos.values():
@@ -214,22 +229,17 @@ class ServerState:
 
         try:
             self._label_counts = self.read(count_labels, wait=STATUS_WAIT_SECONDS)
-        except VmrError as err:
-            if not _lock_error(err) or self._label_counts is None:
+        except Busy:
+            if self._label_counts is None:
                 raise
         return self._label_counts
 
 
-def _lock_error(err: VmrError) -> bool:
-    return "locked" in str(err)  # store.db.connect: the file stayed locked by another process
-
-
-def _locked(probe) -> bool:
-    """True when ``probe`` (a read with no wait) finds the file locked by a writer."""
+def _busy_if_locked(fn, *args, **kwargs):
+    """fn(...), with store.db.connect's 'stays locked by another vmr process' turned into Busy."""
     try:
-        probe()
+        return fn(*args, **kwargs)
     except VmrError as err:
-        if _lock_error(err):
-            return True
+        if "stays locked" in str(err):
+            raise Busy(str(err)) from None
         raise
-    return False

@@ -46,9 +46,10 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS labels (
     orig_start DOUBLE, orig_end DOUBLE, score DOUBLE, created_at TIMESTAMP, updated_at TIMESTAMP)"""
 
 
-def write_connection(index_dir) -> duckdb.DuckDBPyConnection:
-    """A read-write connection with the labels table present (close it soon: it keeps an ingest out)."""
-    con = db.connect(index_dir, read_only=False)
+def write_connection(index_dir, wait: float = db.LOCK_WAIT_SECONDS) -> duckdb.DuckDBPyConnection:
+    """A read-write connection with the labels table present (close it soon: it keeps an ingest out); waits at
+    most ``wait`` s for another process's write batch (db.connect)."""
+    con = db.connect(index_dir, read_only=False, wait=wait)
     if not db.read_meta(con):
         con.close()
         raise VmrError(f"{index_dir} is not a finished vmr index (no meta)")

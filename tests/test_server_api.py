@@ -195,10 +195,14 @@ def test_status_says_when_an_ingest_stopped_early(port, app, world):
     assert ingest["running"] is False and ingest["note"] is None and ingest["total"] == 6
 
 
-def test_status_answers_while_another_process_holds_the_index(port, world):
+def test_status_answers_while_another_process_holds_the_index(port, app, world):
     """A writer (an ingest's commit batch, a FAISS rebuild) holding the DuckDB file: status still answers, with
-    the last counts read and writer_active set; once it lets go the counts are read afresh."""
+    the last counts read and writer_active set; other requests wait, then say 503 (busy, retry), not 4xx/500;
+    once it lets go the counts are read afresh and a label is written."""
+    from store.db import LOCK_WAIT_SECONDS
+
     before = get_json(port, "/api/status")
+    ids = video_ids(port)
     holder = subprocess.Popen([sys.executable, "-c", "import sys; from store.db import connect; "
                                "con = connect(sys.argv[1], read_only=False); print('held', flush=True); "
                                "sys.stdin.read(); con.close()", str(world[1])],
@@ -208,11 +212,26 @@ def test_status_answers_while_another_process_holds_the_index(port, world):
         during = get_json(port, "/api/status")
         assert during["ingest"] == {**before["ingest"], "writer_active": True}
         assert during["labels"] == before["labels"] and during["videos"] == before["videos"]
+        # the catalogue answers from memory: the video list, a video's bytes and thumbnails
+        assert video_ids(port) == ids
+        vid = ids[sorted(p for p in ids if p.startswith("world"))[0]]
+        assert request(port, "GET", f"/api/videos/{vid}/file", headers={"Range": "bytes=0-99"})[0] == 206
+        assert request(port, "GET", f"/api/videos/{vid}/thumbnail?t=5")[0] == 200
+        # requests that need the file wait lock_wait (60 s by default; shortened here), then get 503 + Retry-After
+        # (a search waits the store's own 60 s: not tried here)
+        app.state.vmr.lock_wait = 0.5
+        label = {"video_id": vid, "query": "while held", "start": 1.0, "end": 3.0}
+        for method, path, body in (("POST", "/api/labels", json.dumps(label)), ("GET", "/api/labels", None)):
+            status, headers, reply = request(port, method, path, body, {"Content-Type": "application/json"})
+            assert status == 503 and headers["retry-after"] == "2", (path, status, reply[:200])
+            assert "the index is busy" in json.loads(reply)["error"], path
     finally:
+        app.state.vmr.lock_wait = LOCK_WAIT_SECONDS
         holder.stdin.close()
         assert holder.wait(60) == 0
     after = get_json(port, "/api/status")
-    assert after["ingest"] == {**before["ingest"], "writer_active": False}
+    assert after["ingest"] == {**before["ingest"], "writer_active": False} and after["labels"] == before["labels"]
+    assert post_json(port, "/api/labels", label)[0] == 201
 
 
 def test_range_requests_return_exact_bytes(port, world):
