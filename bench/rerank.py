@@ -242,6 +242,23 @@ print(json.dumps(dict(peak_rss=status(), rss_end=status("VmRSS:"), weights=weigh
 """
 
 
+def _llm_params(model) -> int:
+    blocks = model.llm.blocks if hasattr(model, "llm") else model.transformer.llama.layers
+    return sum(p.numel() for p in blocks.parameters())
+
+
+def _with_precision(model, precision: str, device: str):
+    import copy
+
+    from model.precision import apply_precision
+
+    if precision == "fp32":
+        return model
+    clone = copy.deepcopy(model)
+    apply_precision(clone, precision, device)
+    return clone
+
+
 def _speed_rows(shape: dict, device: str, quick: bool, precisions, batches, with_authors: bool) -> tuple[list, dict]:
     """Ours at each precision and the authors' fp32, per batch size, timed interleaved. Returns (rows, models)."""
     import torch
