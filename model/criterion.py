@@ -144,13 +144,7 @@ class SetCriterion(nn.Module):
         idx = _src_index(indices)
         classes = torch.full(logits.shape[:2], BACKGROUND, dtype=torch.int64, device=logits.device)
         classes[idx] = FOREGROUND
-        weight = self.class_weight[classes]  # [B, Q]: DETR's eos_coef down-weights the many background queries
-        # ...but on a window without the moment "every query background" is the whole lesson: at eos_coef 0.1 a
-        # query that fires on every window costs little, and the world reranker gave other videos' windows a
-        # higher best confidence than the moment's (0.93 vs 0.88, held-out libraries); full weight there.
-        negative = ~_positive_rows(targets, len(logits), logits.device)
-        weight = torch.where(negative[:, None], torch.ones_like(weight), weight)
-        loss = (F.cross_entropy(logits.transpose(1, 2), classes, reduction="none") * weight).mean()
+        loss = F.cross_entropy(logits.transpose(1, 2), classes, self.class_weight, reduction="none").mean()
         matched = logits[idx]
         with torch.no_grad():
             acc = (matched.argmax(-1) == FOREGROUND).float().mean() * 100 if len(matched) else logits.new_tensor(0.)

@@ -2,8 +2,7 @@
 
 A model that only ever sees windows holding their moment learns to find the best span in any window, so a window of
 the wrong video still gets a confident moment and its scores mean nothing across windows. Negatives teach it the
-difference. Sources (``TrainConfig.neg_sources``; one is drawn at random among those available for a sample, a source listed
-n times n times as likely to be tried first):
+difference. Sources (``TrainConfig.neg_sources``; one is drawn at random among those available for a sample):
 
 - ``other``: a random window of another annotated video (another query's video, never one annotated with this
   query's text);
@@ -71,7 +70,6 @@ class NegativeSampler:
         self.annotations, self.provider, self.n_clips_of = annotations, provider, n_clips_of
         self.v_limit, self.clip_length = v_limit, clip_length
         self.sources = [s for s in SOURCES if s in sources]
-        self.draws = [s for s in sources if s in SOURCES]  # a source listed twice is tried first twice as often
         self.vids = sorted({a["vid"] for a in annotations})
         self.vids_of_query: dict[str, set] = {}
         for a in annotations:
@@ -138,9 +136,8 @@ class NegativeSampler:
     def sample(self, ann: dict, rng: random.Random) -> tuple[str, str, int, int] | None:
         """(source, vid, first clip, end clip) of one negative window for ``ann``; sources tried in a random
         order until one has a window (None when none has: e.g. a one-video set with no room beside the moment)."""
-        draws = list(self.draws)
-        rng.shuffle(draws)
-        order = list(dict.fromkeys(draws))
+        order = list(self.sources)
+        rng.shuffle(order)
         draw = {"other": self.other, "hard": self.hard_one, "same": self.same, "labels": self.labels}
         for source in order:
             got = draw[source](ann, rng)
@@ -149,7 +146,7 @@ class NegativeSampler:
         return None
 
     def describe(self) -> str:
-        return ", ".join(f"{s} x{self.draws.count(s)}" if self.draws.count(s) > 1 else s for s in self.sources)
+        return ", ".join(self.sources)
 
 
 def negative_labels(n_clips: int) -> dict:

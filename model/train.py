@@ -281,7 +281,7 @@ def build_run(train_path: str, val_path: str | None, features_dir: str | None, o
     ratio, why = negative_ratio(train_cfg, dataset, isinstance(src, PublicFeatureDir))
     train_ds = MomentDataset(train_anns, src, data_cfg, load_labels=True, seed=train_cfg.seed, neg_ratio=ratio,
                              neg_sources=train_cfg.neg_sources)
-    model.cfg.extra["negatives"] = {"ratio": ratio, "sources": list(train_ds.negatives.draws)
+    model.cfg.extra["negatives"] = {"ratio": ratio, "sources": list(train_ds.negatives.sources)
                                     if train_ds.negatives else []}  # recorded in the checkpoint
     if train_cfg.progress or print_recipe:
         print(describe_negatives(train_ds, ratio, why))
