@@ -6,8 +6,12 @@ Builds a training world (its own seed: its sentences and videos are not the test
 real ingest (world CLIP), and trains with model.train on that index through retriever.provider (what
 `vmr train --index` does), using the architecture and schedule in ``world_reranker.json`` (random, tiny LLM
 blocks). The shipped world_reranker.pt: 84 videos (230 sentences, 207 train / 23 val), 120 epochs, ~12 min on
-one busy CPU core; val R1@0.5 = R1@0.7 = 91.3, mIoU 88.3 (its optimizer state stripped). ``--synthetic`` indexes synthetic clip vectors instead of decoded videos (world/synthetic.py), for
-when decoding is too slow. TEST WORLD ONLY.
+one busy CPU core; val R1@0.5 = R1@0.7 = 91.3, mIoU 88.3 (its optimizer state stripped). It was trained before
+negative windows existed: retrained with them (this script's default now, --synthetic, 120 or 60 epochs) it ranked
+worse on held-out libraries (10^2 videos, 200 queries: fused R1@0.7 59.0 vs 85.5), so it stays; see README,
+Ranking. ``--synthetic`` indexes synthetic clip vectors instead of decoded videos (world/synthetic.py), for when
+decoding is too slow (an epoch of 207 sentences + 207 negatives: ~5.5 s CPU). ``--fit-only`` refits --out's
+ranking rule (fit_world_rule). TEST WORLD ONLY.
 """
 from __future__ import annotations
 
