@@ -97,8 +97,8 @@ class Reranker:
     def estimate_seconds(self, n: int) -> float | None:
         """An upper bound of the seconds a forward of ``n`` windows takes, from the forwards measured so far (None:
         none yet): a forward of m windows that took t bounds n <= m by t (fewer windows are not slower) and n > m by
-        t * n / m (the time per window does not grow with the batch: on CPU a forward streams every weight once,
-        whatever the batch, so small batches cost nearly as much as larger ones)."""
+        t * n / m (the time per window does not grow with the batch). Times are kept per batch size and follow
+        the machine's load (exponential mean of the latest forwards)."""
         if not self.forward_seconds:
             return None
         return min(t if n <= m else t * n / m for m, t in self.forward_seconds.items())

@@ -31,10 +31,10 @@ from store.errors import VmrError
 log = logging.getLogger("vmr.search")
 STAGES = ("text_encode", "coarse", "windows", "rerank", "merge")
 # Seconds the rerank stage may take per query (None: every candidate window). The reranker scores the coarse
-# windows best first until the next batch would end past it; the rest keep their coarse moment, ranked below every
-# reranked one. 1.5 s leaves ~0.5 s of a 2-s search for the other stages at 10^3 videos on the 2-core EPYC, where a
-# paper-size int8 reranker does ~3 windows/s (bench/results/rerank.md); the world reranker and a GPU rerank all 24
-# candidate windows well inside it.
+# windows best first, each forward as many as fit the time left (Reranker.rerank); the rest keep their coarse
+# moment, ranked below every reranked one. 1.5 s leaves ~0.4 s of a 2-s search for the other stages at 10^3 videos
+# on the 2-core EPYC, where one forward of a paper-size int8 reranker takes ~1-1.7 s for 1 window and ~2.8 s for 4
+# under load (bench/results/rerank.md); the world reranker and a GPU rerank all 24 candidate windows inside it.
 RERANK_BUDGET_S = 1.5
 
 
