@@ -277,12 +277,13 @@ def eval_(submission, gt, as_json):
 @main.command(name="convert-checkpoint")
 @click.argument("src", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
-def convert_checkpoint(src, out):
+@click.option("--llm-blocks", type=click.Choice(["reference", "copy"]), default="reference", show_default=True, help="The frozen LLaMA blocks: reference = OUT names SRC (absolute path) and a SHA-256 of its blocks, read and checked at every load (OUT ~3% of SRC at the paper's shape; SRC must stay where it is, unchanged; hashing adds seconds per load); copy = embedded in OUT in their narrowest lossless dtype (self-contained, ~half of SRC).")
+def convert_checkpoint(src, out, llm_blocks):
     """Convert the authors' LLMEPET checkpoint ({"model", "opt"}) into a vmr checkpoint."""
     from model.convert import convert_authors_checkpoint
 
     try:
-        convert_authors_checkpoint(src, out)
+        convert_authors_checkpoint(src, out, llm_blocks=llm_blocks)
     except USER_ERRORS as err:
         _fail(err)
     click.echo(f"wrote {out}")

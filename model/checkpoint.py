@@ -9,13 +9,16 @@ Layout (a dict):
     dataset                  qvhighlights | charades | tacos | custom (post-processing rule)
     state                    the model's state_dict without the frozen LLM blocks when those are referenced
     llm                      {"mode": "embedded", "stored_as"} or {"mode": "reference", "source", "layers", "sha256"}
+                             or {"mode": "file", "path", "prefix", "sha256"} (blocks in an authors' checkpoint)
     train_state (optional)   optimizer / scheduler state, epoch, best score, train config (for --resume)
     metrics (optional)       the validation "brief" metrics of this checkpoint
 
 The frozen LLM blocks (3 LLaMA-7B layers: ~600M parameters) are stored as a reference to their source (HF id,
 directory or consolidated.pth) plus a SHA-256 of their bf16 values; loading re-reads them and refuses a source
 whose weights changed. Random LLM blocks (tests, synthetic world) cannot be re-read, so they are embedded, as
-they are when ``embed_llm=True`` (converted checkpoints). Embedded blocks are stored in the narrowest dtype that
+they are when ``embed_llm=True``. Converted checkpoints either embed them or (``llm_file``) reference the authors'
+checkpoint they came from by absolute path plus a SHA-256 of the block tensors exactly as stored there; loading
+reads them from it (memory-mapped) and refuses a file that is missing or whose blocks changed. Embedded blocks are stored in the narrowest dtype that
 holds their values exactly (bf16 or fp16: released LLM weights and our random blocks are such values; anything
 else stays fp32), so storage never changes a prediction; version-1 files with fp32 blocks load as before.
 Loading assigns the stored tensors (no random init, no fp32 copy first) and casts them once, to the precision
@@ -50,16 +53,34 @@ def llm_blocks_sha256(model) -> str:
     return h.hexdigest()
 
 
+def tensors_sha256(state: dict) -> str:
+    """SHA-256 of named tensors exactly as stored (names, dtypes, shapes, raw bytes): no cast, no copy."""
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        t = t.detach().contiguous()
+        h.update(memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _embeds_llm(cfg: ModelConfig, embed_llm: bool) -> bool:
     return embed_llm or cfg.llm in ("", "random")
 
 
 def save_checkpoint(path: str, model, data_cfg: DataConfig, feature_spec: dict, dataset: str,
-                    train_state: dict | None = None, metrics: dict | None = None, embed_llm: bool = False) -> None:
-    """Write ``model`` (an LLMEPET) and its data/feature settings to ``path`` atomically."""
+                    train_state: dict | None = None, metrics: dict | None = None, embed_llm: bool = False,
+                    llm_file: dict | None = None) -> None:
+    """Write ``model`` (an LLMEPET) and its data/feature settings to ``path`` atomically.
+
+    llm_file: {"path", "prefix", "sha256"}: the frozen LLM blocks are not written but read at load from the
+        torch file ``path`` (its "model" state_dict, keys ``prefix`` + our block names' tail).
+    """
     cfg: ModelConfig = model.cfg
     state = model.state_dict()
-    if _embeds_llm(cfg, embed_llm):
+    if llm_file is not None:
+        llm = {"mode": "file", **llm_file}
+        state = {k: v for k, v in state.items() if not k.startswith(LLM_BLOCK_PREFIX)}
+    elif _embeds_llm(cfg, embed_llm):
         state, stored_as = compact_llm_blocks(state)
         llm = {"mode": "embedded", "stored_as": stored_as}
     else:
@@ -109,17 +130,45 @@ def compact_llm_blocks(state: dict) -> tuple[dict, str]:
     return out, (used.pop() if len(used) == 1 else "mixed" if used else "none")
 
 
-def load_weights_only(path: str, expected: str = "a file written by `vmr train` or `vmr convert-checkpoint`"):
+def load_weights_only(path: str, expected: str = "a file written by `vmr train` or `vmr convert-checkpoint`",
+                      mmap: bool = False):
     """``torch.load`` restricted to plain data and tensors, plus argparse.Namespace (the authors' checkpoints keep
-    their options in one), allow-listed with add_safe_globals. ModelError (one line) when missing or unreadable."""
+    their options in one), allow-listed with add_safe_globals. ModelError (one line) when missing or unreadable.
+    mmap: map the tensors' bytes instead of reading them (zip-format files; others are read whole)."""
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         with warnings.catch_warnings():  # torch warns (several lines) about pickle protocols of foreign files
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _is_zip(path))
     except Exception as err:  # noqa: BLE001 - unreadable / unsafe pickle: the user's file to fix
         raise ModelError(f"cannot read checkpoint {path}: {weights_file_problem(path, err)} (give {expected})") \
             from None
+
+
+def _is_zip(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _blocks_from_file(llm: dict, path: str) -> dict:
+    """Our LLM block tensors read from the authors' checkpoint a converted one references, checked by digest."""
+    src, fix = llm["path"], (f"put it back there, or convert it again with `vmr convert-checkpoint SRC {path} "
+                             f"--llm-blocks copy` to embed the blocks")
+    if not os.path.isfile(src):
+        raise ModelError(f"{path}: its frozen LLM blocks are read from {src}, which is missing ({fix})")
+    theirs = load_weights_only(src, expected="the authors' checkpoint it was converted from", mmap=True)
+    theirs = theirs.get("model", {}) if isinstance(theirs, dict) else {}
+    blocks = {}
+    for key, value in theirs.items():
+        key = key.removeprefix("module.")
+        if key.startswith(llm["prefix"]):
+            blocks[LLM_BLOCK_PREFIX + key[len(llm["prefix"]):]] = value
+    if tensors_sha256(blocks) != llm["sha256"]:
+        raise ModelError(f"{path}: the frozen LLM blocks in {src} changed since it was converted ({fix})")
+    return blocks
 
 
 def read_checkpoint(path: str) -> dict:
@@ -154,7 +203,9 @@ def load_checkpoint(path: str, device="cpu", features: dict | None = None, what:
         check_feature_spec(ckpt["feature_spec"], features, what)
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     llm = ckpt["llm"]
-    if llm["mode"] == "embedded":
+    if llm["mode"] == "file":
+        ckpt["state"].update(_blocks_from_file(llm, path))
+    if llm["mode"] in ("embedded", "file"):
         # the blocks take the stored tensors as they are: no random init of ~0.6 B parameters, no fp32 copy
         model = LLMEPET(cfg, llm_blocks_on_meta=True)
         _load_state(model, ckpt["state"], path, allowed_missing=(), assign=True)

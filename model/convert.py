@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from model.checkpoint import load_weights_only, save_checkpoint
+from model.checkpoint import LLM_BLOCK_PREFIX, load_weights_only, save_checkpoint, tensors_sha256
 from model.config import ModelConfig
 from model.errors import ModelError
 from model.sample import DataConfig
@@ -167,8 +167,18 @@ def load_authors_checkpoint(src: str) -> dict:
     return ckpt
 
 
-def convert_authors_checkpoint(src: str, out: str) -> ModelConfig:
-    """Read ``src`` (theirs), check that our model accepts every tensor, write ``out`` (ours)."""
+LLM_BLOCKS_MODES = ("reference", "copy")
+AUTHORS_BLOCK_PREFIX = "transformer.llama.layers."
+
+
+def convert_authors_checkpoint(src: str, out: str, llm_blocks: str = "reference") -> ModelConfig:
+    """Read ``src`` (theirs), check that our model accepts every tensor, write ``out`` (ours).
+
+    llm_blocks: "reference": ``out`` names ``src`` (absolute path) and the SHA-256 of its frozen LLM blocks, which
+        are read from it at every load; "copy": the blocks are embedded (self-contained, about half of ``src``).
+    """
+    if llm_blocks not in LLM_BLOCKS_MODES:
+        raise ModelError(f"llm_blocks must be one of {LLM_BLOCKS_MODES}, not {llm_blocks!r}")
     from model.llmepet import LLMEPET
 
     ckpt = load_authors_checkpoint(src)
@@ -179,7 +189,11 @@ def convert_authors_checkpoint(src: str, out: str) -> ModelConfig:
     if missing or unexpected:
         raise ModelError(f"converted state_dict does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.llm.freeze()
-    _save(model, cfg, ckpt.get("opt"), out)
+    blocks = {k: v for k, v in state.items() if k.startswith(LLM_BLOCK_PREFIX)}
+    llm_file = None
+    if llm_blocks == "reference" and blocks:  # no blocks (the paper's ablation): nothing to reference
+        llm_file = {"path": os.path.abspath(src), "prefix": AUTHORS_BLOCK_PREFIX, "sha256": tensors_sha256(blocks)}
+    _save(model, cfg, ckpt.get("opt"), out, llm_file)
     return cfg
 
 
@@ -207,8 +221,7 @@ def data_settings_from_authors(cfg: ModelConfig, opt) -> tuple[dict, dict, str]:
     return data, spec, DATASET_NAMES.get(o.get("dset_name", "hl"), "custom")
 
 
-def _save(model, cfg: ModelConfig, opt, out: str):
-    """Write in the project's checkpoint format, the LLM blocks embedded (their source is not known)."""
-
+def _save(model, cfg: ModelConfig, opt, out: str, llm_file: dict | None):
+    """Write in the project's checkpoint format, the LLM blocks embedded unless ``llm_file`` references them."""
     data, spec, dataset = data_settings_from_authors(cfg, opt)
-    save_checkpoint(out, model, DataConfig.from_dict(data), spec, dataset, embed_llm=True)
+    save_checkpoint(out, model, DataConfig.from_dict(data), spec, dataset, embed_llm=True, llm_file=llm_file)

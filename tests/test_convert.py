@@ -92,6 +92,35 @@ def test_convert_checkpoint_file(tmp_path):
     assert (a["saliency_scores"] - b["saliency_scores"]).abs().max() <= 1e-6
 
 
+def test_llm_blocks_reference_and_copy(tmp_path):
+    """--llm-blocks reference: the converted file names its source and the blocks' digest; predictions equal the
+    embedded copy's; a missing or changed source is one line naming it and the fix."""
+    model = authors_like_model()
+    src = tmp_path / "theirs.ckpt"
+    torch.save({"model": authors_state(model), "opt": authors_opt(), "epoch": 3}, src)
+    ref, copy = tmp_path / "ref.ckpt", tmp_path / "copy.ckpt"
+    convert_authors_checkpoint(str(src), str(ref))  # the default
+    convert_authors_checkpoint(str(src), str(copy), llm_blocks="copy")
+    assert ref.stat().st_size < copy.stat().st_size / 2
+    by_ref, ckpt = load_checkpoint(str(ref))
+    assert ckpt["llm"]["mode"] == "file" and ckpt["llm"]["path"] == str(src.resolve())
+    by_copy, _ = load_checkpoint(str(copy))
+    txt, tm, vid, vm = make_batch([6, 4], [3, 3], seed=4)
+    with torch.no_grad():
+        a, b = by_ref(txt, tm, vid, vm), by_copy(txt, tm, vid, vm)
+    assert torch.equal(a["pred_spans"], b["pred_spans"]) and torch.equal(a["saliency_scores"], b["saliency_scores"])
+    state = authors_state(model)
+    state["transformer.llama.layers.0.attention.wq.weight"][0, 0] += 1.0
+    torch.save({"model": state, "opt": authors_opt()}, src)
+    with pytest.raises(ModelError, match="changed since it was converted.*--llm-blocks copy") as err:
+        load_checkpoint(str(ref))
+    assert str(src.resolve()) in str(err.value) and "\n" not in str(err.value)
+    src.unlink()
+    with pytest.raises(ModelError, match="which is missing.*--llm-blocks copy"):
+        load_checkpoint(str(ref))
+    load_checkpoint(str(copy))  # self-contained
+
+
 def test_checkpoint_with_the_four_legacy_switches_still_loads(tmp_path):
     """Converted checkpoints written before ``compat`` stored its four behaviours one by one."""
     model = authors_like_model()
