@@ -296,12 +296,12 @@ def test_read_only_index(good, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- ingest runs: real Ray
-def _own_world(good, tmp_path, extra: int) -> tuple[Path, Path]:
+def _own_world(good, tmp_path, extra: int, seconds: float = 4.0) -> tuple[Path, Path]:
     """A copy of the videos (+ ``extra`` new ones) and of the index pointing at it."""
     videos = tmp_path / "videos"
     shutil.copytree(good["videos"], videos)
     for i in range(extra):
-        make_video(videos / f"new{i}.mp4", duration=4.0)
+        make_video(videos / f"new{i}.mp4", duration=seconds)
     return videos, copy_index(good, tmp_path, videos)
 
 
@@ -327,7 +327,9 @@ def _wait_for_pending(index: Path, proc, timeout: float = 120.0) -> None:
 def test_signal_during_ingest_keeps_what_was_stored(good, tmp_path, signum):
     """Ctrl-C / SIGTERM mid-run: one line, exit 1; the old videos stay; status says the ingest is incomplete; a
     second `vmr index` meanwhile is refused; the next run finishes the job."""
-    videos, index = _own_world(good, tmp_path, extra=2)
+    # Long new videos (120 clips each at 5 fps): the run must still be busy after the second `vmr index` below
+    # has started and been refused, or the signal finds it finished (a skip, seen under load with 4-s videos).
+    videos, index = _own_world(good, tmp_path, extra=2, seconds=240.0)
     proc = subprocess.Popen([sys.executable, "-m", "cli", "index", str(videos), "--index", str(index)], cwd=REPO,
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
