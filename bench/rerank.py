@@ -505,8 +505,8 @@ def describe_search(sr: dict, s: dict) -> list[str]:
                   f"({mib(rss['weights'])}) + the index on disk ({mib(rss['index'])}). Of it, {mib(rss['runtime'])} "
                   "is the process with its libraries imported and nothing loaded (torch, open_clip, FAISS, DuckDB); "
                   f"above that: {mib(rss['peak_rss'] - rss['runtime'])} = **{rss['ratio_above_runtime']:.2f}x** "
-                  f"(the peak is the load: the checkpoint's bf16 blocks are read whole, then quantized layer by "
-                  f"layer); RSS after the queries {mib(rss['rss_end'])}, {mib(rss['rss_end'] - rss['runtime'])} above "
+                  f"(the checkpoint is memory-mapped and quantized layer by layer, each layer's stored pages "
+                  f"released once read); RSS after the queries {mib(rss['rss_end'])}, {mib(rss['rss_end'] - rss['runtime'])} above "
                   "the libraries."]
     return lines
 

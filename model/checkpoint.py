@@ -21,13 +21,16 @@ checkpoint they came from by absolute path plus a SHA-256 of the block tensors e
 reads them from it (memory-mapped) and refuses a file that is missing or whose blocks changed. Embedded blocks are stored in the narrowest dtype that
 holds their values exactly (bf16 or fp16: released LLM weights and our random blocks are such values; anything
 else stays fp32), so storage never changes a prediction; version-1 files with fp32 blocks load as before.
-Loading assigns the stored tensors (no random init, no fp32 copy first) and casts them once, to the precision
-asked for (model.precision) or else the config's ``llm_dtype``.
+Loading memory-maps the file (zip format) and assigns the stored tensors (no random init, no fp32 copy first), then
+casts them once, to the precision asked for (model.precision) or else the config's ``llm_dtype``; int8 quantization
+releases each layer's mapped pages as it goes (release_file_pages), so the stored blocks are never resident whole.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
+import mmap
 import os
 import tempfile
 import warnings
@@ -171,9 +174,37 @@ def _blocks_from_file(llm: dict, path: str) -> dict:
     return blocks
 
 
+def release_file_pages(t: torch.Tensor) -> None:
+    """Drop the whole pages under ``t`` from this process's resident memory when ``t`` lies in a private
+    memory-mapped file (a checkpoint loaded with mmap) and is being discarded: a quantized layer's stored weights
+    would otherwise stay resident until the whole mapping goes. Such pages are re-read from the file if touched
+    again; heap memory, shared mappings and non-Linux systems are left alone."""
+    start = t.data_ptr()
+    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (start + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi <= lo or not _in_private_file_mapping(lo, hi):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # 4 = MADV_DONTNEED
+
+
+def _in_private_file_mapping(lo: int, hi: int) -> bool:
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                a, b = (int(x, 16) for x in parts[0].split("-"))
+                if a <= lo and hi <= b:
+                    return parts[1].endswith("p") and len(parts) == 6 and parts[5].startswith("/") \
+                        and not parts[5].rstrip().endswith("(deleted)")
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 def read_checkpoint(path: str) -> dict:
     """The raw checkpoint dict (weights_only). ModelError when it is not a vmr LLMEPET checkpoint."""
-    ckpt = load_weights_only(path)
+    ckpt = load_weights_only(path, mmap=True)  # blocks are paged in as they are cast or quantized, not read whole
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         hint = " (an authors' checkpoint? convert it with `vmr convert-checkpoint`)" \
             if isinstance(ckpt, dict) and "model" in ckpt else ""

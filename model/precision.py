@@ -164,6 +164,8 @@ def quantize_linear_int8(module: nn.Module) -> nn.Module:
     projection: 180 MB), and the layer's stored weights are released as soon as it is swapped. The rest of
     ``module`` (norms) becomes float32."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from model.checkpoint import release_file_pages
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
     linears = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
@@ -172,9 +174,16 @@ def quantize_linear_int8(module: nn.Module) -> nn.Module:
         warnings.simplefilter("ignore")
         while linears:
             parent, name, child = linears.pop()
+            stored = child.weight.detach()
             child.float().qconfig = per_channel_dynamic_qconfig
+            cast = child.weight.data_ptr() != stored.data_ptr()
+            if cast:  # the quantizer reads the float32 copy: the stored (memory-mapped) pages can leave RSS now
+                release_file_pages(stored)
             setattr(parent, name, DynamicLinear.from_float(child))
             del child  # the last reference here: its weights go now, not after the loop
+            if not cast:
+                release_file_pages(stored)
+            del stored
     return module.float()
 
 

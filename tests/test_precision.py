@@ -182,6 +182,32 @@ def test_compact_checkpoint_round_trip(small_model, tmp_path):
                for a, b in zip(_predict(quantized, inputs), _predict(small_model, inputs))) >= 0.99
 
 
+def test_int8_from_a_memory_mapped_checkpoint_equals_int8_in_memory(small_model, tmp_path):
+    """Loading maps the file and releases each quantized layer's pages: the numbers are those of quantizing the
+    model in memory; released pages read back unchanged from the file, heap tensors are left alone."""
+    from model.checkpoint import _in_private_file_mapping, read_checkpoint, release_file_pages
+    from model.precision import apply_precision
+
+    path = tmp_path / "small.ckpt"
+    save_checkpoint(str(path), small_model, DataConfig(), SPEC, "custom")
+    mapped, _ = load_checkpoint(str(path), precision="int8")
+    in_memory = copy.deepcopy(small_model)
+    apply_precision(in_memory, "int8", "cpu")
+    inputs = _inputs()
+    with torch.inference_mode():
+        assert torch.equal(mapped(*inputs)["saliency_scores"], in_memory(*inputs)["saliency_scores"])
+        assert torch.equal(mapped(*inputs)["pred_spans"], in_memory(*inputs)["pred_spans"])
+    big = read_checkpoint(str(path))["state"]["llm.blocks.0.feed_forward.w1.weight"]  # 196 k bf16: whole pages
+    before = big.clone()
+    lo = big.data_ptr()
+    assert _in_private_file_mapping(lo, lo + 1) and not _in_private_file_mapping(before.data_ptr(), before.data_ptr() + 1)
+    release_file_pages(big)
+    assert torch.equal(big, before)
+    heap = before.clone()
+    release_file_pages(heap)
+    assert torch.equal(heap, before)
+
+
 def test_blocks_that_are_not_half_values_stay_fp32(small_model, tmp_path):
     """Weights with full fp32 mantissas (the authors' golden random blocks, a fine-tuned copy) are not rounded:
     checkpoint storage never changes a prediction; such files load as version-1 files always did."""
