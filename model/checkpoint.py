@@ -56,13 +56,16 @@ def llm_blocks_sha256(model) -> str:
     return h.hexdigest()
 
 
-def tensors_sha256(state: dict) -> str:
-    """SHA-256 of named tensors exactly as stored (names, dtypes, shapes, raw bytes): no cast, no copy."""
+def tensors_sha256(state: dict, release: bool = False) -> str:
+    """SHA-256 of named tensors exactly as stored (names, dtypes, shapes, raw bytes): no cast, no copy.
+    release: drop each memory-mapped tensor's pages from RSS once hashed (release_file_pages)."""
     h = hashlib.sha256()
     for name, t in sorted(state.items()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        t = t.detach().contiguous()
-        h.update(memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else b"")
+        flat = t.detach().contiguous()
+        h.update(memoryview(flat.view(torch.uint8).reshape(-1).numpy()) if flat.numel() else b"")
+        if release:
+            release_file_pages(t)
     return h.hexdigest()
 
 
@@ -169,7 +172,7 @@ def _blocks_from_file(llm: dict, path: str) -> dict:
         key = key.removeprefix("module.")
         if key.startswith(llm["prefix"]):
             blocks[LLM_BLOCK_PREFIX + key[len(llm["prefix"]):]] = value
-    if tensors_sha256(blocks) != llm["sha256"]:
+    if tensors_sha256(blocks, release=True) != llm["sha256"]:  # hashed, not held: pages come back when used
         raise ModelError(f"{path}: the frozen LLM blocks in {src} changed since it was converted ({fix})")
     return blocks
 
