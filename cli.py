@@ -197,40 +197,20 @@ def train(train_path, from_labels, val_path, index_dir, features_dir, out_path, 
                                "llm_dim=64 --set llm_heads=4 --set llm_kv_heads=4 --set llm_ffn_dim=128")
     try:
         if from_labels:
-            train_path = _labels_for_training(index_dir, train_path, out_path)
+            from retriever.training import labels_for_training
+
+            train_path, report = labels_for_training(index_dir, train_path, out_path)
+            click.echo(report)
         train_from_cli(train_path=train_path, val_path=val_path, index_dir=index_dir, features_dir=features_dir,
                        out_path=out_path, dataset=dataset, config_path=config_path, overrides=list(overrides),
                        llm=llm, llm_layers=llm_layers, resume=resume, device=device,
                        provider=_index_provider(index_dir, device))
-        if index_dir is not None and val_path:
-            from model.dataset import load_annotations
-            from retriever.fit_score import describe_fit, fit_checkpoint
+        if index_dir is not None:
+            from retriever.training import fit_after_training
 
-            click.echo(describe_fit(fit_checkpoint(index_dir, out_path, load_annotations(val_path), device)))
-        elif index_dir is not None:
-            click.echo("no --val: search ranks by the model's confidence alone (give --val to fit the ranking rule)")
+            click.echo(fit_after_training(index_dir, out_path, val_path, device))
     except USER_ERRORS as err:
         _fail(err)
-
-
-def _labels_for_training(index_dir: str, train_path: str | None, out_path: str) -> str:
-    """`vmr train --labels`: the index's labels exported beside --out (plus any --train records); the jsonl path."""
-    from store.labels import export_labels
-
-    labels_path = f"{out_path}.labels.jsonl"
-    report = export_labels(index_dir, labels_path)
-    click.echo(f"labels: {report['records']} training records from {report['labels']} labels in {index_dir}"
-               + (f" ({report['stale']} stale skipped)" if report.get("stale") else ""))
-    if train_path is None:
-        if not report["records"]:
-            raise VmrError(f"{index_dir} holds no accepted or marked labels to train on (label hits in `vmr serve`)")
-        return labels_path
-    merged = f"{out_path}.train.jsonl"
-    with open(merged, "w", encoding="utf-8") as out:
-        for path in (train_path, labels_path):
-            with open(path, encoding="utf-8") as f:
-                out.writelines(line if line.endswith("\n") else line + "\n" for line in f if line.strip())
-    return merged
 
 
 @main.command()
