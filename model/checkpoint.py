@@ -102,6 +102,13 @@ def save_checkpoint(path: str, model, data_cfg: DataConfig, feature_spec: dict, 
         ckpt["train_state"] = train_state
     if metrics is not None:
         ckpt["metrics"] = {k: float(v) for k, v in metrics.items()}
+    write_checkpoint(ckpt, path)
+
+
+def write_checkpoint(ckpt: dict, path: str) -> None:
+    """Save ``ckpt`` to ``path`` through a temporary file and a rename: a crash never leaves half a checkpoint, and
+    a process that has the old file memory-mapped (read_checkpoint) keeps reading the old file, not one being
+    overwritten under it (writing in place over a mapping crashes that process with SIGBUS)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ckpt-", suffix=".tmp")

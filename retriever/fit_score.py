@@ -8,8 +8,6 @@ used: the caller hands validation annotations only.
 """
 from __future__ import annotations
 
-import os
-
 from model.spans import temporal_iou
 from retriever.merge import MODEL_SCORES, ScoreRule
 
@@ -70,9 +68,7 @@ def fit_checkpoint(index_dir, checkpoint: str, annotations: list[dict], device: 
 
 def fit_checkpoint_sets(checkpoint: str, query_sets, device: str = "auto") -> dict:
     """``fit_checkpoint`` on several (index dir, validation annotations) pairs pooled into one fit."""
-    import torch
-
-    from model.checkpoint import read_checkpoint
+    from model.checkpoint import read_checkpoint, write_checkpoint
     from retriever.search import SearchEngine
 
     per_query = []
@@ -85,9 +81,7 @@ def fit_checkpoint_sets(checkpoint: str, query_sets, device: str = "auto") -> di
     stored = {**rule.to_dict(), "fit_on_queries": len(per_query), "val": chosen, "val_model_only": own}
     ckpt = read_checkpoint(checkpoint)
     ckpt["model_config"].setdefault("extra", {})["score_rule"] = stored
-    tmp = f"{checkpoint}.fit.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, checkpoint)  # atomically: a crash never leaves half a checkpoint
+    write_checkpoint(ckpt, checkpoint)
     return stored
 
 

@@ -239,3 +239,24 @@ def test_world_clip_bf16_embeddings_agree_with_fp32():
     assert (ta * tb).sum(1).min() >= 0.999
     auto = ClipEncoder.load(*args, device="cpu", precision="auto")
     assert auto.precision == ("bf16" if detect_hardware("cpu").native_bf16 else "fp32")
+
+
+def test_rewriting_a_memory_mapped_checkpoint_keeps_the_open_one_readable(small_model, tmp_path):
+    """A checkpoint read (memory-mapped) and written back to the same path with one change (what the rule fit
+    and the world reranker's clean-up do): the new file holds the change and every weight, and the tensors still
+    mapped from the old file read their old values (writing in place would truncate the mapping under them)."""
+    from model.checkpoint import read_checkpoint, write_checkpoint
+
+    path = str(tmp_path / "small.ckpt")
+    save_checkpoint(path, small_model, DataConfig(), SPEC, "custom")
+    ckpt = read_checkpoint(path)
+    big = ckpt["state"]["llm.blocks.0.feed_forward.w1.weight"]
+    before = big.clone()
+    ckpt["model_config"].setdefault("extra", {})["note"] = "rewritten"
+    write_checkpoint(ckpt, path)
+    assert torch.equal(big, before)  # the old mapping is intact
+    again = read_checkpoint(path)
+    assert again["model_config"]["extra"]["note"] == "rewritten"
+    assert set(again["state"]) == set(ckpt["state"])
+    assert all(torch.equal(again["state"][k], v) for k, v in ckpt["state"].items())
+    assert [p.name for p in tmp_path.iterdir()] == ["small.ckpt"]  # no temporary file left

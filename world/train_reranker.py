@@ -104,15 +104,13 @@ def fit_world_rule(work_dir, checkpoint, device: str = "cpu") -> dict:
 def strip_optimizer(path, trained_on: str | None = None) -> None:
     """Drop the training state (optimizer, scheduler: the shipped file stays small; the negatives used and the
     ranking rule stay in the model config); ``trained_on`` recorded in the model config's extra."""
-    import torch
+    from model.checkpoint import read_checkpoint, write_checkpoint
 
-    from model.checkpoint import read_checkpoint
-
-    ckpt = read_checkpoint(str(path))
+    ckpt = read_checkpoint(str(path))  # memory-mapped: written back through a new file, never in place
     ckpt.pop("train_state", None)
     if trained_on:
         ckpt["model_config"].setdefault("extra", {})["trained_on"] = trained_on
-    torch.save(ckpt, str(path))
+    write_checkpoint(ckpt, str(path))
 
 
 def main() -> None:
