@@ -22,6 +22,8 @@ Loss terms (``weight_dict`` weights them; aux_outputs add span/label terms per e
     loss_distill             clip-to-word attention distilled from moment-frame/word similarity
     loss_orthogonal_dummy    dummy tokens and saliency prompts kept mutually orthogonal
     loss_event_span, loss_event_giou   event head vs pseudo-events (pseudo-event regulation; cfg.event_loss)
+    loss_relevance           the relevance head (cfg.relevance_coef > 0): BCE towards 1 on moment clips, 0 on every
+                             other clip (negative windows' too); the two kinds averaged apart, then summed
 
 Not implemented: the authors' "pos" loss. It compares the fixed sine position encodings of clips inside each
 pseudo-event; no parameter receives a gradient from it, so it cannot change training (and their released code
@@ -294,6 +296,9 @@ class SetCriterion(nn.Module):
                 losses.update(self.loss_event_spans(outputs, targets, event_indices))
             else:
                 losses.update(loss_fns[name](outputs, targets, indices))
+        if "relevance_scores" in outputs:
+            moment = targets.get("relevant_clips", targets["saliency_all_labels"])
+            losses["loss_relevance"] = relevance_loss(outputs["relevance_scores"], moment, outputs["video_mask"])
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_indices = match(self.matcher, aux["pred_spans"], target_spans, aux["pred_logits"])
             for name in self.aux_losses:
@@ -303,6 +308,23 @@ class SetCriterion(nn.Module):
     def total(self, losses: dict) -> torch.Tensor:
         """Weighted sum of the terms that have a weight."""
         return sum(losses[k] * self.weight_dict[k] for k in losses if k in self.weight_dict)
+
+
+def relevance_loss(logits, labels, valid) -> torch.Tensor:
+    """BCE of the relevance logits [B, Lv]: -> 1 on moment clips (labels > 0), -> 0 on the other valid clips. Each
+    kind is averaged over its clips per window, then over the windows that have such clips, so a short moment in
+    a long window weighs as much as the rest of it and negative windows (no moment clip) count on the 0 side."""
+    valid = valid.float()
+    moment = (labels > 0).float() * valid
+    other = valid - moment
+
+    def side(bce, mask):
+        has = mask.sum(1) > 0
+        if not bool(has.any()):
+            return bce.new_zeros(())
+        return ((bce * mask).sum(1)[has] / mask.sum(1)[has]).mean()
+
+    return side(F.softplus(-logits), moment) + side(F.softplus(logits), other)
 
 
 def _to_float32(x):
@@ -321,6 +343,8 @@ def build_weight_dict(cfg: ModelConfig) -> dict:
          "loss_orthogonal_dummy": cfg.lw_distill,  # the authors weight it with lw_distill
          "loss_event_span": cfg.event_coef * cfg.span_loss_coef,
          "loss_event_giou": cfg.event_coef * cfg.giou_loss_coef}
+    if cfg.relevance_coef > 0:
+        w["loss_relevance"] = cfg.relevance_coef
     if cfg.contrastive_align_loss:
         w["loss_contrastive_align"] = cfg.contrastive_align_loss_coef
     if cfg.aux_loss:

@@ -52,6 +52,30 @@ def _projection_stack(in_dim: int, cfg: ModelConfig) -> nn.Sequential:
                            for i in range(cfg.n_input_proj)))
 
 
+class RelevanceHead(nn.Module):
+    """How well each clip matches the sentence: a learned bilinear match between the sentence's last token (where
+    CLIP pools a sentence) and each clip's features, read from the inputs, beside the fusion path. Trained
+    (model.criterion, loss_relevance) towards 1 on the moment's clips and 0 on every other clip, those of negative
+    windows included, so its values compare across windows and videos: the reranker's ranking score.
+
+    forward(src_txt [Bt, Lt, Dt], txt_valid [Bt, Lt] bool, clips [B, Lv, Dv] (no TEF)) -> logits [B, Lv];
+    Bt is B or 1 (one sentence for every window)."""
+
+    def __init__(self, txt_dim: int, vid_dim: int, dim: int):
+        super().__init__()
+        self.txt = nn.Linear(txt_dim, dim)
+        self.vid = nn.Linear(vid_dim, dim)
+        # cosine -> logit: a temperature and an offset (start: cosine 0.5 is even odds)
+        self.scale = nn.Parameter(torch.tensor(10.0))
+        self.bias = nn.Parameter(torch.tensor(-5.0))
+
+    def forward(self, src_txt, txt_valid, clips):
+        last = txt_valid.sum(1).clamp(min=1) - 1  # valid words come first
+        sentence = F.normalize(self.txt(src_txt[torch.arange(len(src_txt), device=src_txt.device), last]), dim=-1)
+        per_clip = F.normalize(self.vid(clips), dim=-1)  # [B, Lv, R]
+        return self.scale * (per_clip * sentence[:, None]).sum(-1) + self.bias
+
+
 def source_video_ids(vids: list[str], has_window_suffix: bool) -> list[str]:
     """The video each sample comes from: QVHighlights vids "<id>_<start>_<end>" lose the window suffix."""
     if not has_window_suffix:
@@ -78,6 +102,8 @@ class LLMEPET(nn.Module):
         self.token_type = nn.Embedding(2, d)  # 0: word, 1: clip
         nn.init.normal_(self.token_type.weight, std=0.02)
         self.vid_pos = ClipSinePosition(d)
+        self.relevance = RelevanceHead(cfg.txt_dim, cfg.vid_dim - cfg.tef_dims, cfg.relevance_dim) \
+            if cfg.relevance_coef > 0 else None
         self.txt_pos = TextPositionTable(cfg.max_q_l if cfg.max_q_l > 0 else 100, d, cfg.input_dropout)
 
         # learned tokens
@@ -176,7 +202,8 @@ class LLMEPET(nn.Module):
             negative_pass: run the shuffled-pair pass; default: in training mode when ``targets`` and ``vid``.
         Returns dict:
             pred_logits [B, Q, 2], pred_spans [B, Q, 2] (normalised center, width), saliency_scores [B, Lv],
-            pred_event_spans [B, Q, 2], t2vattnvalues [B, Lv], aux_outputs (per earlier decoder layer:
+            pred_event_spans [B, Q, 2], t2vattnvalues [B, Lv], relevance_scores [B, Lv] (logits; with the relevance
+            head), aux_outputs (per earlier decoder layer:
             pred_logits, pred_spans), video_mask [B, Lv]; with targets also the CG-DETR training tensors and
             pseudo_event_spans (list of [K_i, 2]); with the negative pass saliency_scores_neg, t2vattnvalues_neg,
             real_neg_mask.
@@ -224,6 +251,8 @@ class LLMEPET(nn.Module):
             global_rep_tokens=self.saliency_prompts, video_mask=src_vid_mask,
             aux_outputs=[dict(pred_logits=a, pred_spans=s) for a, s in zip(logits[:-1], spans[:-1])],
         )
+        if self.relevance is not None:
+            out["relevance_scores"] = self.relevance(src_txt, txt_valid, src_vid[..., :src_vid.shape[-1] - cfg.tef_dims])
         if cfg.contrastive_align_loss:
             # the encoder memory keeps no word tokens, so the text side is empty (as in the authors' code)
             out["proj_queries"] = F.normalize(self.align_proj_query(hs[-1]), dim=-1)

@@ -23,7 +23,10 @@ import random
 
 SOURCES = ("other", "hard", "same", "labels")
 MIN_CLIPS = 4  # shortest negative window: a few clips of evidence, as a search window has
-HARD_POOL = 5  # hard negatives are drawn among the coarse stage's best few windows of other videos
+# Hard negatives are drawn among all the coarse stage's candidate windows of other videos for the query: the
+# windows a search would rerank. (The best 5 only: the world reranker still gave near misses, two of the three
+# attributes of the sentence's object, the moment's confidence.)
+HARD_POOL = None
 
 
 def _relevant_clips(ann: dict, clip_length: float, margin: int = 1) -> list[tuple[int, int]]:

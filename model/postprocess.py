@@ -29,7 +29,8 @@ def decode_outputs(outputs: dict, src_vid_mask: torch.Tensor, metas: list[dict])
             saliency_scores [B, Lv].
         src_vid_mask: [B, Lv] (1 = valid clip).
         metas: per sample dict with "duration" (seconds the window covers).
-    Returns: per sample {"windows": [[st, ed, score], ...] score-sorted, rounded, "saliency": [float, ...]}.
+    Returns: per sample {"windows": [[st, ed, score], ...] score-sorted, rounded, "saliency": [float, ...]}, and
+    "relevance": [float, ...] in (0, 1) when the model has the relevance head.
     """
     scores = F.softmax(outputs["pred_logits"].float(), -1)[..., 0]  # foreground is class 0
     spans = span_cxw_to_xx(outputs["pred_spans"].float())
@@ -43,6 +44,8 @@ def decode_outputs(outputs: dict, src_vid_mask: torch.Tensor, metas: list[dict])
         rows = sorted(rows, key=lambda r: r[2], reverse=True)
         rows = [[_round4(v) for v in r] for r in rows]
         out.append({"windows": rows, "saliency": saliency[i, :lengths[i]].float().cpu().tolist()})
+        if "relevance_scores" in outputs:  # the relevance head's per-clip probability (model.llmepet.RelevanceHead)
+            out[-1]["relevance"] = outputs["relevance_scores"][i, :lengths[i]].float().sigmoid().cpu().tolist()
     return out
 
 

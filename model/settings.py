@@ -123,3 +123,17 @@ def negative_ratio(train_cfg: TrainConfig, dataset: str, public_features: bool) 
     if dataset == "custom" or not public_features:
         return 1.0, "the default for index and custom training; --set neg_ratio=0 for none"
     return 0.0, f"the authors' recipe for {dataset}; --set neg_ratio=1 to add negative windows"
+
+
+RELEVANCE_COEF = 1.0  # the relevance head's loss weight when negatives switch it on
+
+
+def relevance_weight(model_over: dict, neg_ratio: float) -> tuple[float, str]:
+    """(relevance head loss weight, why): ``relevance_coef`` when set; else on exactly when the run trains with
+    negative windows (the head learns "this clip matches the sentence" from the moments against them; without
+    negatives it would see no window lacking the moment). A resumed run keeps its checkpoint's value."""
+    if "relevance_coef" in model_over:
+        return float(model_over["relevance_coef"]), "set by relevance_coef"
+    if neg_ratio > 0:
+        return RELEVANCE_COEF, "on with negative windows; --set relevance_coef=0 for none"
+    return 0.0, "off without negative windows"

@@ -31,7 +31,7 @@ from model.errors import ModelError
 from model.metrics import evaluate
 from model.features import resolve_device
 from model.predict import make_provider, predict_annotations
-from model.settings import TrainConfig, build_settings, negative_ratio
+from model.settings import TrainConfig, build_settings, negative_ratio, relevance_weight
 
 def best_score(metrics: dict, dataset: str) -> float:
     """The authors' model-selection criterion."""
@@ -270,21 +270,24 @@ def build_run(train_path: str, val_path: str | None, features_dir: str | None, o
         if not a.get("relevant_windows"):
             raise ModelError(f"--val {val_path}: qid {a['qid']!r} has no relevant_windows (a test split cannot "
                              f"validate)")
+    from model.providers import PublicFeatureDir
+
+    ratio, why = negative_ratio(train_cfg, dataset, isinstance(src, PublicFeatureDir))
+    model_over["relevance_coef"], relevance_why = relevance_weight(model_over, ratio)
     if resumed is not None:
         model, _ = load_checkpoint(resume, device=dev)
         model.train()
     else:
         cfg = ModelConfig().replace(**model_over)
         model = build_model(cfg, llm_weights=True, device=dev)
-    from model.providers import PublicFeatureDir
-
-    ratio, why = negative_ratio(train_cfg, dataset, isinstance(src, PublicFeatureDir))
     train_ds = MomentDataset(train_anns, src, data_cfg, load_labels=True, seed=train_cfg.seed, neg_ratio=ratio,
                              neg_sources=train_cfg.neg_sources)
     model.cfg.extra["negatives"] = {"ratio": ratio, "sources": list(train_ds.negatives.sources)
                                     if train_ds.negatives else []}  # recorded in the checkpoint
     if train_cfg.progress or print_recipe:
         print(describe_negatives(train_ds, ratio, why))
+        coef = model.cfg.relevance_coef
+        print(f"relevance head: {f'loss weight {coef:g}' if coef > 0 else 'none'} ({relevance_why})")
     criterion = build_criterion(model.cfg).to(dev)
     trainer = Trainer(model, criterion, train_ds, val_anns, src, data_cfg, train_cfg, dataset, spec, out_path, dev)
     if resumed is not None and "train_state" in resumed:

@@ -9,7 +9,7 @@ used: the caller hands validation annotations only.
 from __future__ import annotations
 
 from model.spans import temporal_iou
-from retriever.merge import MODEL_SCORES, ScoreRule
+from retriever.merge import MODEL_SCORES, RELEVANCE_SCORES, ScoreRule
 
 COARSE_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 KS, IOUS = (1, 5), (0.5, 0.7)
@@ -49,8 +49,10 @@ def rerank_queries(engine, annotations: list[dict]) -> list[tuple[list, int, lis
 def fit_rule(per_query: list[tuple[list, int, list]]) -> tuple[ScoreRule, dict]:
     """The best rule and the figures of every candidate ({"model/w": metrics})."""
     table, best, best_key = {}, None, None
+    has_relevance = all(m.span_relevance is not None for moments, _, _ in per_query for m in moments)
+    scores = [s for s in MODEL_SCORES if has_relevance or s not in RELEVANCE_SCORES]
     for w in COARSE_WEIGHTS:
-        for model in MODEL_SCORES:
+        for model in scores:
             rule = ScoreRule(model, w)
             m = rule_metrics(per_query, rule)
             table[f"{model}/{w:g}"] = m
@@ -77,7 +79,7 @@ def fit_checkpoint_sets(checkpoint: str, query_sets, device: str = "auto") -> di
             per_query += rerank_queries(engine, annotations)
     rule, table = fit_rule(per_query)
     chosen = table[f"{rule.model}/{rule.coarse_weight:g}"]
-    own = max((table[f"{m}/0"] for m in MODEL_SCORES), key=lambda t: sum(t.values()))
+    own = max((t for key, t in table.items() if key.endswith("/0")), key=lambda t: sum(t.values()))
     stored = {**rule.to_dict(), "fit_on_queries": len(per_query), "val": chosen, "val_model_only": own}
     ckpt = read_checkpoint(checkpoint)
     ckpt["model_config"].setdefault("extra", {})["score_rule"] = stored

@@ -7,7 +7,10 @@ A reranked moment's ranking score (``ScoreRule``, stored in the checkpoint by th
 ``model_score`` is the reranker's own measure of "this span is the query's moment", in [0, 1]:
     "confidence"  the foreground probability of the span (softmax of its decoder query's class logits);
     "saliency"    the mean sigmoid saliency over the span's clips;
-    "both"        their geometric mean.
+    "both"        their geometric mean;
+    "relevance"   the mean relevance over the span's clips (a model trained with the relevance head,
+                  model.llmepet.RelevanceHead: how well each clip matches the sentence, trained against negatives);
+    "relevance_confidence"  the geometric mean of relevance and confidence.
 These are comparable across windows and videos only for a model trained with negative windows (model.negatives):
 one that never saw a window without its moment finds a confident moment in every window. ``coarse`` is the mean
 CLIP cosine between the query and the span's clips (exact, from the stored vectors). ``coarse_weight`` is fit on
@@ -24,7 +27,8 @@ import numpy as np
 from model.spans import covering_clips, temporal_nms
 
 NMS_IOU = 0.5  # moments of one video overlapping a better one by more than this are dropped
-MODEL_SCORES = ("confidence", "saliency", "both")
+MODEL_SCORES = ("confidence", "saliency", "both", "relevance", "relevance_confidence")
+RELEVANCE_SCORES = ("relevance", "relevance_confidence")  # need a model with the relevance head
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,13 @@ class ScoreRule:
             return float(m.confidence)
         if self.model == "saliency":
             return float(m.span_saliency)
-        return math.sqrt(max(float(m.confidence), 0.0) * max(float(m.span_saliency), 0.0))
+        if self.model == "both":
+            return math.sqrt(max(float(m.confidence), 0.0) * max(float(m.span_saliency), 0.0))
+        if m.span_relevance is None:
+            raise ValueError(f"the rule {self.model!r} needs a reranker with the relevance head")
+        if self.model == "relevance":
+            return float(m.span_relevance)
+        return math.sqrt(max(float(m.confidence), 0.0) * max(float(m.span_relevance), 0.0))
 
     def score(self, m: "Moment") -> float:
         if m.confidence is None:  # a coarse moment
@@ -72,6 +82,7 @@ class Moment:
     window: tuple[float, float] = (0.0, 0.0)  # the candidate window it came from (seconds)
     score: float = 0.0
     span_saliency: float | None = None  # mean sigmoid saliency over the span's clips (reranked moments)
+    span_relevance: float | None = None  # mean relevance over the span's clips (a reranker with the relevance head)
 
     def to_dict(self, reranked: bool) -> dict:
         return {"path": self.path, "video_id": self.video_id, "start": round(float(self.start), 3),
@@ -80,6 +91,7 @@ class Moment:
                 "confidence": None if self.confidence is None else round(float(self.confidence), 6),
                 "saliency": [round(float(s), 4) for s in self.saliency],
                 "span_saliency": None if self.span_saliency is None else round(float(self.span_saliency), 6),
+                "relevance": None if self.span_relevance is None else round(float(self.span_relevance), 6),
                 "window": [round(float(self.window[0]), 3), round(float(self.window[1]), 3)],
                 "reranked": reranked}
 

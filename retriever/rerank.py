@@ -148,6 +148,7 @@ class Reranker:
         for window, pred in zip(chunk, decoded):
             clip_seconds = window.clip_seconds
             saliency = 1.0 / (1.0 + np.exp(-np.asarray(pred["saliency"], dtype=np.float64)))  # [n] in (0, 1)
+            relevance = pred.get("relevance")
             rows = clean_windows(pred["windows"], clip_seconds, max_ts=None)[:per_window]
             for st, ed, conf in rows:
                 st, ed = window.start + st, window.start + ed
@@ -158,5 +159,7 @@ class Reranker:
                                   span_coarse_score(window.clip_scores, window.first_clip, st, ed, clip_seconds),
                                   saliency=saliency.tolist(), window=(window.start, window.end),
                                   span_saliency=span_coarse_score(saliency, window.first_clip, st, ed,
-                                                                  clip_seconds)))
+                                                                  clip_seconds),
+                                  span_relevance=None if relevance is None else span_coarse_score(
+                                      np.asarray(relevance), window.first_clip, st, ed, clip_seconds)))
         return out
