@@ -1,10 +1,12 @@
 """Fit a checkpoint's ranking rule (retriever.merge.ScoreRule) on validation queries, and store it in the checkpoint.
 
 After `vmr train --index ... --val ...` each validation query is searched on the index once (coarse candidates,
-then the new reranker over them); every candidate rule (model score "confidence" | "saliency" | "both", coarse
-weight in COARSE_WEIGHTS) re-ranks the same moments, and the rule with the best mean of VCMR R@1 and R@5 at IoU
-0.5 and 0.7 is kept (ties: the smaller coarse weight, then the order of MODEL_SCORES). Test queries are never
-used: the caller hands validation annotations only.
+then the new reranker over them) and every candidate rule re-ranks the same moments, measured by the mean of
+VCMR R@1 and R@5 at IoU 0.5 and 0.7. In two steps, so that what ranks is the model's own score: first the model
+score (MODEL_SCORES; the relevance ones only for a model with the relevance head) that ranks best ALONE (coarse
+weight 0); then, for that score, the coarse weight in COARSE_WEIGHTS that ranks best with it (ties: the smaller
+weight, so 0 when the coarse term adds nothing). Test queries are never used: the caller hands validation
+annotations only.
 """
 from __future__ import annotations
 
@@ -47,19 +49,19 @@ def rerank_queries(engine, annotations: list[dict]) -> list[tuple[list, int, lis
 
 
 def fit_rule(per_query: list[tuple[list, int, list]]) -> tuple[ScoreRule, dict]:
-    """The best rule and the figures of every candidate ({"model/w": metrics})."""
-    table, best, best_key = {}, None, None
+    """The best rule (module docstring: the model score alone first, then its coarse weight) and the figures of
+    every candidate ({"model/w": metrics})."""
     has_relevance = all(m.span_relevance is not None for moments, _, _ in per_query for m in moments)
     scores = [s for s in MODEL_SCORES if has_relevance or s not in RELEVANCE_SCORES]
-    for w in COARSE_WEIGHTS:
-        for model in scores:
-            rule = ScoreRule(model, w)
-            m = rule_metrics(per_query, rule)
-            table[f"{model}/{w:g}"] = m
-            key = sum(m.values()) / len(m)
-            if best_key is None or key > best_key + 1e-9:
-                best, best_key = rule, key
-    return best, table
+    table = {f"{model}/{w:g}": rule_metrics(per_query, ScoreRule(model, w))
+             for w in COARSE_WEIGHTS for model in scores}
+
+    def mean(key: str) -> float:
+        return sum(table[key].values()) / len(table[key])
+
+    model = max(scores, key=lambda s: mean(f"{s}/0") + 1e-9 * (len(scores) - scores.index(s)))  # ties: list order
+    weight = max(COARSE_WEIGHTS, key=lambda w: mean(f"{model}/{w:g}") - 1e-9 * w)  # ties: the smaller weight
+    return ScoreRule(model, weight), table
 
 
 def fit_checkpoint(index_dir, checkpoint: str, annotations: list[dict], device: str = "auto") -> dict:
@@ -79,7 +81,7 @@ def fit_checkpoint_sets(checkpoint: str, query_sets, device: str = "auto") -> di
             per_query += rerank_queries(engine, annotations)
     rule, table = fit_rule(per_query)
     chosen = table[f"{rule.model}/{rule.coarse_weight:g}"]
-    own = max((t for key, t in table.items() if key.endswith("/0")), key=lambda t: sum(t.values()))
+    own = table[f"{rule.model}/0"]
     stored = {**rule.to_dict(), "fit_on_queries": len(per_query), "val": chosen, "val_model_only": own}
     ckpt = read_checkpoint(checkpoint)
     ckpt["model_config"].setdefault("extra", {})["score_rule"] = stored

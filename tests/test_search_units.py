@@ -60,6 +60,28 @@ def test_span_coarse_score_and_score_rule():
         ScoreRule("cosine")
 
 
+def test_relevance_rules_and_the_two_step_fit():
+    """The relevance rules read span_relevance; the fit picks the model score that ranks best alone, then the
+    coarse weight that ranks best with it (here: the coarse cosine alone would rank best, the confidence worst)."""
+    from retriever.fit_score import fit_rule
+
+    m = Moment(1, "a", 0, 4, 0.64, 0.5, span_saliency=0.25, span_relevance=0.81)
+    assert ScoreRule("relevance", 1.0).score(m) == pytest.approx(0.81 + 0.5)
+    assert ScoreRule("relevance_confidence").score(m) == pytest.approx(0.72)
+    # per query: the moment (video 1) and a decoy (video 2) that the confidence and the coarse cosine prefer
+    per_query = []
+    for q in range(4):
+        right = Moment(1, "a", 0, 4, 0.5, 0.30, span_saliency=0.5, span_relevance=0.9)
+        decoy = Moment(2, "b", 0, 4, 0.9, 0.31 if q else 0.9, span_saliency=0.6, span_relevance=0.2)
+        per_query.append(([right, decoy], 1, [[0, 4]]))
+    rule, table = fit_rule(per_query)
+    assert rule.model == "relevance"  # alone: R@1 100 (as relevance_confidence: ties go to the earlier score)
+    assert table["relevance/0"]["VCMR_R1@0.5"] == 100.0 and table["confidence/0"]["VCMR_R1@0.5"] == 0.0
+    assert rule.coarse_weight == 0.0  # the coarse term only hurts it: the smallest weight
+    no_head = [([Moment(1, "a", 0, 4, 0.5, 0.3, span_saliency=0.5)], 1, [[0, 4]])]
+    assert not any(k.startswith("relevance") for k in fit_rule(no_head)[1])  # a model without the head
+
+
 def test_nms_merge_suppresses_overlaps_within_a_video_only():
     ms = [Moment(1, "a", 10, 20, 0.9, 0.5, score=3), Moment(1, "a", 11, 21, 0.8, 0.5, score=2),
           Moment(2, "b", 10, 20, 0.7, 0.5, score=1), Moment(1, "a", 40, 50, 0.6, 0.5, score=0.5)]

@@ -26,7 +26,7 @@ from world.generator import build_world, write_jsonl
 
 RERANKER_CONFIG = WORLD_DIR / "world_reranker.json"
 TRAIN_SEED = 1000  # the test libraries use small seeds; this world is disjoint in seeds (videos, placements)
-FIT_SEED, FIT_VIDEOS, FIT_QUERIES = 1001, 1000, 72  # the ranking rule's validation libraries (not bench's seeds)
+FIT_SEED, FIT_VIDEOS, FIT_QUERIES = 1001, 1000, 144  # the ranking rule's validation libraries (not bench's seeds)
 
 
 def index_world(videos_dir, index_dir, workers: int | None = None):
