@@ -327,15 +327,20 @@ def _wait_for_pending(index: Path, proc, timeout: float = 120.0) -> None:
 def test_signal_during_ingest_keeps_what_was_stored(good, tmp_path, signum):
     """Ctrl-C / SIGTERM mid-run: one line, exit 1; the old videos stay; status says the ingest is incomplete; a
     second `vmr index` meanwhile is refused; the next run finishes the job."""
-    # Long new videos (120 clips each at 5 fps): the run must still be busy after the second `vmr index` below
-    # has started and been refused, or the signal finds it finished (a skip, seen under load with 4-s videos).
+    # Long new videos (120 clips each at 5 fps): the run is still busy when the signal lands. While the second
+    # `vmr index` below is refused, the first is stopped (SIGSTOP): under load that refusal took long enough for
+    # the first run to finish, and the signal then found nothing to interrupt (this test used to skip then).
     videos, index = _own_world(good, tmp_path, extra=2, seconds=240.0)
     proc = subprocess.Popen([sys.executable, "-m", "cli", "index", str(videos), "--index", str(index)], cwd=REPO,
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_pending(index, proc)
         if signum == signal.SIGINT:
-            second = vmr("index", videos, "--index", index)
+            proc.send_signal(signal.SIGSTOP)  # holds the index lock, cannot progress
+            try:
+                second = vmr("index", videos, "--index", index)
+            finally:
+                proc.send_signal(signal.SIGCONT)
             assert_clean_failure(second, 1, "another `vmr index`")
         proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
@@ -343,8 +348,7 @@ def test_signal_during_ingest_keeps_what_was_stored(good, tmp_path, signum):
         if proc.poll() is None:
             proc.kill()
     result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    if proc.returncode == 0:  # the run won the race and finished before the signal landed: nothing to check
-        pytest.skip("ingest finished before the signal")
+    assert proc.returncode != 0, "the ingest finished before the signal landed"
     assert_clean_failure(result, 1, "re-run `vmr index")
     after = counts(index)
     assert after["indexed"] >= good["counts"]["indexed"] and after["videos"] == good["counts"]["videos"] + 2
