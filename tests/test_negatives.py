@@ -19,7 +19,7 @@ from model.dataset import MomentDataset
 from model.llmepet import build_model
 from model.negatives import NegativeSampler
 from model.sample import DataConfig, collate
-from model.settings import TrainConfig, negative_ratio
+from model.settings import TrainConfig, negative_ratio, relevance_weight
 from model.train import Trainer
 from retriever.rerank import Reranker
 from retriever.windows import Window
@@ -138,6 +138,10 @@ def test_index_training_negatives_come_from_other_videos_and_outside_the_moment(
     provider = IndexFeatureProvider(tmp_path / "index", encoder=encoder)
     ratio, why = negative_ratio(TrainConfig(), "custom", public_features=False)
     assert ratio == 1.0 and "default" in why
+    # the relevance head comes with the negatives unless set; public presets (no negatives) get none
+    assert relevance_weight({}, ratio)[0] == 1.0 and relevance_weight({}, 0.0)[0] == 0.0
+    assert relevance_weight({"relevance_coef": 0.0}, ratio) == (0.0, "set by relevance_coef")
+    assert negative_ratio(TrainConfig(), "qvhighlights", public_features=True)[0] == 0.0
     ds = MomentDataset(rows, provider, DataConfig(), seed=0, neg_ratio=ratio)
     # built once: features and every query's hard windows are in memory, so an epoch opens no DuckDB connection
     # (per-item opens, ~40 ms each, made the world reranker's epochs 5x slower)

@@ -1,17 +1,19 @@
 """Train the test world's tiny LLMEPET reranker with `vmr train` on an index of world videos.
 
-    python -m world.train_reranker [--work DIR] [--videos 80] [--out world/world_reranker.pt]
+    python -m world.train_reranker [--work DIR] [--videos 1000] [--decoded] [--out world/world_reranker.pt]
 
-Builds a training world (its own seed: its sentences and videos are not the test library's), indexes it with the
-real ingest (world CLIP), and trains with model.train on that index through retriever.provider (what
-`vmr train --index` does), using the architecture and schedule in ``world_reranker.json`` (random, tiny LLM
-blocks). The shipped world_reranker.pt: 84 videos (230 sentences, 207 train / 23 val), 120 epochs, ~12 min on
-one busy CPU core; val R1@0.5 = R1@0.7 = 91.3, mIoU 88.3 (its optimizer state stripped). It was trained before
-negative windows existed: retrained with them (this script's default now, --synthetic, 120 or 60 epochs) it ranked
-worse on held-out libraries (10^2 videos, 200 queries: fused R1@0.7 59.0 vs 85.5), so it stays; see README,
-Ranking. ``--synthetic`` indexes synthetic clip vectors instead of decoded videos (world/synthetic.py), for when
-decoding is too slow (an epoch of 207 sentences + 207 negatives: ~5.5 s CPU). ``--fit-only`` refits --out's
-ranking rule (fit_world_rule). TEST WORLD ONLY.
+Builds a training world (its own seed: its sentences and videos are not the test library's), indexes it
+(synthetic clip vectors, world/synthetic.py; ``--decoded``: real videos through the real ingest, slow) and trains
+with model.train on that index through retriever.provider (what `vmr train --index` does), using the
+architecture and recipe in ``world_reranker.json`` (random, tiny LLM blocks; negative windows 1 per sentence,
+hard ones from the coarse stage drawn twice as often; the relevance head). Then its ranking rule is fit on
+FIT_QUERIES unambiguous validation queries of other libraries (fit_world_rule).
+
+The shipped world_reranker.pt: 1050 synthetic-vector videos (2604 training sentences, 289 validation), 24 epochs,
+~30 min on one busy core of the 2-core machine; val MR R1@0.5 / R1@0.7 97.9 / 96.2; rule relevance_confidence +
+0.5 x coarse, fit on 144 queries (VCMR R1@0.7 96.5, the model's own score alone 91.0). The earlier one (84 decoded
+videos, no negatives, no relevance head) ranked by the coarse cosine only: bench/results/search.md has both.
+TEST WORLD ONLY.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def index_world(videos_dir, index_dir, workers: int | None = None):
     return summary
 
 
-def train_reranker(work_dir, out=WORLD_RERANKER, n_videos: int = 80, synthetic: bool = False,
+def train_reranker(work_dir, out=WORLD_RERANKER, n_videos: int = 1000, synthetic: bool = True,
                    overrides: list[str] = (), device: str = "cpu") -> dict:
     """Build + index a training world under ``work_dir`` and train the reranker into ``out``. Returns the summary."""
     from model.train import train_from_cli
@@ -116,9 +118,9 @@ def strip_optimizer(path, trained_on: str | None = None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=None, help="keep the training world here (default: a temp dir)")
-    parser.add_argument("--videos", type=int, default=80)
+    parser.add_argument("--videos", type=int, default=1000)
     parser.add_argument("--out", default=str(WORLD_RERANKER))
-    parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument("--decoded", action="store_true", help="write and decode real videos (slow)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--fit-only", action="store_true", help="only (re)fit --out's ranking rule")
     args = parser.parse_args()
@@ -130,10 +132,10 @@ def main() -> None:
             print(fit_world_rule(args.work or tmp, args.out))
         return
     if args.work:
-        print(train_reranker(args.work, args.out, args.videos, args.synthetic, args.overrides))
+        print(train_reranker(args.work, args.out, args.videos, not args.decoded, args.overrides))
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            print(train_reranker(tmp, args.out, args.videos, args.synthetic, args.overrides))
+            print(train_reranker(tmp, args.out, args.videos, not args.decoded, args.overrides))
 
 
 if __name__ == "__main__":
