@@ -162,8 +162,11 @@ def check_pruned(engine, queries: list[str], top_k: int = 10) -> tuple[list[str]
     full = engine.reranker.moments(windows, tokens)
     for m in full:
         m.score = rule.score(m)
-    key = lambda ms: [(m.video_id, m.start, m.end, m.score) for m in ms]  # noqa: E731
-    if key(nms_merge(pruned, top_k=3)) != key(nms_merge(full, top_k=3)):
+    # the same moments in the same order, scores equal up to float32 rounding (a forward of 2 windows and one of
+    # all of them take different matmul paths: ~1e-8 apart)
+    key = lambda ms: [(m.video_id, m.start, m.end) for m in ms]  # noqa: E731
+    a, b = nms_merge(pruned, top_k=3), nms_merge(full, top_k=3)
+    if key(a) != key(b) or not np.allclose([m.score for m in a], [m.score for m in b], rtol=0, atol=1e-6):
         problems.append(f"pruned_moments top-3 differs from the merge over every window under {rule}")
     notes.append(f"{rule}: pruned top-3 in batches of 2 reranked {reranked} of {len(windows)} windows")
     if reranked >= len(windows):
