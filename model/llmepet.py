@@ -252,7 +252,8 @@ class LLMEPET(nn.Module):
             aux_outputs=[dict(pred_logits=a, pred_spans=s) for a, s in zip(logits[:-1], spans[:-1])],
         )
         if self.relevance is not None:
-            out["relevance_scores"] = self.relevance(src_txt, txt_valid, src_vid[..., :src_vid.shape[-1] - cfg.tef_dims])
+            clips = src_vid[..., :src_vid.shape[-1] - cfg.tef_dims]  # the features without TEF: no position cue
+            out["relevance_scores"] = self.relevance(src_txt, txt_valid, clips)
         if cfg.contrastive_align_loss:
             # the encoder memory keeps no word tokens, so the text side is empty (as in the authors' code)
             out["proj_queries"] = F.normalize(self.align_proj_query(hs[-1]), dim=-1)

@@ -6,8 +6,8 @@ difference. Sources (``TrainConfig.neg_sources``; one is drawn at random among t
 
 - ``other``: a random window of another annotated video (another query's video, never one annotated with this
   query's text);
-- ``hard``: a window that the coarse stage ranks high for the query in another video (needs a provider with
-  ``hard_negatives(query, exclude)``: the index provider; public feature dirs have none);
+- ``hard``: a coarse candidate window of another video for the query, what search would rerank (needs a
+  provider with ``hard_negatives(query, exclude)``: the index provider; public feature dirs have none);
 - ``same``: a stretch of the query's own video away from every relevant window (at least ``MIN_CLIPS`` clips,
   one clip of margin);
 - ``labels``: around a hit a person rejected for this query (the ``negative_windows`` of `vmr labels export`),
@@ -23,10 +23,6 @@ import random
 
 SOURCES = ("other", "hard", "same", "labels")
 MIN_CLIPS = 4  # shortest negative window: a few clips of evidence, as a search window has
-# Hard negatives are drawn among all the coarse stage's candidate windows of other videos for the query: the
-# windows a search would rerank. (The best 5 only: the world reranker still gave near misses, two of the three
-# attributes of the sentence's object, the moment's confidence.)
-HARD_POOL = None
 
 
 def _relevant_clips(ann: dict, clip_length: float, margin: int = 1) -> list[tuple[int, int]]:
@@ -82,7 +78,7 @@ class NegativeSampler:
         many = getattr(provider, "hard_negatives_many", None) if self.hard is not None else None
         if many is not None:  # every query's coarse search once, up front (not one search per query mid-epoch)
             got = many(dict(self.vids_of_query))  # query -> the vids annotated with it (never negatives)
-            self._hard_cache = {q: list(w)[:HARD_POOL] for q, w in got.items()}
+            self._hard_cache = {q: list(w) for q, w in got.items()}
 
     def _size(self, n: int) -> int:
         return n if self.v_limit is None else min(n, self.v_limit)
@@ -98,12 +94,14 @@ class NegativeSampler:
         return (vid, *_window_in(0, n, self._size(n), rng)) if n else None
 
     def hard_windows(self, ann: dict) -> list:
-        """The coarse stage's best windows of other videos for the query (cached per query)."""
+        """Every coarse candidate window of other videos for the query: the windows a search would rerank (cached
+        per query). Only the best 5 of them let the world reranker give near misses (two of the three attributes
+        of the sentence's object) the moment's score."""
         if self.hard is None:
             return []
         if ann["query"] not in self._hard_cache:
             banned = self.vids_of_query.get(ann["query"], set()) | {ann["vid"]}
-            self._hard_cache[ann["query"]] = list(self.hard(ann["query"], banned))[:HARD_POOL]
+            self._hard_cache[ann["query"]] = list(self.hard(ann["query"], banned))
         return self._hard_cache[ann["query"]]
 
     def hard_one(self, ann: dict, rng: random.Random):
