@@ -11,6 +11,7 @@ size. Ray retries tasks of a lost node (and rebuilds lost frame objects from lin
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -126,14 +127,22 @@ class Pipeline:
             logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
                 lambda record: not record.getMessage().startswith("Token authentication is enabled"))
             on_term = signal.getsignal(signal.SIGTERM)
-            try:
-                ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                raise VmrError(f"cannot start/join Ray ({self.ray_address or 'local'}): "
-                               f"{str(err).splitlines()[0]}") from None
-            if threading.current_thread() is threading.main_thread() and on_term is not None:
-                signal.signal(signal.SIGTERM, on_term)  # ray.init installs sys.exit on SIGTERM: keep the caller's
+            with signals_arriving() as arrived:
+                try:
+                    ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=False,
+                             configure_logging=False)
+                except (ConnectionError, RuntimeError, ValueError) as err:
+                    raise VmrError(f"cannot start/join Ray ({self.ray_address or 'local'}): "
+                                   f"{str(err).splitlines()[0]}") from None
+                except SystemExit:  # ray.init's own SIGTERM handler (sys.exit) ran: a stop, as Ctrl-C is
+                    ray.shutdown()
+                    raise KeyboardInterrupt from None
+                finally:
+                    if threading.current_thread() is threading.main_thread() and on_term is not None:
+                        signal.signal(signal.SIGTERM, on_term)  # ray.init installs sys.exit on SIGTERM
+            if arrived & {signal.SIGINT, signal.SIGTERM}:  # a stop whose exception was lost inside ray.init
+                ray.shutdown()
+                raise KeyboardInterrupt
             self.started_ray = True
         return ray
 
@@ -266,6 +275,32 @@ class Pipeline:
                 return {"video_id": video.video_id, "first_clip": first, "n": 0,
                         "error": f"decode task lost: {_first_line(err)}"}
             return None
+
+
+@contextlib.contextmanager
+def signals_arriving():
+    """Yields a set that, on exit, holds every signal number that arrived meanwhile (the main thread only; elsewhere
+    stays empty). Whatever Python handler runs for a signal, and whether its exception survives (ray.init swaps in
+    its own SIGTERM handler, and an exception raised in a handler can be lost inside a library: a stopped ingest
+    then ran to the end), the interpreter's C-level handler writes the number to the wakeup fd read here."""
+    arrived: set[int] = set()
+    if threading.current_thread() is not threading.main_thread():
+        yield arrived
+        return
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    previous = signal.set_wakeup_fd(write_end)
+    try:
+        yield arrived
+    finally:
+        signal.set_wakeup_fd(previous)
+        try:
+            arrived.update(os.read(read_end, 512))
+        except BlockingIOError:
+            pass  # nothing arrived
+        os.close(read_end)
+        os.close(write_end)
 
 
 def _launch_actors(ray, shape: ClusterShape) -> tuple[list, list[dict]]:
