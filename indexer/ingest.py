@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from indexer.discover import Candidate, discover
-from indexer.pipeline import Pipeline, Video
+from indexer.pipeline import Pipeline, Video, signals_arriving, stop_if_signalled
 from indexer.workers import ClipChoice
 from model.spans import CLIP_SECONDS, clip_bounds, clip_to_seconds
 from store import db, vectors
@@ -256,7 +256,9 @@ def _sigterm_interrupts():
 
     before = signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield
+        with signals_arriving() as record:
+            yield
+            stop_if_signalled(record)  # a stop whose exception a library swallowed: still a stop
     finally:
         signal.signal(signal.SIGTERM, before)
 

@@ -105,15 +105,17 @@ class Pipeline:
     def run(self, videos: list[Video], model_id: str) -> None:
         from tqdm import tqdm
 
-        ray = self._start_ray()
-        try:
-            self._start_actors(ray, model_id)
-            bar = tqdm(total=len(videos), unit="video", disable=not self.progress, file=sys.stderr,
-                       dynamic_ncols=True)
-            self._loop(ray, videos, bar)
-        finally:
-            if self.started_ray:
-                ray.shutdown()  # ends our actors too
+        with signals_arriving() as self.signals:
+            ray = self._start_ray()
+            try:
+                stop_if_signalled(self.signals)
+                self._start_actors(ray, model_id)
+                bar = tqdm(total=len(videos), unit="video", disable=not self.progress, file=sys.stderr,
+                           dynamic_ncols=True)
+                self._loop(ray, videos, bar)
+            finally:
+                if self.started_ray:
+                    ray.shutdown()  # ends our actors too
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def _start_ray(self):
@@ -140,7 +142,7 @@ class Pipeline:
                 finally:
                     if threading.current_thread() is threading.main_thread() and on_term is not None:
                         signal.signal(signal.SIGTERM, on_term)  # ray.init installs sys.exit on SIGTERM
-            if arrived & {signal.SIGINT, signal.SIGTERM}:  # a stop whose exception was lost inside ray.init
+            if arrived.seen() & STOP_SIGNALS:  # a stop whose exception was lost inside ray.init
                 ray.shutdown()
                 raise KeyboardInterrupt
             self.started_ray = True
@@ -177,6 +179,7 @@ class Pipeline:
         commits, last_flush, last_save = [], time.monotonic(), time.monotonic()
         clips_done, t0 = 0, time.monotonic()
         while self.todo or self.segments or self.decoding or self.embed_queue or self.embedding or commits:
+            stop_if_signalled(self.signals)
             self._submit_decodes()
             self._submit_embeds()
             refs = list(self.decoding) + list(self.embedding)
@@ -277,30 +280,53 @@ class Pipeline:
             return None
 
 
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+class SignalRecord:
+    """The signal numbers that arrived while a ``signals_arriving`` block runs; ``seen()`` reads the new ones."""
+
+    def __init__(self, read_end: int | None):
+        self.read_end, self.arrived = read_end, set()
+
+    def seen(self) -> set[int]:
+        if self.read_end is not None:
+            try:
+                self.arrived.update(os.read(self.read_end, 512))
+            except BlockingIOError:
+                pass  # nothing new
+        return self.arrived
+
+
 @contextlib.contextmanager
 def signals_arriving():
-    """Yields a set that, on exit, holds every signal number that arrived meanwhile (the main thread only; elsewhere
-    stays empty). Whatever Python handler runs for a signal, and whether its exception survives (ray.init swaps in
-    its own SIGTERM handler, and an exception raised in a handler can be lost inside a library: a stopped ingest
-    then ran to the end), the interpreter's C-level handler writes the number to the wakeup fd read here."""
-    arrived: set[int] = set()
+    """Yields a SignalRecord of every signal that arrives in the block (the main thread only; elsewhere it stays
+    empty). Whatever Python handler runs for a signal, and whether its exception survives (ray.init swaps in its
+    own SIGTERM handler; an exception raised in a handler can be lost inside a library, as during `import ray`:
+    a stopped ingest then ran to the end), the interpreter's C-level handler writes the number to the wakeup fd
+    read here. Blocks nest: the inner one records, then the outer one records again."""
     if threading.current_thread() is not threading.main_thread():
-        yield arrived
+        yield SignalRecord(None)
         return
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
     os.set_blocking(write_end, False)
     previous = signal.set_wakeup_fd(write_end)
+    record = SignalRecord(read_end)
     try:
-        yield arrived
+        yield record
     finally:
         signal.set_wakeup_fd(previous)
-        try:
-            arrived.update(os.read(read_end, 512))
-        except BlockingIOError:
-            pass  # nothing arrived
+        record.seen()
+        record.read_end = None
         os.close(read_end)
         os.close(write_end)
+
+
+def stop_if_signalled(record: SignalRecord) -> None:
+    """Raise the interrupt for a stop signal that arrived but whose exception was lost."""
+    if record.seen() & STOP_SIGNALS:
+        raise KeyboardInterrupt
 
 
 def _launch_actors(ray, shape: ClusterShape) -> tuple[list, list[dict]]:
