@@ -331,8 +331,11 @@ def test_signal_during_ingest_keeps_what_was_stored(good, tmp_path, signum):
     # `vmr index` below is refused, the first is stopped (SIGSTOP): under load that refusal took long enough for
     # the first run to finish, and the signal then found nothing to interrupt (this test used to skip then).
     videos, index = _own_world(good, tmp_path, extra=2, seconds=240.0)
+    # Ctrl-C reaches a foreground `vmr index`: its SIGINT is at the default even when this test runs under a shell
+    # that started it in the background (which ignores SIGINT, and an ignored signal stays ignored across exec)
     proc = subprocess.Popen([sys.executable, "-m", "cli", "index", str(videos), "--index", str(index)], cwd=REPO,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for_pending(index, proc)
         if signum == signal.SIGINT:
