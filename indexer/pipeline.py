@@ -129,22 +129,19 @@ class Pipeline:
             logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
                 lambda record: not record.getMessage().startswith("Token authentication is enabled"))
             on_term = signal.getsignal(signal.SIGTERM)
-            with signals_arriving() as arrived:
-                try:
-                    ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=False,
-                             configure_logging=False)
-                except (ConnectionError, RuntimeError, ValueError) as err:
-                    raise VmrError(f"cannot start/join Ray ({self.ray_address or 'local'}): "
-                                   f"{str(err).splitlines()[0]}") from None
-                except SystemExit:  # ray.init's own SIGTERM handler (sys.exit) ran: a stop, as Ctrl-C is
-                    ray.shutdown()
-                    raise KeyboardInterrupt from None
-                finally:
-                    if threading.current_thread() is threading.main_thread() and on_term is not None:
-                        signal.signal(signal.SIGTERM, on_term)  # ray.init installs sys.exit on SIGTERM
-            if arrived.seen() & STOP_SIGNALS:  # a stop whose exception was lost inside ray.init
+            try:
+                ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                raise VmrError(f"cannot start/join Ray ({self.ray_address or 'local'}): "
+                               f"{str(err).splitlines()[0]}") from None
+            except SystemExit:  # ray.init's own SIGTERM handler (sys.exit) ran: a stop, as Ctrl-C is
                 ray.shutdown()
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt from None
+            finally:
+                if threading.current_thread() is threading.main_thread() and on_term is not None:
+                    signal.signal(signal.SIGTERM, on_term)  # ray.init installs sys.exit on SIGTERM
+            # a stop whose exception was lost inside ray.init is in run()'s signal record: checked next
             self.started_ray = True
         return ray
 
