@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from indexer.discover import Candidate, discover
-from indexer.pipeline import Pipeline, Video, signals_arriving, stop_if_signalled
+from indexer.pipeline import Pipeline, Video
+from indexer.stop_signals import recording_stop_signals
 from indexer.workers import ClipChoice
 from model.spans import CLIP_SECONDS, clip_bounds, clip_to_seconds
 from store import db, vectors
@@ -121,9 +120,9 @@ def run_ingest(video_dir, index_dir, clip_model: str | None = None, clip_pretrai
     summary = IngestSummary(index_dir)
     with ingest_lock(index_dir):
         try:
-            with _sigterm_interrupts():
-                _ingest(root, index_dir, summary, clip_model, clip_pretrained, device, ray_address, workers,
-                        allow_random, progress, reranker)
+            with recording_stop_signals() as stops:
+                _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device, ray_address,
+                        workers, allow_random, progress, reranker)
         except (Exception, KeyboardInterrupt) as err:
             if db.DB_FILE not in existed and summary.indexed == 0:
                 _remove_new_index(index_dir, existed, made_folder)  # nothing was stored: leave no half index
@@ -145,7 +144,7 @@ def _progress_line(index_dir: str) -> str:
     return f"{info['indexed']} of {info['videos']} videos indexed ({info['pending']} not yet)"
 
 
-def _ingest(root, index_dir, summary, clip_model, clip_pretrained, device, ray_address, workers, allow_random,
+def _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device, ray_address, workers, allow_random,
             progress, reranker) -> None:
     from model.features import model_embed_dim, resolve_weights
     from model.errors import ModelError
@@ -169,16 +168,19 @@ def _ingest(root, index_dir, summary, clip_model, clip_pretrained, device, ray_a
             with lib.session() as con:
                 db.write_meta(con, {"reranker": reranker})
         plan = plan_run(lib, root, index_dir)
+        stops.check()
         summary.unchanged = plan.unchanged
         writer = Writer(lib, lib.open_faiss(), summary, float(meta["clip_seconds"]))
         writer.settle(plan)
+        stops.check()
         if plan.work:
-            pipeline = Pipeline(clip, writer, ray_address, workers, progress)
+            pipeline = Pipeline(clip, writer, stops, ray_address, workers, progress)
             try:
                 pipeline.run([Video(c, plan.ids[c.path], plan.states.get(c.path)) for c in plan.work], model_id)
             finally:
                 summary.nodes = pipeline.nodes
         writer.save()
+        stops.check()  # a signal during the last commits or the save: still a stop (exit 1), work kept
         summary.failed = [{"path": v["path"], "error": v["error"]} for v in lib.videos(status="failed")]
     finally:
         lib.close()
@@ -241,26 +243,6 @@ def _remove_new_index(index_dir: str, existed: set, made_folder: bool) -> None:
     if made_folder:
         with contextlib.suppress(OSError):
             os.rmdir(index_dir)
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM stops an ingest the way Ctrl-C does (KeyboardInterrupt: transactions roll back, Ray shuts down,
-    one line) instead of killing the driver mid-write. Only in the main thread (signal handlers live there)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    before = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        with signals_arriving() as record:
-            yield
-            stop_if_signalled(record)  # a stop whose exception a library swallowed: still a stop
-    finally:
-        signal.signal(signal.SIGTERM, before)
 
 
 def _rebuild_faiss(index_dir: str) -> IngestSummary:

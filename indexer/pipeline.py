@@ -11,21 +11,21 @@ size. Ray retries tasks of a lost node (and rebuilds lost frame objects from lin
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from tqdm import tqdm
+
 from indexer.discover import Candidate
+from indexer.stop_signals import StopSignals, ray_keeps_our_handlers
 from indexer.workers import ClipChoice, ClipWorker, decode_segment
 from model.spans import num_clips
 from store.errors import VmrError
@@ -96,26 +96,25 @@ class Pipeline:
     the FAISS files now and then). ``nodes``: Ray node id -> decode tasks run there.
     """
 
-    def __init__(self, clip: ClipChoice, writer, ray_address: str | None = None, workers: int | None = None,
-                 progress: bool = True):
-        self.clip, self.writer = clip, writer
+    def __init__(self, clip: ClipChoice, writer, stops: StopSignals, ray_address: str | None = None,
+                 workers: int | None = None, progress: bool = True):
+        self.clip, self.writer, self.stops = clip, writer, stops
         self.ray_address, self.workers, self.progress = ray_address, workers, progress
         self.nodes: dict = {}
 
     def run(self, videos: list[Video], model_id: str) -> None:
-        from tqdm import tqdm
-
-        with signals_arriving() as self.signals:
-            ray = self._start_ray()
-            try:
-                stop_if_signalled(self.signals)
-                self._start_actors(ray, model_id)
-                bar = tqdm(total=len(videos), unit="video", disable=not self.progress, file=sys.stderr,
-                           dynamic_ncols=True)
-                self._loop(ray, videos, bar)
-            finally:
-                if self.started_ray:
-                    ray.shutdown()  # ends our actors too
+        """Decode and embed ``videos``; stops (KeyboardInterrupt) at the first safe point after a stop signal."""
+        ray = self._start_ray()
+        try:
+            self.stops.check()
+            self._start_actors(ray, model_id)
+            self.stops.check()
+            bar = tqdm(total=len(videos), unit="video", disable=not self.progress, file=sys.stderr,
+                       dynamic_ncols=True)
+            self._loop(ray, videos, bar)
+        finally:
+            if self.started_ray:
+                ray.shutdown()  # ends our actors too
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def _start_ray(self):
@@ -128,20 +127,13 @@ class Pipeline:
             # to act on. Only that notice is dropped; a warning that authentication is OFF still shows.
             logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
                 lambda record: not record.getMessage().startswith("Token authentication is enabled"))
-            on_term = signal.getsignal(signal.SIGTERM)
             try:
-                ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
+                with ray_keeps_our_handlers(ray):
+                    ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=False,
+                             configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as err:
                 raise VmrError(f"cannot start/join Ray ({self.ray_address or 'local'}): "
                                f"{str(err).splitlines()[0]}") from None
-            except SystemExit:  # ray.init's own SIGTERM handler (sys.exit) ran: a stop, as Ctrl-C is
-                ray.shutdown()
-                raise KeyboardInterrupt from None
-            finally:
-                if threading.current_thread() is threading.main_thread() and on_term is not None:
-                    signal.signal(signal.SIGTERM, on_term)  # ray.init installs sys.exit on SIGTERM
-            # a stop whose exception was lost inside ray.init is in run()'s signal record: checked next
             self.started_ray = True
         return ray
 
@@ -176,7 +168,7 @@ class Pipeline:
         commits, last_flush, last_save = [], time.monotonic(), time.monotonic()
         clips_done, t0 = 0, time.monotonic()
         while self.todo or self.segments or self.decoding or self.embed_queue or self.embedding or commits:
-            stop_if_signalled(self.signals)
+            self.stops.check()
             self._submit_decodes()
             self._submit_embeds()
             refs = list(self.decoding) + list(self.embedding)
@@ -275,55 +267,6 @@ class Pipeline:
                 return {"video_id": video.video_id, "first_clip": first, "n": 0,
                         "error": f"decode task lost: {_first_line(err)}"}
             return None
-
-
-STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
-
-
-class SignalRecord:
-    """The signal numbers that arrived while a ``signals_arriving`` block runs; ``seen()`` reads the new ones."""
-
-    def __init__(self, read_end: int | None):
-        self.read_end, self.arrived = read_end, set()
-
-    def seen(self) -> set[int]:
-        if self.read_end is not None:
-            try:
-                self.arrived.update(os.read(self.read_end, 512))
-            except BlockingIOError:
-                pass  # nothing new
-        return self.arrived
-
-
-@contextlib.contextmanager
-def signals_arriving():
-    """Yields a SignalRecord of every signal that arrives in the block (the main thread only; elsewhere it stays
-    empty). Whatever Python handler runs for a signal, and whether its exception survives (ray.init swaps in its
-    own SIGTERM handler; an exception raised in a handler can be lost inside a library, as during `import ray`:
-    a stopped ingest then ran to the end), the interpreter's C-level handler writes the number to the wakeup fd
-    read here. Blocks nest: the inner one records, then the outer one records again."""
-    if threading.current_thread() is not threading.main_thread():
-        yield SignalRecord(None)
-        return
-    read_end, write_end = os.pipe()
-    os.set_blocking(read_end, False)
-    os.set_blocking(write_end, False)
-    previous = signal.set_wakeup_fd(write_end)
-    record = SignalRecord(read_end)
-    try:
-        yield record
-    finally:
-        signal.set_wakeup_fd(previous)
-        record.seen()
-        record.read_end = None
-        os.close(read_end)
-        os.close(write_end)
-
-
-def stop_if_signalled(record: SignalRecord) -> None:
-    """Raise the interrupt for a stop signal that arrived but whose exception was lost."""
-    if record.seen() & STOP_SIGNALS:
-        raise KeyboardInterrupt
 
 
 def _launch_actors(ray, shape: ClusterShape) -> tuple[list, list[dict]]:

@@ -275,25 +275,33 @@ def test_kill_9_then_rerun_equals_clean_index_and_reader_never_blocks(first_run,
     _assert_same_index(resumed, expected)
 
 
-def test_a_signal_is_seen_even_when_its_handler_exception_is_lost():
-    """indexer.pipeline.signals_arriving: a signal that arrives inside the block is recorded whatever its Python
-    handler does (here: raises, and a library swallows the exception, as happened inside ray.init); none outside."""
-    from indexer.pipeline import signals_arriving
+def test_stop_signals_are_noted_and_raise_only_at_a_safe_point():
+    """indexer.stop_signals: SIGTERM/SIGINT inside the block run no raising handler (code running when they land
+    carries on), check() stops with KeyboardInterrupt; a handler a library swapped in is replaced at check(); Ray's
+    request for a SIGTERM handler of its own is declined while ray.init runs; the old handlers come back after."""
+    import ray
+    import ray._private.utils as ray_utils
 
-    def raising(signum, frame):
-        raise KeyboardInterrupt
+    from indexer.stop_signals import STOP_SIGNALS, ray_keeps_our_handlers, recording_stop_signals
 
-    before = signal.signal(signal.SIGUSR1, raising)
-    try:
-        with signals_arriving() as arrived:
-            try:
-                os.kill(os.getpid(), signal.SIGUSR1)
-                time.sleep(0.05)  # the handler runs in the main thread at the next bytecode
-            except KeyboardInterrupt:
-                pass  # lost, as in a library's broad except
-        assert arrived.seen() == {signal.SIGUSR1}
-        with signals_arriving() as quiet:
-            time.sleep(0.01)
-        assert quiet.seen() == set()
-    finally:
-        signal.signal(signal.SIGUSR1, before)
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    with recording_stop_signals() as stops:
+        stops.check()  # nothing arrived: no stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        total = sum(range(100_000))  # the handler runs at some bytecode of this: it must not raise here
+        assert total == 4999950000 and stops.arrived == [signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt):
+            stops.check()
+        with ray_keeps_our_handlers(ray):
+            ray_utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))
+        assert signal.getsignal(signal.SIGTERM) == stops.note
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a library's own, raising handler
+        with pytest.raises(KeyboardInterrupt):
+            stops.check()
+        assert signal.getsignal(signal.SIGINT) == stops.note
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stops.arrived == [signal.SIGTERM, signal.SIGINT]
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
+    assert ray_utils.set_sigterm_handler.__name__ == "set_sigterm_handler"
+
