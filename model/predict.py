@@ -116,10 +116,11 @@ def make_provider(features_dir: str | None, data_cfg: DataConfig, clip_model: st
 
 def predict_from_cli(checkpoint: str, index_dir: str | None, features_dir: str | None, annotations: str,
                      out_path: str, batch_size: int | None = None, device: str = "auto", provider=None,
-                     precision: str = "auto") -> list[dict]:
+                     precision: str = "fp32") -> list[dict]:
     """`vmr predict`: write the submission jsonl of ``annotations`` with ``checkpoint``.
 
-    ``precision``: of the frozen LLM blocks (model.precision: "fp32" is the parity mode); what runs is printed.
+    ``precision``: of the frozen LLM blocks (model.precision). fp32, the default, reproduces the authors' numbers;
+    when "auto" would pick a faster one on this hardware, a note says so (a researcher asks for speed knowingly).
     ``batch_size``: None = chosen for the hardware (model.precision.choose_batch_size), printed; checkpoints whose
     blocks attend across the batch (their predictions depend on it) get BATCH_ATTENTION_DEFAULT instead.
 
@@ -137,8 +138,13 @@ def predict_from_cli(checkpoint: str, index_dir: str | None, features_dir: str |
     what = f"the index {index_dir}" if index_dir else f"the features in {features_dir}"
     model, ckpt = load_checkpoint(checkpoint, device=dev, features=src.feature_spec(), what=what, ckpt=ckpt_meta,
                                   precision=precision, log=lambda line: print(line, file=sys.stderr))
+    from model.precision import choose_batch_size, choose_precision, detect_hardware, llm_block_params
+
+    faster = choose_precision("auto", detect_hardware(dev), llm_block_params(model))
+    if model.precision == "fp32" and faster != "fp32":
+        print(f"note: --precision {faster} runs faster here (--precision auto); fp32 is kept because it reproduces "
+              "the authors' numbers", file=sys.stderr)
     if batch_size is None:
-        from model.precision import choose_batch_size, detect_hardware, llm_block_params
 
         batch_size = BATCH_ATTENTION_DEFAULT if model.cfg.llm_attention == "batch" else \
             choose_batch_size(detect_hardware(dev), llm_block_params(model))

@@ -38,11 +38,11 @@ def converted(tmp_path_factory):
 
 @pytest.mark.parametrize("batch_size", [6, 1])
 def test_converted_checkpoint_reproduces_the_authors_predictions(converted, tmp_path, batch_size):
+    """The default `vmr predict` (no --precision: fp32) reproduces the authors' predictions."""
     out = tmp_path / "submission.jsonl"
     result = CliRunner().invoke(main, ["predict", "--checkpoint", str(converted), "--features",
                                        str(GOLDEN / "features"), "--annotations", str(GOLDEN / "ann.jsonl"),
-                                       "--out", str(out), "--batch-size", str(batch_size), "--device", "cpu",
-                                       "--precision", "fp32"])
+                                       "--out", str(out), "--batch-size", str(batch_size), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     ours, theirs = _rows(out), _rows(GOLDEN / f"results_b{batch_size}" / "ref_submission.jsonl")
     assert [r["qid"] for r in ours] == [r["qid"] for r in theirs] and len(theirs) == 6
