@@ -171,29 +171,35 @@ def main(argv: list[str] | None = None) -> int:
                 row["load_1min"] = round(os.getloadavg()[0], 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                write_results(rows, len(trials), args, t0)  # after every run: a bench stopped early keeps its rows
                 shutil.rmtree(Path(tmp) / f"run{i}", ignore_errors=True)
         finally:
             for burner in burners:
                 burner.kill()
-    os.makedirs(args.out, exist_ok=True)
-    machine = {"cpu_count": os.cpu_count(), "processor": _cpu_name(), "python": platform.python_version(),
-               "load_processes": args.load, "minutes": round((time.monotonic() - t0) / 60, 1)}
-    with open(os.path.join(args.out, "signals.json"), "w", encoding="utf-8") as f:
-        json.dump({"machine": machine, "args": vars(args), "runs": rows}, f, indent=1)
-    with open(os.path.join(args.out, "signals.md"), "w", encoding="utf-8") as f:
-        f.write(report(rows, machine, args))
     clean_runs = sum(r["clean"] for r in rows)
     print(f"{clean_runs} of {len(rows)} runs clean -> {os.path.join(args.out, 'signals.md')}")
     return 0 if clean_runs == len(rows) else 1
 
 
-def report(rows: list[dict], machine: dict, args) -> str:
+def write_results(rows: list[dict], planned: int, args, t0: float) -> None:
+    os.makedirs(args.out, exist_ok=True)
+    machine = {"cpu_count": os.cpu_count(), "processor": _cpu_name(), "python": platform.python_version(),
+               "load_processes": args.load, "minutes": round((time.monotonic() - t0) / 60, 1)}
+    with open(os.path.join(args.out, "signals.json"), "w", encoding="utf-8") as f:
+        json.dump({"machine": machine, "args": vars(args), "planned_runs": planned, "runs": rows}, f, indent=1)
+    with open(os.path.join(args.out, "signals.md"), "w", encoding="utf-8") as f:
+        f.write(report(rows, planned, machine, args))
+
+
+def report(rows: list[dict], planned: int, machine: dict, args) -> str:
     lines = ["# Stop signals during `vmr index`", "",
              f"`python -m bench.signals --runs {args.runs} --seed {args.seed} --max-delay {args.max_delay} "
              f"--load {args.load}`: {machine['cpu_count']} CPUs ({machine['processor']}), {args.load} busy-loop "
              f"process(es) beside each run, {machine['minutes']} min in all.", "",
              f"**{sum(r['clean'] for r in rows)} of {len(rows)} runs clean** (exit 1, the one-line message only, no "
-             "traceback, resumed to the never-stopped run's content with FAISS current).", "",
+             "traceback, resumed to the never-stopped run's content with FAISS current)"
+             + (f"; {len(rows)} of the {planned} planned runs done when the bench was stopped." if len(rows) < planned
+                else "."), "",
              "| signal | delay after planning (s) | exit | stderr lines | traceback | resumed = clean run | "
              "FAISS current | load (1 min) |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["signal"], r["delay_s"])):

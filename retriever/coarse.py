@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.spans import CLIP_SECONDS
-from retriever.windows import Window, best_event_moment, best_stretch_mean, event_clip_spans, window_around
+from retriever.windows import (MAX_WINDOW_CLIPS, Window, best_event_moment, best_stretch_mean, event_clip_spans,
+                               window_around)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class CoarseConfig:
     max_videos: int = 40  # videos whose exact clip scores are computed
     max_windows_per_video: int = 3
     n_windows: int = 24  # windows handed to the reranker
+    window_clips: int = MAX_WINDOW_CLIPS  # clips a window spans: the reranker's input length (its max_v_l)
 
 
 def score_window(window: Window, feats: np.ndarray, scores: np.ndarray, spans) -> Window:
@@ -47,7 +49,7 @@ def score_window(window: Window, feats: np.ndarray, scores: np.ndarray, spans) -
 
 
 def video_windows(video: dict, features: tuple, query: np.ndarray, seeds: list[int], max_windows: int,
-                  clip_seconds: float = CLIP_SECONDS) -> list[Window]:
+                  clip_seconds: float = CLIP_SECONDS, window_clips: int = MAX_WINDOW_CLIPS) -> list[Window]:
     """Windows of one video around its seed clips (best seed first), scored exactly from its stored vectors.
 
     features: the video's (clip embeddings [T, D], pseudo-event clip spans), as ``features_of`` reads them."""
@@ -64,7 +66,7 @@ def video_windows(video: dict, features: tuple, query: np.ndarray, seeds: list[i
             break
         if any(w.first_clip <= clip < w.last_clip for w in windows):
             continue
-        first, length = window_around(clip, n, spans)
+        first, length = window_around(clip, n, spans, window_clips)
         window = Window(vid, video["path"], float(video["duration"]), first, length, clip_seconds)
         windows.append(score_window(window, feats, scores, spans))
     return windows
@@ -105,7 +107,7 @@ def coarse_candidates(library, query: np.ndarray, cfg: CoarseConfig | None = Non
     windows = []
     for vid in ranked:
         windows += video_windows(videos[vid], features[vid], query, seeds[vid], cfg.max_windows_per_video,
-                                 clip_seconds)
+                                 clip_seconds, cfg.window_clips)
     windows.sort(key=lambda w: -w.score)
     if timings is not None:
         timings["coarse"] = timings.get("coarse", 0.0) + t1 - t0

@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from retriever.windows import index_clip_seconds
+from store import kinds
 from store.errors import VmrError
 
 
@@ -103,6 +104,7 @@ class IndexFeatureProvider:
         return out
 
     def feature_spec(self) -> dict:
-        return {"clip_model": self.meta["clip_model"], "video_kinds": ["clip"],
-                "video_dims": [int(self.meta["embed_dim"])], "text_dim": int(self.encoder.text_width),
+        clip = kinds.feature_kinds(self.meta)[kinds.CLIP_KIND]
+        return {"clip_model": self.meta["clip_model"], "video_kinds": [kinds.CLIP_KIND],
+                "video_dims": [int(clip["dim"])], "text_dim": int(self.encoder.text_width),
                 "clip_seconds": index_clip_seconds(self.meta)}

@@ -19,6 +19,7 @@ from model.postprocess import clean_windows, decode_outputs
 from model.sample import collate, text_input, video_input
 from retriever.merge import Moment, ScoreRule, span_coarse_score
 from retriever.windows import Window, index_clip_seconds
+from store import kinds
 from store.errors import VmrError
 
 log = logging.getLogger(__name__)
@@ -69,14 +70,14 @@ class Reranker:
         return reranker
 
     def check_index(self, meta: dict) -> None:
-        """Refuse an index whose CLIP features are not the ones the checkpoint was trained on."""
+        """Refuse an index whose features are not the ones the checkpoint was trained on: its CLIP, each feature
+        kind it reads (store.kinds, in the checkpoint's order and widths), its clip length."""
         want, have = self.spec.get("clip_model"), meta.get("clip_model")
         if want and have and want != have:
             raise VmrError(f"the reranker {self.path or ''} was trained on {want} features but the index holds "
                            f"{have}: use a checkpoint trained on this index's CLIP, or --no-rerank")
-        dims = self.spec.get("video_dims")
-        if dims and meta.get("embed_dim") and int(sum(dims)) != int(meta["embed_dim"]):
-            raise VmrError(f"the reranker expects {sum(dims)}-d clip features, the index has {meta['embed_dim']}-d")
+        kinds.check_kinds(meta, list(self.spec.get("video_kinds") or [kinds.CLIP_KIND]), self.spec.get("video_dims"),
+                          f"the reranker {self.path or ''}".rstrip())
         seconds, index_seconds = self.spec.get("clip_seconds"), index_clip_seconds(meta)
         if seconds and abs(float(seconds) - index_seconds) > 1e-6:
             raise VmrError(f"the reranker was trained on {seconds}-s clips, the index uses {index_seconds}-s clips")

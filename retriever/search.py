@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +128,8 @@ class SearchEngine:
                 raise VmrError(f"reranker checkpoint not found: {checkpoint}")
             self.reranker = Reranker.load(checkpoint, device=device, precision=precision)
             self.reranker.check_index(self.meta)
+            if self.reranker.data_cfg.max_v_l > 0:  # windows as long as the checkpoint's input, not a constant
+                self.coarse_cfg = replace(self.coarse_cfg, window_clips=self.reranker.data_cfg.max_v_l)
         elif rerank:
             self.fallback_reason = "no reranker checkpoint given (--checkpoint): coarse moments only"
 

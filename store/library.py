@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from store import db, faiss_index, vectors
+from store import db, faiss_index, kinds, vectors
 from store.errors import VmrError
 
 FETCH_FACTOR = 4  # an approximate FAISS index returns k * FETCH_FACTOR hits, re-scored exactly from DuckDB
@@ -271,6 +271,12 @@ class Library:
                 if clip_source and meta.get("clip_source") != clip_source:
                     db.write_meta(con, {"clip_source": clip_source})
                     meta["clip_source"] = clip_source
+                recorded = kinds.feature_kinds(meta)  # an index from before kinds were recorded: derived
+                recorded[kinds.CLIP_KIND] = kinds.clip_kind_record(clip_model, embed_dim, meta.get("clip_source"))
+                if meta.get("feature_kinds") != recorded or "coarse_kind" not in meta:
+                    update = {"feature_kinds": recorded, "coarse_kind": kinds.coarse_kind(meta)}
+                    db.write_meta(con, update)
+                    meta.update(update)
                 return meta
             with db.transaction(con):
                 for sql in db.schema_sql(embed_dim):
@@ -280,6 +286,8 @@ class Library:
                         "created_at": _now().isoformat()}
                 if clip_source:
                     meta["clip_source"] = clip_source
+                meta["feature_kinds"] = {kinds.CLIP_KIND: kinds.clip_kind_record(clip_model, embed_dim, clip_source)}
+                meta["coarse_kind"] = kinds.CLIP_KIND
                 db.write_meta(con, meta)
             return meta
 

@@ -117,3 +117,37 @@ def test_missing_index_is_a_clear_error(tmp_path):
         Library(tmp_path / "nothing")
     with pytest.raises(VmrError, match="no vmr index"):
         library_status(tmp_path / "nothing")
+
+
+def test_feature_kinds_recorded_migrated_and_checked(tmp_path):
+    """A new index records its 'clip' kind (dims, dtype, the model that made it) and its coarse kind; an index
+    written before kinds were recorded reads as holding 'clip' and gains the record on its next ingest, rows
+    untouched; a reader of a kind the index lacks, or of another width, is refused in one line naming it."""
+    from store import kinds
+
+    source = {"model": "m", "pretrained": "/w/m.pt", "precision": "bf16"}
+    with Library(tmp_path / "new", read_only=False) as lib:
+        meta = lib.prepare("m:random", DIM, "/videos", clip_seconds=2.0, clip_source=source)
+    assert meta["coarse_kind"] == "clip"
+    assert meta["feature_kinds"] == {"clip": {"dim": DIM, "dtype": "float32", "model": "m:random",
+                                              "weights": "/w/m.pt", "precision": "bf16", "frames": kinds.CLIP_FRAMES}}
+    with Library(tmp_path / "old", read_only=False) as lib:
+        lib.prepare("m:random", DIM, "/videos", clip_seconds=2.0)
+        _commit(lib, 1, 5, np.random.default_rng(0))
+        with lib.session() as con:  # as an index written before kinds were recorded
+            con.execute("DELETE FROM meta WHERE key IN ('feature_kinds', 'coarse_kind')")
+        old = lib.meta()
+        assert "feature_kinds" not in old and kinds.feature_kinds(old)["clip"]["dim"] == DIM
+        assert kinds.coarse_kind(old) == "clip"
+        before = lib.clip_embeddings(1)
+        migrated = lib.prepare("m:random", DIM, "/videos", clip_seconds=2.0)
+        assert migrated["feature_kinds"]["clip"]["dim"] == DIM and lib.meta()["coarse_kind"] == "clip"
+        np.testing.assert_array_equal(lib.clip_embeddings(1), before)
+        assert lib.counts()["clips"] == 5
+    kinds.check_kinds(migrated, ["clip"], [DIM], "the reranker r.pt")
+    with pytest.raises(VmrError) as missing:
+        kinds.check_kinds(migrated, ["slowfast", "clip"], [2304, DIM], "the reranker r.pt")
+    assert "'slowfast'" in str(missing.value) and "holds: clip" in str(missing.value)
+    assert "\n" not in str(missing.value)
+    with pytest.raises(VmrError, match=f"reads 2048-d 'clip' features, this index holds {DIM}-d"):
+        kinds.check_kinds(migrated, ["clip"], [2048], "the reranker r.pt")

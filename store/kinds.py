@@ -1,0 +1,56 @@
+"""Named feature kinds of an index: per clip, each kind is one feature vector made by one model.
+
+An index records every kind it holds in meta ``feature_kinds``: kind name -> {dim, dtype, model, weights,
+precision, frames}, and the kind its coarse (FAISS) stage searches in meta ``coarse_kind``. A reranker checkpoint
+names the kinds it reads (``feature_spec.video_kinds``, in its input order, with ``video_dims``); search assembles
+its input from those kinds and refuses an index that lacks one. Today vmr computes one kind, ``clip`` (one CLIP
+image embedding of the clip's middle frame, stored in the clips table), which is also the coarse kind.
+
+Indexes written before kinds were recorded hold exactly that one kind: their record is derived from the meta they
+do have (``clip_model``, ``embed_dim``, ``clip_source``), and the next ingest writes it; nothing is re-decoded.
+"""
+from __future__ import annotations
+
+from store.errors import VmrError
+
+CLIP_KIND = "clip"
+CLIP_FRAMES = "one frame a clip, at its middle, resized and centre-cropped by the CLIP model's own preprocessing"
+# How each kind that vmr cannot compute yet would be added; named by the refusal below.
+HOW_TO_ADD = {CLIP_KIND: "re-run `vmr index DIR --index IDX`"}
+
+
+def clip_kind_record(clip_model: str, embed_dim: int, clip_source: dict | None) -> dict:
+    """The record of the ``clip`` kind: what made it, from the CLIP the ingest loaded."""
+    source = clip_source or {}
+    return {"dim": int(embed_dim), "dtype": "float32", "model": clip_model, "weights": source.get("pretrained"),
+            "precision": source.get("precision", "fp32"), "frames": CLIP_FRAMES}
+
+
+def feature_kinds(meta: dict) -> dict:
+    """kind -> record of an index's meta (derived for an index written before kinds were recorded)."""
+    if meta.get("feature_kinds"):
+        return dict(meta["feature_kinds"])
+    if meta.get("embed_dim"):
+        return {CLIP_KIND: clip_kind_record(meta.get("clip_model", ""), meta["embed_dim"], meta.get("clip_source"))}
+    return {}
+
+
+def coarse_kind(meta: dict) -> str:
+    """The kind the index's FAISS files hold (its search key)."""
+    return meta.get("coarse_kind", CLIP_KIND)
+
+
+def check_kinds(meta: dict, kinds: list[str], dims: list[int] | None, who: str) -> None:
+    """Refuse, in one line, an index that lacks one of ``kinds`` or holds it at another width than ``dims``.
+
+    ``who`` names what needs them (e.g. "the reranker ckpt.pt")."""
+    held = feature_kinds(meta)
+    for i, kind in enumerate(kinds):
+        if kind not in held:
+            how = HOW_TO_ADD.get(kind, f"this vmr cannot compute '{kind}' features at ingest yet, so no index has "
+                                       "them: use a checkpoint trained on this index's kinds, or --no-rerank")
+            raise VmrError(f"{who} reads '{kind}' features, which this index does not hold (it holds: "
+                           f"{', '.join(sorted(held)) or 'none'}): {how}")
+        if dims and i < len(dims) and int(held[kind]["dim"]) != int(dims[i]):
+            raise VmrError(f"{who} reads {dims[i]}-d '{kind}' features, this index holds {held[kind]['dim']}-d: use "
+                           f"a checkpoint trained on this index (`vmr train --index`), or --no-rerank")
