@@ -139,6 +139,8 @@ def one_run(videos: Path, index: Path, signum: int, delay: float, clean: dict) -
     row["clean"] = (row["exit"] == 1 and len(lines) == 1 and lines[0].startswith("error: interrupted:")
                     and not row["traceback"] and row["resume_exit"] == 0 and row["same_as_clean"]
                     and row["faiss_current"])
+    if not row["clean"]:
+        row["stderr_tail"] = lines[-12:]  # what to read first when a run is not clean
     return row
 
 

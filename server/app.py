@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.media import Forbidden, ThumbnailCache, clip_of, unplayable_reason, video_file
 from server.state import Busy, ServerState
+from store import db
 from store import labels as label_store
 from store.errors import VmrError
 
@@ -200,8 +201,7 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
     @app.get("/api/videos/{video_id}", summary="One video: metadata and pseudo-events")
     def video(video_id: int):
         row = indexed(video_id)
-        events = state.read(lambda con: con.execute('SELECT start, "end" FROM events WHERE video_id = ? ORDER BY idx',
-                                                    [video_id]).fetchall())
+        events = state.read(lambda con: db.event_spans(con, video_id))
         return {**_public(row, state.root), "events": [[s, e] for s, e in events]}
 
     @app.get("/api/videos/{video_id}/file", summary="The video's bytes; honours HTTP Range (206)")

@@ -157,11 +157,8 @@ class ServerState:
         with self._catalogue_lock:
             if not force and time.monotonic() - self._read_at < CATALOGUE_SECONDS:
                 return
-            names = ", ".join(VIDEO_COLUMNS)
-
             def load(con):
-                rows = con.execute(f"SELECT {names} FROM videos ORDER BY id").fetchall()
-                return rows, db.read_meta(con).get("generation")
+                return db.video_rows(con, VIDEO_COLUMNS), db.read_meta(con).get("generation")
 
             rows, generation = self.read(load, wait=wait)
             videos = {int(r[0]): dict(zip(VIDEO_COLUMNS, r)) for r in rows}

@@ -101,6 +101,16 @@ def read_meta(con) -> dict:
     return {k: json.loads(v) for k, v in rows}
 
 
+def video_rows(con, columns: tuple[str, ...]) -> list[tuple]:
+    """Every row of ``videos`` (``columns`` of it, in that order), by id: the server's catalogue."""
+    return con.execute(f"SELECT {', '.join(columns)} FROM videos ORDER BY id").fetchall()
+
+
+def event_spans(con, video_id: int) -> list[tuple[float, float]]:
+    """(start, end) seconds of one video's pseudo-events, in order."""
+    return con.execute('SELECT start, "end" FROM events WHERE video_id = ? ORDER BY idx', [video_id]).fetchall()
+
+
 def write_meta(con, values: dict) -> None:
     for key, value in values.items():
         con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, json.dumps(value)])

@@ -35,6 +35,16 @@ def feature_kinds(meta: dict) -> dict:
     return {}
 
 
+def record_update(meta: dict, clip_model: str, embed_dim: int) -> dict:
+    """The meta keys an ingest writes so that the record names the CLIP it runs (and an index from before kinds
+    were recorded gains its record); {} when the record is current."""
+    recorded = feature_kinds(meta)
+    recorded[CLIP_KIND] = clip_kind_record(clip_model, embed_dim, meta.get("clip_source"))
+    if meta.get("feature_kinds") == recorded and "coarse_kind" in meta:
+        return {}
+    return {"feature_kinds": recorded, "coarse_kind": coarse_kind(meta)}
+
+
 def coarse_kind(meta: dict) -> str:
     """The kind the index's FAISS files hold (its search key)."""
     return meta.get("coarse_kind", CLIP_KIND)

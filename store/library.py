@@ -271,10 +271,8 @@ class Library:
                 if clip_source and meta.get("clip_source") != clip_source:
                     db.write_meta(con, {"clip_source": clip_source})
                     meta["clip_source"] = clip_source
-                recorded = kinds.feature_kinds(meta)  # an index from before kinds were recorded: derived
-                recorded[kinds.CLIP_KIND] = kinds.clip_kind_record(clip_model, embed_dim, meta.get("clip_source"))
-                if meta.get("feature_kinds") != recorded or "coarse_kind" not in meta:
-                    update = {"feature_kinds": recorded, "coarse_kind": kinds.coarse_kind(meta)}
+                update = kinds.record_update(meta, clip_model, embed_dim)
+                if update:
                     db.write_meta(con, update)
                     meta.update(update)
                 return meta

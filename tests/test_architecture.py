@@ -241,6 +241,24 @@ def test_no_code_edits_sys_path(readers):
     _fail_if(edits, "no code edits the import path (use PYTHONPATH for a child process, or importlib)")
 
 
+def test_no_sql_outside_store(readers):
+    """Only store/ talks to DuckDB: the rest of the product reads and writes the index through store's functions
+    (so a sharded or remote store can stand behind them). Seen as a call of ``.execute``/``.sql`` or a SQL verb
+    opening a string."""
+    sql_start = re.compile(r"^\s*(SELECT\s.*\bFROM\b|INSERT\s+(OR\s+\w+\s+)?INTO\b|UPDATE\s+\w+\s+SET\b|"
+                           r"DELETE\s+FROM\b|(CREATE|DROP|ALTER)\s+(TABLE|INDEX|SEQUENCE)\b)", re.DOTALL)
+    found = []
+    for rel in readers:
+        if top_name(rel) not in PRODUCT or top_name(rel) == "store":
+            continue
+        for node in ast.walk(ast.parse((ROOT / rel).read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("execute", "executemany", "sql"):
+                found.append(f"{rel}:{node.lineno}: .{node.attr}")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and sql_start.match(node.value):
+                found.append(f"{rel}:{node.lineno}: {node.value.strip()[:40]!r}")
+    _fail_if(found, "SQL outside store/ (add a function to store/ and call it)")
+
+
 def test_product_files_stay_small(readers):
     sizes = {rel: len((ROOT / rel).read_text().splitlines()) for rel in readers if top_name(rel) in PRODUCT}
     _fail_if([f"{rel}: {n} lines" for rel, n in sorted(sizes.items()) if n > MAX_PRODUCT_LINES],
