@@ -14,7 +14,7 @@ from store.errors import VmrError
 # duckdb.IOException: a damaged index file found mid-query (a truncated one opens, then fails on its first read).
 USER_ERRORS = (VmrError, ModelError, duckdb.IOException)
 
-# Exit codes of the CLI contract (DESIGN.md).
+# Exit codes of the CLI contract (docs/design.md).
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 

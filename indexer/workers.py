@@ -1,6 +1,6 @@
 """What runs inside Ray: the decode task (one segment of one video) and the CLIP actor (holds the model).
 
-Both are plain Python here; indexer.ingest wraps them with ray.remote and its resource options. A decode task
+Both are plain Python here; indexer.pipeline wraps them with ray.remote and its resource options. A decode task
 never raises for a bad file: it returns the reason, so one broken file cannot fail the run.
 """
 from __future__ import annotations

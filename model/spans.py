@@ -1,6 +1,6 @@
 """Spans on the clip grid: seconds <-> clips, clip bounds, tiling into windows, temporal IoU, NMS.
 
-One implementation shared by training, prediction, indexing and search (STYLE.md: one implementation of each idea).
+One implementation shared by training, prediction, indexing and search, so that they cannot disagree on a boundary.
 A span is ``xx`` = (start, end) or ``cxw`` = (center, width); in seconds, in clips (half-open [first, end)) or
 normalised to a window's length. The video is cut into clips of ``clip_len`` seconds (2 s for every public
 dataset and for our indexes; an index records its own length in its meta ``clip_seconds``).

@@ -3,7 +3,7 @@
 The vectors are L2-normalised CLIP embeddings and the metric is inner product (= cosine). Every index carries the
 caller's int64 ids (video_id * 2**20 + clip_idx), so a search result maps straight back to DuckDB rows.
 
-Index types (chosen by `choose_index_spec`, stored as a JSON-serialisable dict in the library's meta):
+Index types (chosen by `choose_index_spec`; the type of each file is recorded in faiss.json, store/vectors.py):
   flat  exact search (IndexIDMap over IndexFlatIP). Used below FLAT_MAX_VECTORS, where a brute-force scan of one
         query is already a few milliseconds.
   ivf   IndexIVFScalarQuantizer with fp16 codes (inner-product coarse quantizer, native ids). Approximate: a

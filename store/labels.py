@@ -15,8 +15,8 @@ Export format: one jsonl record per (query, video) with at least one accepted wi
 --index` reads (model/dataset.py):
   qid (int: the smallest label id of the group, stable), query, vid (video path relative to the root), duration,
   relevant_windows [[start, end], ...] (accepted hits, adjusted hits, marked moments), and
-  negative_windows [[start, end], ...]: hits a person REJECTED for this query in this video (training does not read
-  it yet; it is where "this is not it" lives). Groups with rejections only are left out (counted), since a training
+  negative_windows [[start, end], ...]: hits a person REJECTED for this query in this video (training draws negative
+  windows from them: model/negatives.py, source 'labels'). Groups with rejections only are left out (counted), since a training
   record needs a relevant window.
 
 Writes go through ``write_connection``: one short read-write connection (DuckDB allows one writing process; an

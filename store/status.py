@@ -1,4 +1,4 @@
-"""`vmr status`: the counts of an index as JSON (DESIGN.md) and as text."""
+"""`vmr status`: the counts of an index as JSON (docs/design.md) and as text."""
 from __future__ import annotations
 
 from store.library import Library

@@ -188,14 +188,13 @@ def test_rejected_hits_from_labels_become_negative_windows():
     ann = dict(anns[0], relevant_windows=[[20.0, 30.0]], negative_windows=[[80.0, 90.0]])
     sampler = NegativeSampler([ann], provider, lambda v: len(provider.videos[v]), v_limit=20, clip_length=2.0,
                               sources=["labels"])
-    rng = np.random.default_rng(0)
     import random
+
     for seed in range(5):
         source, vid, a, b = sampler.sample(ann, random.Random(seed))
         assert source == "labels" and vid == ann["vid"]
         assert a * 2.0 <= 80.0 and b * 2.0 >= 90.0  # holds the rejected hit
         assert a * 2.0 >= 32.0  # clear of the relevant window (one clip of margin)
-    assert rng is not None
     assert sampler.sample(dict(ann, negative_windows=[]), random.Random(0)) is None
 
 
