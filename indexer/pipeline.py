@@ -128,7 +128,7 @@ class Pipeline:
             logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
                 lambda record: not record.getMessage().startswith("Token authentication is enabled"))
             try:
-                with ray_keeps_our_handlers(ray):
+                with ray_keeps_our_handlers(ray, self.stops):
                     ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=False,
                              configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as err:

@@ -27,6 +27,13 @@ class StopSignals:
         """The handler itself: record, never raise (see the module docstring)."""
         self.arrived.append(signum)
 
+    def reinstall(self) -> None:
+        """Set our handler again at the C level. Ray's core worker installs a native handler for SIGTERM (it prints
+        a stack and aborts the process, exit -6, seen in bench/signals.py) that ``signal.getsignal`` cannot see:
+        Python still reports its own handler."""
+        for signum in self.previous:
+            signal.signal(signum, self.note)
+
     def check(self) -> None:
         """A safe point: stop the run (KeyboardInterrupt) if a stop signal arrived. Puts our handler back where a
         library replaced it, so that a later signal is noted rather than handled by someone else's raising one."""
@@ -59,13 +66,13 @@ def recording_stop_signals() -> Iterator[StopSignals]:
 
 
 @contextlib.contextmanager
-def ray_keeps_our_handlers(ray) -> Iterator[None]:
+def ray_keeps_our_handlers(ray, stops: StopSignals) -> Iterator[None]:
     """While ``ray.init`` runs, Ray sets SIGTERM handlers of its own (one calls sys.exit; on a new local cluster
     another kills Ray's processes, then exits): either would raise into whatever code runs when the signal
     lands. Ray sets both through ``ray._private.utils.set_sigterm_handler``; inside this block that function
     leaves the handler as it is, so a SIGTERM meanwhile is only noted and ``check()`` stops the run after
-    ``ray.init`` returns (the caller shuts Ray down). Where a Ray version lacks the function, nothing is replaced
-    and ``check()`` restores our handler after the call."""
+    ``ray.init`` returns (the caller shuts Ray down). Where a Ray version lacks the function, nothing is replaced.
+    On the way out our handlers are set again (``StopSignals.reinstall``: Ray's native one is gone from then on)."""
     utils = getattr(getattr(ray, "_private", None), "utils", None)
     original = getattr(utils, "set_sigterm_handler", None)
     if original is None or threading.current_thread() is not threading.main_thread():
@@ -76,3 +83,4 @@ def ray_keeps_our_handlers(ray) -> Iterator[None]:
         yield
     finally:
         utils.set_sigterm_handler = original
+        stops.reinstall()

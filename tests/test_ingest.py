@@ -292,7 +292,7 @@ def test_stop_signals_are_noted_and_raise_only_at_a_safe_point():
         assert total == 4999950000 and stops.arrived == [signal.SIGTERM]
         with pytest.raises(KeyboardInterrupt):
             stops.check()
-        with ray_keeps_our_handlers(ray):
+        with ray_keeps_our_handlers(ray, stops):
             ray_utils.set_sigterm_handler(lambda signum, frame: sys.exit(signum))
         assert signal.getsignal(signal.SIGTERM) == stops.note
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a library's own, raising handler
