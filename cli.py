@@ -148,7 +148,7 @@ def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, re
       saliency       per clip of the candidate `window`: the reranker's
                      relevance probability 0..1 (without rerank: cosine)
     A reranker trained with negative windows (`vmr train --index`) gives
-    scores comparable across videos; see the README, "Ranking".
+    scores comparable across videos; see docs/guide.md, "Ranking".
     """
     from retriever.search import search_library, describe_results
 

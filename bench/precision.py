@@ -39,7 +39,7 @@ def world_vcmr(work: Path, n_libraries: int = 3, n_videos: int = 100, seed: int 
     from model.features import ClipEncoder
     from retriever.search import SearchEngine
     from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_RERANKER
-    from world.corpus import moment_hits
+    from retriever.vcmr import query_hits
 
     encoder = ClipEncoder.load(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS), device="cpu")
     hits = {p: {k: [] for k in VCMR_KEYS} for p in ("fp32", "bf16", "int8")}
@@ -54,10 +54,8 @@ def world_vcmr(work: Path, n_libraries: int = 3, n_videos: int = 100, seed: int 
                 for q in queries:
                     ranked = engine.search(q["query"], top_k=10).moments
                     gt = engine.library.resolve_vid(q["vid"])
-                    for t in (0.5, 0.7):
-                        ok = moment_hits(ranked, gt, q["relevant_windows"], t)
-                        for r in (1, 5):
-                            got[f"VCMR_R{r}@{t}"].append(bool(any(ok[:r])))
+                    for key, hit in query_hits(ranked, gt, q["relevant_windows"], (1, 5), (0.5, 0.7)).items():
+                        got[key].append(hit)
         shutil.rmtree(index, ignore_errors=True)
     out = {p: {key: 100 * float(np.mean(v)) for key, v in got.items()} for p, got in hits.items()}
     out["queries"] = len(hits["fp32"][VCMR_KEYS[0]])

@@ -98,14 +98,9 @@ def run(out_dir, quick: bool = False, sizes=None, device: str = "cpu", queries: 
 
 
 def _hit_rows(moments: list[dict], gt_video: int, windows: list) -> dict:
-    from world.corpus import moment_hits
+    from retriever.vcmr import query_hits
 
-    out = {}
-    for t in (0.5, 0.7):
-        ok = moment_hits(moments, gt_video, windows, t)
-        for k in (1, 5, 10):
-            out[f"VCMR_R{k}@{t}"] = bool(any(ok[:k]))
-    return out
+    return query_hits(moments, gt_video, windows, (1, 5, 10), (0.5, 0.7))
 
 
 def bootstrap(hits: dict[str, list[bool]], rng: np.random.Generator, resamples: int = BOOTSTRAP) -> dict:

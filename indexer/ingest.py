@@ -8,7 +8,8 @@ The driver plans and writes (this module); Ray does the heavy work (indexer.pipe
   3. commit: the driver assembles a video's clip embeddings, computes its pseudo-events, and commits the video in
      ONE DuckDB transaction, then updates the in-memory FAISS indexes (saved every FAISS_SAVE_SECONDS and at the
      end).
-The index records its clip length (meta ``clip_seconds``): clips and events are stored on that grid.
+Clips and events are stored on the 2-s grid (model.spans.CLIP_SECONDS), recorded as meta ``clip_seconds``;
+Library.prepare refuses an index that records another length.
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ from indexer.discover import Candidate, discover
 from indexer.pipeline import Pipeline, Video
 from indexer.stop_signals import recording_stop_signals
 from indexer.workers import ClipChoice
-from model.spans import CLIP_SECONDS, clip_bounds, clip_to_seconds
+from indexer.rows import video_rows
+from model.spans import CLIP_SECONDS
 from store import db, vectors
+from store.clip_source import ClipSource
 from store.errors import VmrError
 from store.library import Library
 from store.lock import ingest_lock, lock_path
@@ -154,7 +157,7 @@ def _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device
     if not recorded and not discover(root, exclude=[index_dir]):
         raise VmrError(f"no video files under {root} (looked for video extensions such as .mp4/.mkv/.webm and "
                        "video signatures): point vmr index at the folder that holds the videos")
-    clip = choose_clip(recorded.get("clip_source") or {}, clip_model, clip_pretrained, device, allow_random)
+    clip = choose_clip(ClipSource.recorded(recorded), clip_model, clip_pretrained, device, allow_random)
     try:
         _, model_id, _, _ = resolve_weights(clip.model, clip.pretrained, clip.allow_random)  # fail fast
         embed_dim = model_embed_dim(clip.model)
@@ -187,19 +190,19 @@ def _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device
     summary.seconds = time.monotonic() - start_time
 
 
-def choose_clip(recorded: dict, clip_model: str | None, clip_pretrained: str | None, device: str,
+def choose_clip(recorded: ClipSource, clip_model: str | None, clip_pretrained: str | None, device: str,
                 allow_random: bool) -> ClipChoice:
     """The CLIP of a run: what was given; what is not given comes from the index's record (meta ``clip_source``,
     so a re-index needs no CLIP options), else from DEFAULT_CLIP. Random weights only where allowed (tests) or
     where the index itself was built with them."""
-    model = clip_model or recorded.get("model") or DEFAULT_CLIP[0]
-    same_model = recorded.get("model") and ClipChoice(model, None).source()["model"] == recorded["model"]
-    # the index's embeddings share one precision: a re-index keeps the recorded one (older indexes: fp32), a new
-    # index gets the fastest accurate one of this device (model.precision.clip_precision)
-    precision = (recorded.get("precision") or "fp32") if recorded.get("model") else _clip_precision(device)
+    model = clip_model or recorded.model or DEFAULT_CLIP[0]
+    same_model = recorded.model and ClipSource.of(model, None, recorded.precision).model == recorded.model
+    # the index's embeddings share one precision: a re-index keeps the recorded one, a new index gets the fastest
+    # accurate one of this device (model.precision.clip_precision)
+    precision = recorded.precision if recorded.model else _clip_precision(device)
     if clip_pretrained is None and not allow_random:
         if same_model:
-            return ClipChoice(model, recorded.get("pretrained"), device, not recorded.get("pretrained"), precision)
+            return ClipChoice(model, recorded.pretrained, device, not recorded.pretrained, precision)
         clip_pretrained = DEFAULT_CLIP[1]
     return ClipChoice(model, clip_pretrained, device, allow_random, precision)
 
@@ -291,9 +294,6 @@ class Writer:
             return sum(self._commit_one(video) for video in videos)
 
     def _commit_one(self, video: Video) -> int:
-        from model.pseudo_events import pseudo_event_clip_spans
-        import torch
-
         first = video.infos[0]
         old = video.old or {}
         old_counts = (old.get("n_clips") or 0, old.get("n_events") or 0)
@@ -314,9 +314,7 @@ class Writer:
             return 0
         vectors = vectors[: video.total_clips]
         duration = float(video.end_time)
-        clip_spans = clip_bounds(len(vectors), self.clip_seconds, duration)
-        spans = pseudo_event_clip_spans(torch.from_numpy(vectors))
-        event_spans, event_clips, event_vectors = _events(spans, vectors, duration, self.clip_seconds)
+        clip_spans, event_spans, event_clips, event_vectors = video_rows(vectors, duration, self.clip_seconds)
         stat.update(duration=duration, fps=first.get("fps"), width=first.get("width"), height=first.get("height"))
         self.lib.commit_video(video.video_id, stat, clip_spans, vectors, event_spans, event_clips, event_vectors)
         self.faiss.replace(video.video_id, old_counts, vectors, event_vectors)
@@ -325,21 +323,3 @@ class Writer:
         video.vectors.clear()
         return len(vectors)
 
-
-def _events(spans: list[tuple[int, int]], vectors: np.ndarray, duration: float, clip_seconds: float):
-    """Pseudo-event clip spans -> (seconds [E, 2], clips [E, 2] first..last inclusive, embeddings [E, D]).
-
-    Event i covers clips b_i .. b_{i+1}-1 (the last one through the final clip, and ends at the video's end);
-    its embedding is the normalised mean of its clips.
-    """
-    n = len(vectors)
-    seconds, clips, embs = [], [], []
-    for i, (a, b) in enumerate(spans):
-        last = i == len(spans) - 1
-        end_clip = n - 1 if last else max(a, b - 1)
-        seconds.append((clip_to_seconds(a, clip_seconds), duration if last else clip_to_seconds(b, clip_seconds)))
-        clips.append((a, end_clip))
-        mean = vectors[a: end_clip + 1].mean(axis=0)
-        embs.append(mean / max(np.linalg.norm(mean), 1e-12))
-    return (np.asarray(seconds, np.float64), np.asarray(clips, np.int64),
-            np.asarray(embs, np.float32).reshape(len(spans), vectors.shape[1]))

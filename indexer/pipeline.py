@@ -83,7 +83,7 @@ def cluster_shape(clip: ClipChoice, cpus: int, gpus: int) -> ClusterShape:
     # Decoding is ~10% of the CPU encoder's work, so a decode task reserves a whole CPU (where there are two; a
     # 1-CPU cluster still runs both at half): fewer decode worker processes, each of which pays the torch/open_clip
     # imports (~5 s CPU) when it starts. Measured on 2 cores, 480 clips, ViT-B-32 (encoder alone 11.6 clips/s):
-    # 5.7 clips/s before, 8.0 with the threads, 11.1 with both.
+    # 5.7 clips/s with neither, 8.0 with the threads, 11.1 with both.
     n_actors = max(1, cpus // 8)
     return ClusterShape(n_actors, {"num_cpus": 0.5}, dataclasses.replace(clip, device="cpu"),
                   max(1, min(8, cpus // n_actors)), 1 if cpus >= 2 else 0.5)

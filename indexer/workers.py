@@ -14,6 +14,7 @@ import numpy as np
 
 from indexer.decode import DecodeError, probe, sample_clip_frames
 from indexer.discover import content_hash
+from store.clip_source import ClipSource
 
 
 @dataclass(frozen=True)
@@ -33,13 +34,8 @@ class ClipChoice:
     precision: str = "auto"
 
     def source(self) -> dict:
-        """How search reloads this CLIP (index meta ``clip_source``): names/tags as given, local files as absolute
-        paths."""
-        def absolute(value):
-            return os.path.abspath(value) if value and os.path.isfile(value) else value
-
-        return {"model": absolute(self.model), "pretrained": absolute(self.pretrained) or None,
-                "precision": self.precision}
+        """How search reloads this CLIP (index meta ``clip_source``, store.clip_source)."""
+        return ClipSource.of(self.model, self.pretrained, self.precision).to_meta()
 
 
 @functools.lru_cache(maxsize=4)

@@ -20,7 +20,7 @@ they are when ``embed_llm=True``. Converted checkpoints either embed them or (``
 checkpoint they came from by absolute path plus a SHA-256 of the block tensors exactly as stored there; loading
 reads them from it (memory-mapped) and refuses a file that is missing or whose blocks changed. Embedded blocks are stored in the narrowest dtype that
 holds their values exactly (bf16 or fp16: released LLM weights and our random blocks are such values; anything
-else stays fp32), so storage never changes a prediction; version-1 files with fp32 blocks load as before.
+else stays fp32), so storage never changes a prediction; version-1 files holding fp32 blocks load unchanged.
 Loading memory-maps the file (zip format) and assigns the stored tensors (no random init, no fp32 copy first), then
 casts them once, to the precision asked for (model.precision) or else the config's ``llm_dtype``; int8 quantization
 releases each layer's mapped pages as it goes (release_file_pages), so the stored blocks are never resident whole.

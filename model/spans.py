@@ -3,7 +3,7 @@
 One implementation shared by training, prediction, indexing and search, so that they cannot disagree on a boundary.
 A span is ``xx`` = (start, end) or ``cxw`` = (center, width); in seconds, in clips (half-open [first, end)) or
 normalised to a window's length. The video is cut into clips of ``clip_len`` seconds (2 s for every public
-dataset and for our indexes; an index records its own length in its meta ``clip_seconds``).
+dataset and for every index vmr writes, which records it in its meta ``clip_seconds``).
 
 The array functions take numpy arrays or torch tensors alike (``_xp`` picks the library from the argument), so the
 training losses (differentiable GIoU on tensors) and the official metrics (float64 numpy) run the same lines and
@@ -44,6 +44,12 @@ def seconds_to_clip(t: float, clip_len: float = CLIP_SECONDS) -> int:
 def clip_to_seconds(i: int, clip_len: float = CLIP_SECONDS) -> float:
     """Start (sample time) of clip ``i`` in seconds."""
     return i * clip_len
+
+
+def clip_at(t: float, duration: float | None, clip_len: float = CLIP_SECONDS) -> int:
+    """The clip holding time ``t`` seconds (clip i = [i, i + 1) x clip_len), clamped to the video's clips."""
+    last = max(int(((duration or 0.0) - 1e-6) // clip_len), 0)
+    return min(max(int(float(t) // clip_len), 0), last)
 
 
 def covering_clips(start: float, end: float, clip_len: float = CLIP_SECONDS) -> tuple[int, int]:

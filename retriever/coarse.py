@@ -90,8 +90,8 @@ def coarse_candidates(library, query: np.ndarray, cfg: CoarseConfig | None = Non
         seeds[int(vid)].append(int(clip))
         best[int(vid)] = max(best[int(vid)], float(score))
     event_hits = library.search_events(query, cfg.event_hits) if cfg.event_hits else []
-    # DuckDB reads are batched: one query per table for all hit videos (per-video reads were ~60% of a query's
-    # time at 10^4 videos)
+    # DuckDB reads are batched: one query per table for all hit videos (per-video reads would be ~60% of a
+    # query's time at 10^4 videos)
     events_of = library.events_many({int(vid) for vid, _, _ in event_hits})
     for vid, idx, score in event_hits:
         vid = int(vid)

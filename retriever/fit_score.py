@@ -10,30 +10,19 @@ annotations only.
 """
 from __future__ import annotations
 
-from model.spans import temporal_iou
 from retriever.merge import MODEL_SCORES, RELEVANCE_SCORES, ScoreRule
+from retriever.vcmr import vcmr_recall
 
 COARSE_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 KS, IOUS = (1, 5), (0.5, 0.7)
-
-
-def _hits(ranked: list[dict], gt_video: int, windows: list, k: int, iou: float) -> bool:
-    return any(m["video_id"] == gt_video and any(temporal_iou((m["start"], m["end"]), w) >= iou for w in windows)
-               for m in ranked[:k])
 
 
 def rule_metrics(per_query: list[tuple[list, int, list]], rule: ScoreRule) -> dict:
     """VCMR R@k (%) of ``rule`` over (reranked moments, gt video id, gt windows) per query."""
     from retriever.search import rank_moments
 
-    hits = {(k, t): 0 for k in KS for t in IOUS}
-    for moments, gt_video, windows in per_query:
-        ranked = rank_moments(list(moments), max(KS), rule)
-        for k in KS:
-            for t in IOUS:
-                hits[(k, t)] += _hits(ranked, gt_video, windows, k, t)
-    n = max(len(per_query), 1)
-    return {f"VCMR_R{k}@{t}": 100.0 * hits[(k, t)] / n for k in KS for t in IOUS}
+    return vcmr_recall(((rank_moments(list(moments), max(KS), rule), gt_video, windows)
+                        for moments, gt_video, windows in per_query), KS, IOUS)
 
 
 def rerank_queries(engine, annotations: list[dict]) -> list[tuple[list, int, list]]:

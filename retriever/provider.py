@@ -5,7 +5,7 @@ text features the per-token features of the CLIP model that built the index.
 
 Training reads the same few hundred videos and sentences every epoch, so everything read is kept in memory, and
 the bulk reads (``preload``, ``hard_negatives_many``) hold one DuckDB connection: opening the file costs ~40 ms a
-time, and per-item opens made a 207-sentence epoch of the test world's tiny reranker take ~25 s instead of ~5.
+time, and per-item opens would make a 207-sentence epoch of the test world's tiny reranker take ~25 s, not ~5.
 """
 from __future__ import annotations
 

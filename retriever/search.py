@@ -26,6 +26,7 @@ from retriever.coarse import CoarseConfig, coarse_candidates
 from model.spans import paired_iou
 from retriever.merge import NMS_IOU, Moment, ScoreRule, nms_merge
 from retriever.windows import Window, index_clip_seconds
+from store.clip_source import ClipSource
 from store.errors import VmrError
 
 log = logging.getLogger("vmr.search")
@@ -41,21 +42,22 @@ RERANK_BUDGET_S = 1.5
 def load_query_encoder(meta: dict, device: str = "auto"):
     """The CLIP model that built the index, for encoding queries.
 
-    The index records how its CLIP was loaded (meta ``clip_source``: model name or config path, pretrained tag or
-    checkpoint path); random weights only where the index itself was built with them (tests: seeded, so equal).
+    The index records how its CLIP was loaded (meta ``clip_source``, store.clip_source: model name or config path,
+    pretrained tag or checkpoint path, precision); random weights only where the index itself was built with them
+    (tests: seeded, so equal).
     """
     from model.features import ClipEncoder
 
-    source = meta.get("clip_source") or {}
-    if not source.get("model"):
+    source = ClipSource.recorded(meta)
+    if not source.model:
         raise VmrError(f"the index does not record how its CLIP ({meta.get('clip_model')!r}) was loaded; "
                        "re-index it with this vmr")
-    # queries are embedded at the precision the index's clips were (fp32 for indexes that record none)
-    encoder = ClipEncoder.load(source["model"], source.get("pretrained"), device=device,
-                               allow_random=not source.get("pretrained"), precision=source.get("precision") or "fp32")
+    # queries are embedded at the precision the index's clips were
+    encoder = ClipEncoder.load(source.model, source.pretrained, device=device, allow_random=not source.pretrained,
+                               precision=source.precision)
     if encoder.model_id != meta.get("clip_model"):
-        raise VmrError(f"the index was built with CLIP {meta.get('clip_model')} but {source['model']} / "
-                       f"{source.get('pretrained')} now loads as {encoder.model_id}: restore that checkpoint or re-index")
+        raise VmrError(f"the index was built with CLIP {meta.get('clip_model')} but {source.model} / "
+                       f"{source.pretrained} now loads as {encoder.model_id}: restore that checkpoint or re-index")
     return encoder
 
 

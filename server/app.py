@@ -25,7 +25,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.media import Forbidden, ThumbnailCache, clip_of, unplayable_reason, video_file
+from model.spans import clip_at
+from server.media import Forbidden, ThumbnailCache, unplayable_reason, video_file
 from server.state import Busy, ServerState
 from store import db
 from store import labels as label_store
@@ -214,7 +215,7 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
         row = indexed(video_id)
         path = served_file(row)
         try:
-            jpeg = thumbs.get(path, row, clip_of(t, row.get("duration")))
+            jpeg = thumbs.get(path, row, clip_at(t, row.get("duration")))
         except VmrError as err:
             raise HTTPException(422, str(err)) from None
         return FileResponse(jpeg, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})

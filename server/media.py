@@ -17,12 +17,12 @@ import io
 import os
 import threading
 
+from model.spans import CLIP_SECONDS
 from store.errors import VmrError
 
 THUMB_DIR = "thumbnails"
 THUMB_WIDTH = 160
 THUMB_QUALITY = 80
-CLIP_SECONDS = 2.0
 
 
 class Forbidden(VmrError):
@@ -54,12 +54,6 @@ def unplayable_reason(root: str, row: dict) -> str | None:
     except VmrError:
         return "file gone since it was indexed: re-run `vmr index`"
     return None
-
-
-def clip_of(t: float, duration: float | None) -> int:
-    """The 2-s clip holding time ``t`` (clamped to the video)."""
-    last = max(int(((duration or 0.0) - 1e-6) // CLIP_SECONDS), 0)
-    return min(max(int(float(t) // CLIP_SECONDS), 0), last)
 
 
 class ThumbnailCache:

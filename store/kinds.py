@@ -11,6 +11,7 @@ do have (``clip_model``, ``embed_dim``, ``clip_source``), and the next ingest wr
 """
 from __future__ import annotations
 
+from store.clip_source import ClipSource
 from store.errors import VmrError
 
 CLIP_KIND = "clip"
@@ -19,11 +20,11 @@ CLIP_FRAMES = "one frame a clip, at its middle, resized and centre-cropped by th
 HOW_TO_ADD = {CLIP_KIND: "re-run `vmr index DIR --index IDX`"}
 
 
-def clip_kind_record(clip_model: str, embed_dim: int, clip_source: dict | None) -> dict:
-    """The record of the ``clip`` kind: what made it, from the CLIP the ingest loaded."""
-    source = clip_source or {}
-    return {"dim": int(embed_dim), "dtype": "float32", "model": clip_model, "weights": source.get("pretrained"),
-            "precision": source.get("precision", "fp32"), "frames": CLIP_FRAMES}
+def clip_kind_record(clip_model: str, embed_dim: int, meta: dict) -> dict:
+    """The record of the ``clip`` kind: what made it, from the CLIP the index records (meta ``clip_source``)."""
+    source = ClipSource.recorded(meta)
+    return {"dim": int(embed_dim), "dtype": "float32", "model": clip_model, "weights": source.pretrained,
+            "precision": source.precision, "frames": CLIP_FRAMES}
 
 
 def feature_kinds(meta: dict) -> dict:
@@ -31,7 +32,7 @@ def feature_kinds(meta: dict) -> dict:
     if meta.get("feature_kinds"):
         return dict(meta["feature_kinds"])
     if meta.get("embed_dim"):
-        return {CLIP_KIND: clip_kind_record(meta.get("clip_model", ""), meta["embed_dim"], meta.get("clip_source"))}
+        return {CLIP_KIND: clip_kind_record(meta.get("clip_model", ""), meta["embed_dim"], meta)}
     return {}
 
 
@@ -39,7 +40,7 @@ def record_update(meta: dict, clip_model: str, embed_dim: int) -> dict:
     """The meta keys an ingest writes so that the record names the CLIP it runs (and an index from before kinds
     were recorded gains its record); {} when the record is current."""
     recorded = feature_kinds(meta)
-    recorded[CLIP_KIND] = clip_kind_record(clip_model, embed_dim, meta.get("clip_source"))
+    recorded[CLIP_KIND] = clip_kind_record(clip_model, embed_dim, meta)
     if meta.get("feature_kinds") == recorded and "coarse_kind" in meta:
         return {}
     return {"feature_kinds": recorded, "coarse_kind": coarse_kind(meta)}

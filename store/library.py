@@ -250,7 +250,7 @@ class Library:
         per clip, recorded as meta ``clip_seconds``; indexes written before it was recorded use the 2-s grid, the
         only one vmr has written). Returns meta.
 
-        ``clip_source`` ({"model": name or config path, "pretrained": tag or checkpoint path}) tells search how to
+        ``clip_source`` (store.clip_source.ClipSource.to_meta(): model, pretrained, precision) tells search how to
         load the same CLIP for queries; it is refreshed on every run, since a local checkpoint may have moved.
         """
         self._writable()
@@ -284,7 +284,7 @@ class Library:
                         "created_at": _now().isoformat()}
                 if clip_source:
                     meta["clip_source"] = clip_source
-                meta["feature_kinds"] = {kinds.CLIP_KIND: kinds.clip_kind_record(clip_model, embed_dim, clip_source)}
+                meta["feature_kinds"] = {kinds.CLIP_KIND: kinds.clip_kind_record(clip_model, embed_dim, meta)}
                 meta["coarse_kind"] = kinds.CLIP_KIND
                 db.write_meta(con, meta)
             return meta

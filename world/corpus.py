@@ -2,7 +2,7 @@
 
 - video recall@k: the ground-truth video is among the first k distinct videos of the coarse candidate ranking;
 - VCMR R@k, IoU≥t: one of the top k moments of the final ranking lies in the ground-truth video and overlaps one
-  of its ground-truth windows by temporal IoU ≥ t (the TVR / VCMR convention);
+  of its ground-truth windows by temporal IoU ≥ t (the TVR / VCMR convention; retriever.vcmr);
 - per-stage latency p50/p95 (seconds) from the search's stage timings.
 
 The search under test is any callable ``search(query, top_k) -> retriever.search.SearchResult``: the engine's own
@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.spans import temporal_iou
+from retriever.vcmr import vcmr_recall
 
 KS = (1, 5, 10)
 IOUS = (0.5, 0.7)
 LATENCY_KEYS = ("text_encode", "coarse", "windows", "rerank", "merge", "total")
-
-
-def moment_hits(moments: list[dict], gt_video: int, gt_windows: list, iou: float) -> list[bool]:
-    """Per ranked moment: does it match the ground truth at this IoU?"""
-    return [m["video_id"] == gt_video and any(temporal_iou((m["start"], m["end"]), w) >= iou for w in gt_windows)
-            for m in moments]
 
 
 def percentiles(values: list[float]) -> dict:
@@ -42,7 +36,7 @@ def corpus_metrics(search, annotations: list[dict], resolve_vid, mode: str, ks=K
     for ann in annotations[:warmup]:  # first-call costs (lazy imports, FAISS file load) are not query latency
         search(ann["query"], max(ks))
     vid_of = {ann["vid"]: resolve_vid(ann["vid"]) for ann in annotations}
-    hits = {(k, t): 0 for k in ks for t in ious}
+    judged = []  # (ranked moments, gt video, gt windows) per annotation
     video_hits = {k: 0 for k in ks}
     timings = {key: [] for key in LATENCY_KEYS}
     for ann in annotations:
@@ -55,14 +49,11 @@ def corpus_metrics(search, annotations: list[dict], resolve_vid, mode: str, ks=K
         videos = list(dict.fromkeys(result.window_videos))
         for k in ks:
             video_hits[k] += gt_video in videos[:k]
-        for t in ious:
-            ok = moment_hits(result.moments, gt_video, ann["relevant_windows"], t)
-            for k in ks:
-                hits[(k, t)] += any(ok[:k])
+        judged.append((result.moments, gt_video, ann["relevant_windows"]))
     n = max(len(annotations), 1)
     out = {"mode": mode, "queries": len(annotations)}
     out.update({f"video_R@{k}": 100.0 * video_hits[k] / n for k in ks})
-    out.update({f"VCMR_R{k}@{t}": 100.0 * hits[(k, t)] / n for k in ks for t in ious})
+    out.update(vcmr_recall(judged, ks, ious))
     out["latency"] = {key: percentiles(v) for key, v in timings.items()}
     return out
 

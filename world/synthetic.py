@@ -3,8 +3,8 @@
 Decoding 10^4 videos is out of reach on a laptop-sized machine, so for library-scale tests and benchmarks each
 distinct frame content (the set of visible objects) is rendered once, encoded with the world CLIP, and every clip
 showing that content gets that embedding plus a little Gaussian noise (re-normalised), standing in for the
-per-frame jitter and compression of real decoded frames. Pseudo-events are computed by the same function the
-indexer uses. TEST WORLD ONLY.
+per-frame jitter and compression of real decoded frames. Clip and event rows are made by the same function the
+indexer uses (indexer.rows). TEST WORLD ONLY.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
 from world.generator import CLIP_SECONDS, ObjectPool, WorldVideo, annotations, sample_video
 from world.scene import ALL_OBJECTS, render_frame
-from model.pseudo_events import pseudo_event_clip_spans
+from indexer.rows import video_rows
 
 CLIP_NOISE = 0.03  # std of the per-dimension noise added to a clip's state embedding (before re-normalising)
 
@@ -50,20 +50,6 @@ def clip_vectors(video: WorldVideo, embed: StateEmbedder, rng: np.random.Generat
     return (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
 
 
-def events_of(vectors: np.ndarray, duration: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(event spans seconds [E, 2], event clips [E, 2] first/last clip, event vectors [E, D]) of a video."""
-    spans = pseudo_event_clip_spans(torch.from_numpy(vectors))
-    n = len(vectors)
-    secs, clips, vecs = [], [], []
-    for k, (a, b) in enumerate(spans):
-        last = b if k == len(spans) - 1 else max(a, b - 1)  # the boundary clip opens the next event
-        secs.append((a * CLIP_SECONDS, min((last + 1) * CLIP_SECONDS, max(duration, a * CLIP_SECONDS))))
-        clips.append((a, min(last, n - 1)))
-        v = vectors[a: last + 1].mean(0)
-        vecs.append(v / np.linalg.norm(v))
-    return np.asarray(secs, np.float32), np.asarray(clips, np.int64), np.asarray(vecs, np.float32)
-
-
 def write_library(index_dir, videos: list[WorldVideo], encoder, seed: int = 0, progress: bool = False,
                   embed: StateEmbedder | None = None) -> None:
     """An index at ``index_dir`` holding ``videos`` as synthetic clip vectors (paths ``<vid>.mp4``); an existing
@@ -71,6 +57,7 @@ def write_library(index_dir, videos: list[WorldVideo], encoder, seed: int = 0, p
     embedding across the writes)."""
     from tqdm import tqdm
 
+    from store.clip_source import ClipSource
     from store.library import Library
 
     rng = np.random.default_rng(seed)
@@ -78,15 +65,12 @@ def write_library(index_dir, videos: list[WorldVideo], encoder, seed: int = 0, p
     with Library(index_dir, read_only=False) as lib:
         # Synthetic libraries are world libraries: queries are encoded with the world CLIP (``encoder``).
         lib.prepare(encoder.model_id, encoder.embed_dim, root="synthetic", clip_seconds=CLIP_SECONDS,
-                    clip_source={"model": str(WORLD_CLIP_CONFIG), "pretrained": str(WORLD_CLIP_WEIGHTS)})
+                    clip_source=ClipSource(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS)).to_meta())
         ids = lib.add_pending([(f"{v.vid}.mp4", 0, 0.0) for v in videos])
         with lib.session():
             for v in tqdm(videos, desc="synthetic library", disable=not progress):
                 vecs = clip_vectors(v, embed, rng)
-                n = len(vecs)
-                clip_spans = np.stack([np.arange(n) * CLIP_SECONDS,
-                                       np.minimum((np.arange(n) + 1) * CLIP_SECONDS, v.duration)], 1).astype(np.float32)
-                ev_secs, ev_clips, ev_vecs = events_of(vecs, v.duration)
+                clip_spans, ev_secs, ev_clips, ev_vecs = video_rows(vecs, v.duration, CLIP_SECONDS)
                 info = {"size": 0, "mtime": 0.0, "content_hash": v.vid, "duration": v.duration, "fps": 2.0,
                         "width": 64, "height": 64}
                 lib.commit_video(ids[f"{v.vid}.mp4"], info, clip_spans, vecs, ev_secs, ev_clips, ev_vecs)
@@ -113,7 +97,7 @@ def target_libraries(work, n_videos: int, encoder, seed: int, n_targets: int = 1
     The distractor videos of a size are written once; each library is a copy of them plus its own
     ``n_targets`` target videos (new placements and sentences from the target half of the vocabulary), one
     frame content one embedding across all of them. Writing 10^4 distractors per library (~9 libraries for
-    200 queries) took ~an hour on 2 shared cores; copying them takes seconds."""
+    200 queries) would take ~an hour on 2 shared cores; copying them takes seconds."""
     import shutil
 
     work = Path(work)

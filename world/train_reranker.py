@@ -11,8 +11,9 @@ FIT_QUERIES unambiguous validation queries of other libraries (fit_world_rule).
 
 The shipped world_reranker.pt: 1050 synthetic-vector videos (2604 training sentences, 289 validation), 24 epochs,
 ~30 min on one busy core of the 2-core machine; val MR R1@0.5 / R1@0.7 97.9 / 96.2; rule relevance_confidence +
-0.5 x coarse, fit on 144 queries (VCMR R1@0.7 96.5, the model's own score alone 91.0). The earlier one (84 decoded
-videos, no negatives, no relevance head) ranked by the coarse cosine only: bench/results/search.md has both.
+0.5 x coarse, fit on 144 queries (VCMR R1@0.7 96.5, the model's own score alone 91.0). Why negatives and the
+relevance head: a reranker trained without them (84 decoded videos) ranks by the coarse cosine only
+(bench/results/search.md compares the two).
 TEST WORLD ONLY.
 """
 from __future__ import annotations
