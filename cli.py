@@ -139,12 +139,13 @@ def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, re
                      weight x coarse_score; without rerank, coarse_score
       confidence     the reranker's probability that this span is the
                      query's moment, 0..1 (null without rerank)
-      span_saliency  mean of `saliency` over the span's clips, 0..1
+      span_saliency  mean of `saliency` over the span's clips, 0..1 (null
+                     without rerank)
       relevance      the reranker's relevance head: how well the span's
                      clips match the query, 0..1 (null for a reranker
                      without the head)
       coarse_score   mean CLIP cosine between the query and the span's
-                     clips, -1..1
+                     clips, -1..1 (without rerank: the window's score)
       saliency       per clip of the candidate `window`: the reranker's
                      relevance probability 0..1 (without rerank: cosine)
     A reranker trained with negative windows (`vmr train --index`) gives
