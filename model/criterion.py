@@ -217,7 +217,7 @@ class SetCriterion(nn.Module):
         loss = hinge(scores) + rank + neg_pair
 
         # The same on the clip-to-word attention (their false-negative attention term is added to a variable
-        # that is no longer read, so it does not count; neither does it here).
+        # that is not read afterwards, so it does not count; neither does it here).
         neg_pair_attn = (-torch.log(1.0 - attn_neg) * valid_real).sum(1).mean()
         loss_attn = rank_contrastive(paired(attn, attn_neg), labels_pair, valid_pair) \
             + F.binary_cross_entropy(attn.reshape(-1), labels.clamp(0, 1).reshape(-1)) \

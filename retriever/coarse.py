@@ -7,10 +7,10 @@
    are placed around its hits (``windows.window_around``), at most ``max_windows_per_video`` per video.
 4. A window's coarse moment is its best pseudo-event (highest mean similarity). Its score is the larger of that
    mean and the best mean over any 3-6 consecutive clips (``windows.best_stretch_mean``): a pseudo-event that
-   also holds unrelated clips dilutes a short moment, and at 10^4 videos the diluted target window fell behind
-   distractors (bench/search.py, synthetic world at 10^4 videos, 34 queries: target video ranked first 76.5% ->
-   88.2%, coarse+rerank VCMR R@5 IoU.5 70.6 -> 76.5, equal to the exhaustive baseline). The top ``n_windows``
-   windows are returned, best first.
+   also holds unrelated clips dilutes a short moment, and at 10^4 videos the event mean alone lets the diluted
+   target window fall behind distractors (bench/search.py, synthetic world at 10^4 videos, 34 queries: target
+   video ranked first 76.5% by the event mean alone vs 88.2% by the larger of the two; coarse+rerank VCMR R@5
+   IoU.5 70.6 vs 76.5, equal to the exhaustive baseline). The top ``n_windows`` windows are returned, best first.
 
 Clip indices and seconds are converted on the index's own clip grid (``clip_seconds``, from its meta).
 """
