@@ -96,7 +96,7 @@ def plan_run(lib: Library, root: str, index_dir: str) -> Plan:
 
 
 DEFAULT_CLIP = ("ViT-B-32", "openai")  # open_clip model and weights of a new index when none are given
-INDEX_FILES = (db.DB_FILE, db.DB_FILE + ".wal", vectors.STATE_FILE, *(f"{kind}.faiss" for kind in vectors.KINDS))
+INDEX_FILES = (db.DB_FILE, db.DB_FILE + ".wal", vectors.STATE_FILE, *(f"{table}.faiss" for table in vectors.TABLES))
 
 
 def run_ingest(video_dir, index_dir, clip_model: str | None = None, clip_pretrained: str | None = None,

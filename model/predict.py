@@ -135,6 +135,9 @@ def predict_from_cli(checkpoint: str, index_dir: str | None, features_dir: str |
         raise ModelError("--index needs a feature provider from the index; this build of vmr cannot read one here")
     # public features carry no CLIP id: they are assumed to be the public ViT-B/32 ones unless declared
     src = make_provider(features_dir, data_cfg, None, provider)
+    spec = ckpt_meta.get("feature_spec") or {}
+    if hasattr(src, "select_kinds") and spec.get("video_kinds"):  # an index: read the kinds the checkpoint reads
+        src.select_kinds(spec["video_kinds"], spec.get("video_dims"), f"the checkpoint {checkpoint}")
     what = f"the index {index_dir}" if index_dir else f"the features in {features_dir}"
     model, ckpt = load_checkpoint(checkpoint, device=dev, features=src.feature_spec(), what=what, ckpt=ckpt_meta,
                                   precision=precision, log=lambda line: print(line, file=sys.stderr))

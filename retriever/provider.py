@@ -1,7 +1,8 @@
 """A vmr index as a feature source for `vmr train` / `vmr predict --index` (model.providers.FeatureProvider).
 
-model/ must not read an index itself; this class does it for it: video features are the index's clip embeddings,
-text features the per-token features of the CLIP model that built the index.
+model/ must not read an index itself; this class does it for it: video features are the index's stored feature
+kinds side by side (its coarse kind, CLIP, unless told others: ``select_kinds``, which `vmr predict` calls with
+its checkpoint's kinds), text features the per-token features of the CLIP model that built the index.
 
 Training reads the same few hundred videos and sentences every epoch, so everything read is kept in memory, and
 the bulk reads (``preload``, ``hard_negatives_many``) hold one DuckDB connection: opening the file costs ~40 ms a
@@ -24,7 +25,7 @@ class IndexFeatureProvider:
     ``vid`` names an indexed video by its path relative to the indexed root or its file stem.
     """
 
-    def __init__(self, index_dir, device: str = "auto", encoder=None):
+    def __init__(self, index_dir, device: str = "auto", encoder=None, video_kinds: list[str] | None = None):
         from retriever.search import load_query_encoder
         from store.library import Library
 
@@ -34,6 +35,16 @@ class IndexFeatureProvider:
         self._videos: dict[str, np.ndarray] = {}
         self._texts: dict[str, np.ndarray] = {}
         self._ids: dict[str, int] | None = None  # vid name (path or unique stem) -> video id
+        self.video_kinds = [kinds.coarse_kind(self.meta)]
+        if video_kinds:
+            self.select_kinds(video_kinds)
+
+    def select_kinds(self, video_kinds: list[str], dims: list[int] | None = None, who: str = "the checkpoint") -> None:
+        """Read these feature kinds, in this order (refused in one line if the index lacks one, store.kinds)."""
+        kinds.check_kinds(self.meta, list(video_kinds), dims, who)
+        if list(video_kinds) != self.video_kinds:
+            self.video_kinds = list(video_kinds)
+            self._videos.clear()
 
     def video_id(self, vid: str) -> int:
         """Video id of ``vid`` (names read once; an unknown or ambiguous name gets the library's own error)."""
@@ -51,11 +62,13 @@ class IndexFeatureProvider:
 
     def video_features(self, vid: str) -> np.ndarray:
         if vid not in self._videos:
-            self._videos[vid] = self.library.clip_embeddings(self.video_id(vid))
+            video_id = self.video_id(vid)
+            self._videos[vid] = self.library.features_many([video_id], self.video_kinds).get(
+                video_id, np.zeros((0, 0), np.float32))
         return self._videos[vid]
 
     def preload(self, vids) -> None:
-        """Read the clip embeddings of many videos in one query (a training set's videos)."""
+        """Read the features of many videos in one query a kind (a training set's videos)."""
         wanted = {}
         for vid in set(vids) - set(self._videos):
             try:
@@ -63,9 +76,9 @@ class IndexFeatureProvider:
             except VmrError:  # left for video_features to report when (if) it is asked for
                 continue
         with self.library.session():
-            got = self.library.clip_embeddings_many(wanted.values())
+            got = self.library.features_many(wanted.values(), self.video_kinds)
         for vid, video_id in wanted.items():
-            if len(got[video_id]):
+            if len(got.get(video_id, ())):
                 self._videos[vid] = got[video_id]
 
     def text_features(self, query: str) -> np.ndarray:
@@ -104,7 +117,8 @@ class IndexFeatureProvider:
         return out
 
     def feature_spec(self) -> dict:
-        clip = kinds.feature_kinds(self.meta)[kinds.CLIP_KIND]
-        return {"clip_model": self.meta["clip_model"], "video_kinds": [kinds.CLIP_KIND],
-                "video_dims": [int(clip["dim"])], "text_dim": int(self.encoder.text_width),
+        held = kinds.feature_kinds(self.meta)
+        return {"clip_model": self.meta["clip_model"], "video_kinds": list(self.video_kinds),
+                "video_dims": [int(held[kind]["dim"]) for kind in self.video_kinds],
+                "text_dim": int(self.encoder.text_width),
                 "clip_seconds": index_clip_seconds(self.meta)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -81,6 +82,28 @@ class Reranker:
         seconds, index_seconds = self.spec.get("clip_seconds"), index_clip_seconds(meta)
         if seconds and abs(float(seconds) - index_seconds) > 1e-6:
             raise VmrError(f"the reranker was trained on {seconds}-s clips, the index uses {index_seconds}-s clips")
+
+    @property
+    def video_kinds(self) -> list[str]:
+        """The feature kinds the checkpoint reads, in its input order."""
+        return list(self.spec.get("video_kinds") or [kinds.CLIP_KIND])
+
+    def with_inputs(self, library, windows: list[Window], coarse_kind: str) -> tuple[list[Window], list[Window]]:
+        """(ready, unread): the windows with ``feats`` set to the checkpoint's input, the kinds it reads side by
+        side in its order (store.Library.features_many), and the windows of videos that lack one of those kinds
+        (left to their coarse moments). A checkpoint that reads only the index's ``coarse_kind`` takes the coarse
+        stage's vectors as they are."""
+        if self.video_kinds == [coarse_kind]:
+            return windows, []
+        stored = library.features_many({w.video_id for w in windows}, self.video_kinds)
+        ready, unread = [], []
+        for window in windows:
+            feats = stored.get(window.video_id)
+            if feats is None or len(feats) <= window.first_clip:
+                unread.append(window)
+            else:
+                ready.append(replace(window, feats=feats[window.first_clip: window.last_clip]))
+        return ready, unread
 
     def _item(self, window: Window, text: torch.Tensor) -> dict:
         feats = window.feats[: self.data_cfg.v_limit] if self.data_cfg.v_limit else window.feats

@@ -26,6 +26,7 @@ from retriever.coarse import CoarseConfig, coarse_candidates
 from model.spans import paired_iou
 from retriever.merge import NMS_IOU, Moment, ScoreRule, nms_merge
 from retriever.windows import Window, index_clip_seconds
+from store import kinds
 from store.clip_source import ClipSource
 from store.errors import VmrError
 
@@ -75,7 +76,8 @@ class SearchResult:
     """One query's answer: ``moments`` (best first, the dicts `vmr search --json` prints), ``timings`` (seconds per
     stage of STAGES, and "total"), ``window_videos`` (the video id of each candidate window, coarse ranking
     order: video recall of the coarse stage) and ``rerank_depth`` (how many candidate windows there were and how
-    many the reranker scored: "windows", "reranked", "budget_s", and "batch" windows a forward, "batch_s" its
+    many the reranker scored: "windows", "reranked", "unread" (windows of videos lacking a kind the checkpoint
+    reads), "budget_s", and "batch" windows a forward, "batch_s" its
     estimated seconds)."""
     moments: list[dict]
     timings: dict[str, float]
@@ -179,11 +181,12 @@ class SearchEngine:
         t1 = time.perf_counter()
         depth = {"windows": len(windows), "reranked": 0}
         if use_rerank:
-            moments, n = self.reranker.rerank(windows, tokens, self.rerank_budget_s)
+            ready, unread = self.reranker.with_inputs(self.library, windows, kinds.coarse_kind(self.meta))
+            moments, n = self.reranker.rerank(ready, tokens, self.rerank_budget_s)
             timings["rerank"] = time.perf_counter() - t1
             depth.update(reranked=n, budget_s=self.rerank_budget_s, batch=self.reranker.batch_size,
-                         batch_s=self.reranker.estimate_seconds(self.reranker.batch_size))
-            rest = [coarse_moment(w) for w in windows[n:]]
+                         batch_s=self.reranker.estimate_seconds(self.reranker.batch_size), unread=len(unread))
+            rest = [coarse_moment(w) for w in ready[n:] + unread]
         else:
             moments, rest = [coarse_moment(w) for w in windows], []
         t2 = time.perf_counter()

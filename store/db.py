@@ -5,11 +5,14 @@ writer (ingest) therefore holds its connection only for a short batch of commits
 only for one query; whoever finds the file locked retries for a while (LOCK_WAIT_SECONDS) instead of failing.
 
 Tables (embedding dims fixed at creation from the CLIP model):
-  meta    key VARCHAR PK, value VARCHAR (JSON)           schema_version, clip_model, embed_dim, root, generation...
-  videos  id PK, path UNIQUE (relative to root, '/'), size, mtime, content_hash, duration, fps, width, height,
+  meta    key VARCHAR PK, value VARCHAR (JSON)           schema_version, clip_model, embed_dim, root, generation,
+                                                          library_id, next_video_id, feature_kinds, coarse_kind...
+  videos  id PK (store.ids: unique across libraries), path UNIQUE (relative to root, '/'), size, mtime, content_hash, duration, fps, width, height,
           n_clips, n_events, status ('pending' | 'indexed' | 'failed'), error, indexed_at
   clips   (video_id, idx) PK, start, end (seconds), embedding FLOAT[D]      row idx = clip sampled at ~2*idx s
   events  (video_id, idx) PK, start, end (seconds), clip_start, clip_end, embedding FLOAT[D]
+  features  (video_id, kind) PK: every feature kind besides the coarse one (store.features)
+Indexes made before ids carried a library id have INTEGER id columns; their ids fit them (store.ids).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import time
 import duckdb
 import numpy as np
 
+from store import features
 from store.errors import VmrError
 
 SCHEMA_VERSION = 1
@@ -35,15 +39,16 @@ def schema_sql(dim: int) -> list[str]:
     return [
         "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
         """CREATE TABLE IF NOT EXISTS videos (
-            id INTEGER PRIMARY KEY, path VARCHAR UNIQUE NOT NULL, size BIGINT, mtime DOUBLE, content_hash VARCHAR,
+            id BIGINT PRIMARY KEY, path VARCHAR UNIQUE NOT NULL, size BIGINT, mtime DOUBLE, content_hash VARCHAR,
             duration DOUBLE, fps DOUBLE, width INTEGER, height INTEGER, n_clips INTEGER DEFAULT 0,
             n_events INTEGER DEFAULT 0, status VARCHAR NOT NULL, error VARCHAR, indexed_at TIMESTAMP)""",
         f"""CREATE TABLE IF NOT EXISTS clips (
-            video_id INTEGER NOT NULL, idx INTEGER NOT NULL, start DOUBLE, "end" DOUBLE,
+            video_id BIGINT NOT NULL, idx INTEGER NOT NULL, start DOUBLE, "end" DOUBLE,
             embedding FLOAT[{dim}] NOT NULL, PRIMARY KEY (video_id, idx))""",
         f"""CREATE TABLE IF NOT EXISTS events (
-            video_id INTEGER NOT NULL, idx INTEGER NOT NULL, start DOUBLE, "end" DOUBLE, clip_start INTEGER,
+            video_id BIGINT NOT NULL, idx INTEGER NOT NULL, start DOUBLE, "end" DOUBLE, clip_start INTEGER,
             clip_end INTEGER, embedding FLOAT[{dim}] NOT NULL, PRIMARY KEY (video_id, idx))""",
+        features.TABLE_SQL,
     ]
 
 

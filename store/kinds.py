@@ -4,7 +4,8 @@ An index records every kind it holds in meta ``feature_kinds``: kind name -> {di
 precision, frames}, and the kind its coarse (FAISS) stage searches in meta ``coarse_kind``. A reranker checkpoint
 names the kinds it reads (``feature_spec.video_kinds``, in its input order, with ``video_dims``); search assembles
 its input from those kinds and refuses an index that lacks one. Today vmr computes one kind, ``clip`` (one CLIP
-image embedding of the clip's middle frame, stored in the clips table), which is also the coarse kind.
+image embedding of the clip's middle frame), which is also the coarse kind: its vectors live in the clips table,
+every other kind's in the features table (store.features), written by ``Library.commit_features``.
 
 Indexes written before kinds were recorded hold exactly that one kind: their record is derived from the meta they
 do have (``clip_model``, ``embed_dim``, ``clip_source``), and the next ingest writes it; nothing is re-decoded.
@@ -44,6 +45,24 @@ def record_update(meta: dict, clip_model: str, embed_dim: int) -> dict:
     if meta.get("feature_kinds") == recorded and "coarse_kind" in meta:
         return {}
     return {"feature_kinds": recorded, "coarse_kind": coarse_kind(meta)}
+
+
+RECORD_KEYS = ("dim", "dtype", "model", "weights", "precision", "frames")
+SAME_VECTORS = ("dim", "model", "weights", "frames")  # what must match for two videos' vectors to be comparable
+
+
+def check_record(held: dict | None, record: dict, kind: str, index_dir) -> None:
+    """Refuse to store ``kind`` vectors described by ``record`` beside ones the index holds that another model,
+    weights, width or frame recipe made (a reranker would read a mix); ``held`` None: the kind is new here."""
+    missing = [key for key in RECORD_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"the record of feature kind '{kind}' lacks {', '.join(missing)}")
+    differs = [key for key in SAME_VECTORS if held is not None and held.get(key) != record.get(key)]
+    if differs:
+        raise VmrError(f"index {index_dir} holds '{kind}' features made by {held.get('model')} "
+                       f"({held.get('weights')}, {held.get('dim')}-d), not by {record.get('model')} "
+                       f"({record.get('weights')}, {record.get('dim')}-d): use the weights the index records, or "
+                       "a new --index")
 
 
 def coarse_kind(meta: dict) -> str:

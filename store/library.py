@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import logging
 import os
 import time
 
 import numpy as np
 
-from store import db, faiss_index, kinds, vectors
+from store import db, faiss_index, features, ids, kinds, vectors
 from store.errors import VmrError
-
-FETCH_FACTOR = 4  # an approximate FAISS index returns k * FETCH_FACTOR hits, re-scored exactly from DuckDB
 
 
 class Library:
@@ -30,7 +27,7 @@ class Library:
         self.index_dir = os.fspath(index_dir)
         self.read_only = read_only
         self._con = None
-        self._faiss_cache: dict = {}  # kind -> (mtime, index) for readers
+        self._faiss = vectors.ReadCache(self.index_dir)  # the readers' FAISS files
         if read_only:
             with self._connection() as con:  # fails now, with a clear message, if there is no index
                 if not db.read_meta(con):
@@ -136,22 +133,29 @@ class Library:
         return {int(r["id"]): r for r in self._select_videos("id IN (SELECT unnest(?))", [ids])}
 
     def clip_embeddings_many(self, video_ids) -> dict[int, np.ndarray]:
-        """{id: f32 [T, D]} for several videos in one query (a query's candidate videos)."""
-        ids = sorted({int(v) for v in video_ids})
-        out = {v: np.zeros((0, 0), np.float32) for v in ids}
-        if not ids:
-            return out
+        """{id: f32 [T, D]} of the coarse kind for several videos in one query (a query's candidate videos)."""
         with self._connection() as con:
-            result = con.execute("SELECT video_id, embedding FROM clips WHERE video_id IN (SELECT unnest(?)) "
-                                 "ORDER BY video_id, idx", [ids]).fetchnumpy()
-        vids = np.asarray(result["video_id"])
-        if len(vids) == 0:
-            return out
-        vectors = np.stack(result["embedding"]).astype(np.float32, copy=False)
-        bounds = np.flatnonzero(np.diff(vids)) + 1
-        for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(vids)]):
-            out[int(vids[start])] = vectors[start:stop]
-        return out
+            return features.coarse_many(con, sorted({int(v) for v in video_ids}))
+
+    def features_many(self, video_ids, kinds_wanted: list[str]) -> dict[int, np.ndarray]:
+        """{id: f32 [T, sum of the kinds' dims]}: the named kinds of each video side by side, in that order, as
+        stored (a reader normalises each kind on its own, model.sample.video_input), over the clips every kind
+        covers (store.features.side_by_side). Videos lacking one of the kinds are left out."""
+        ids = sorted({int(v) for v in video_ids})
+        with self._connection() as con:
+            coarse = kinds.coarse_kind(db.read_meta(con))
+            per_kind = [features.coarse_many(con, ids) if kind == coarse else features.read_many(con, ids, kind)
+                        for kind in kinds_wanted]
+        return features.side_by_side(per_kind)
+
+    def kinds_by_video(self) -> dict[int, list[str]]:
+        """{id: the feature kinds it holds} of every indexed video (the coarse kind for each one with clips)."""
+        with self._connection() as con:
+            coarse = kinds.coarse_kind(db.read_meta(con))
+            extra = features.kinds_by_video(con)
+            with_clips = [int(v) for v, in con.execute("SELECT id FROM videos WHERE status = 'indexed' AND n_clips > 0")
+                          .fetchall()]
+        return {v: sorted([coarse, *extra.get(v, [])]) for v in with_clips}
 
     def events_many(self, video_ids) -> dict[int, list[dict]]:
         """{id: [{idx, start, end}] in order} for several videos in one query."""
@@ -200,44 +204,17 @@ class Library:
         """Top-k pseudo-events: [(video_id, event_idx, score)], best first."""
         return self._search("events", query, k)
 
-    def _search(self, kind: str, query: np.ndarray, k: int) -> list[tuple[int, int, float]]:
+    def _search(self, table: str, query: np.ndarray, k: int) -> list[tuple[int, int, float]]:
         query = np.asarray(query, dtype=np.float32).reshape(-1)
-        k = int(k)
-        if k <= 0:
+        if int(k) <= 0:
             return []
-        index = self._faiss(kind)
+        index = self._faiss.get(table)
         with self._connection() as con:
             dim = db.read_meta(con).get("embed_dim")
             if dim is not None and query.shape[0] != dim:
                 raise VmrError(f"query has {query.shape[0]} dims, the index {dim} (different CLIP model?)")
-            if index is None:
-                hits = vectors.brute_force(con, kind, query, k)
-            else:
-                fetch = k if faiss_index.is_exact(index) else k * FETCH_FACTOR
-                fetch = min(fetch + 16, max(int(index.ntotal), 1))  # slack for ids gone since the file was written
-                _, ids = faiss_index.search(index, query[None], fetch)
-                current = vectors.fetch_by_ids(con, kind, ids[0])
-                # Exact re-score from DuckDB: approximate indexes get exact scores, stale ids drop out.
-                hits = sorted(((i, float(v @ query)) for i, v in current.items()), key=lambda h: -h[1])[:k]
+            hits = vectors.search(con, table, index, query, int(k))
         return [(int(i // db.VIDEO_ID_STRIDE), int(i % db.VIDEO_ID_STRIDE), s) for i, s in hits]
-
-    def _faiss(self, kind: str):
-        path = vectors.index_file(self.index_dir, kind)
-        try:
-            mtime = os.stat(path).st_mtime_ns
-        except OSError:
-            return None
-        cached = self._faiss_cache.get(kind)
-        if cached is None or cached[0] != mtime:
-            try:
-                index = faiss_index.read_index(path)
-            except VmrError as err:  # DuckDB holds every vector: answer exactly from it meanwhile
-                logging.getLogger("vmr.store").warning("%s: searching the DuckDB vectors directly (slower) until "
-                                                       "`vmr index` rebuilds the FAISS files", err)
-                index = None
-            cached = (mtime, index)
-            self._faiss_cache[kind] = cached
-        return cached[1]
 
     # ---- writes (indexer) ----------------------------------------------------------------------------------
     def _writable(self):
@@ -271,6 +248,7 @@ class Library:
                 if clip_source and meta.get("clip_source") != clip_source:
                     db.write_meta(con, {"clip_source": clip_source})
                     meta["clip_source"] = clip_source
+                features.ensure_table(con)  # an index made before other kinds existed gains their table
                 update = kinds.record_update(meta, clip_model, embed_dim)
                 if update:
                     db.write_meta(con, update)
@@ -281,7 +259,7 @@ class Library:
                     con.execute(sql)
                 meta = {"schema_version": db.SCHEMA_VERSION, "clip_model": clip_model, "embed_dim": int(embed_dim),
                         "root": root, "clip_seconds": float(clip_seconds), "generation": 0, "next_video_id": 1,
-                        "created_at": _now().isoformat()}
+                        "library_id": ids.library_id_of(root), "created_at": _now().isoformat()}
                 if clip_source:
                     meta["clip_source"] = clip_source
                 meta["feature_kinds"] = {kinds.CLIP_KIND: kinds.clip_kind_record(clip_model, embed_dim, meta)}
@@ -299,18 +277,19 @@ class Library:
     def add_pending(self, files: list[tuple[str, int, float]]) -> dict:
         """Give new paths ids (in the given order, one transaction) with status 'pending'. Returns path -> id."""
         self._writable()
-        ids = {}
+        given = {}
         if not files:
-            return ids
+            return given
         with self.session() as con, db.transaction(con):
-            next_id = db.read_meta(con)["next_video_id"]
+            meta = db.read_meta(con)
+            number, library_id = int(meta["next_video_id"]), int(meta.get("library_id", 0))
             for path, size, mtime in files:
+                given[path] = ids.video_id(library_id, number)
                 con.execute("INSERT INTO videos (id, path, size, mtime, status) VALUES (?, ?, ?, ?, 'pending')",
-                            [next_id, path, size, mtime])
-                ids[path] = next_id
-                next_id += 1
-            db.write_meta(con, {"next_video_id": next_id})
-        return ids
+                            [given[path], path, size, mtime])
+                number += 1
+            db.write_meta(con, {"next_video_id": number})
+        return given
 
     def commit_video(self, video_id: int, info: dict, clip_spans: np.ndarray, clip_vectors: np.ndarray,
                      event_spans: np.ndarray, event_clips: np.ndarray, event_vectors: np.ndarray) -> int:
@@ -321,8 +300,7 @@ class Library:
         """
         self._writable()
         with self.session() as con, db.transaction(con):
-            con.execute("DELETE FROM clips WHERE video_id = ?", [video_id])
-            con.execute("DELETE FROM events WHERE video_id = ?", [video_id])
+            self._drop_vectors(con, video_id)  # new content: every kind of the old one leaves
             db.insert_vectors(con, "clips", video_id, {"start": clip_spans[:, 0], "end": clip_spans[:, 1]}, clip_vectors)
             db.insert_vectors(con, "events", video_id,
                               {"start": event_spans[:, 0], "end": event_spans[:, 1],
@@ -340,8 +318,7 @@ class Library:
         self._writable()
         error = " ".join(str(error).split())[:500]
         with self.session() as con, db.transaction(con):
-            con.execute("DELETE FROM clips WHERE video_id = ?", [video_id])
-            con.execute("DELETE FROM events WHERE video_id = ?", [video_id])
+            self._drop_vectors(con, video_id)
             con.execute("""UPDATE videos SET size = ?, mtime = ?, content_hash = ?, n_clips = 0, n_events = 0,
                            status = 'failed', error = ?, indexed_at = ? WHERE id = ?""",
                         [info.get("size"), info.get("mtime"), info.get("content_hash"), error, _now(), video_id])
@@ -358,10 +335,30 @@ class Library:
         self._writable()
         with self.session() as con, db.transaction(con):
             for vid in video_ids:
-                for table in ("clips", "events"):
-                    con.execute(f"DELETE FROM {table} WHERE video_id = ?", [vid])
+                self._drop_vectors(con, vid)
                 con.execute("DELETE FROM videos WHERE id = ?", [vid])
             return self._bump(con)
+
+    def commit_features(self, video_id: int, kind: str, vectors_of_clips: np.ndarray, record: dict) -> None:
+        """Store one indexed video's vectors [n, dim] of a non-coarse ``kind`` (replacing its old ones), and the
+        kind's record (store.kinds: dim, dtype, model, weights, precision, frames) if the index lacks it, in one
+        transaction. Refuses a record that contradicts the one the index holds."""
+        self._writable()
+        with self.session() as con, db.transaction(con):
+            meta = db.read_meta(con)
+            if kind == kinds.coarse_kind(meta):
+                raise VmrError(f"'{kind}' is this index's coarse kind: its vectors come with the clips (commit_video)")
+            held = kinds.feature_kinds(meta)
+            kinds.check_record(held.get(kind), record, kind, self.index_dir)
+            if held.get(kind) != record:
+                db.write_meta(con, {"feature_kinds": {**held, kind: record}})
+            features.write(con, video_id, kind, vectors_of_clips, record["dtype"])
+
+    @staticmethod
+    def _drop_vectors(con, video_id: int) -> None:
+        for table in ("clips", "events"):
+            con.execute(f"DELETE FROM {table} WHERE video_id = ?", [int(video_id)])
+        features.delete(con, video_id)
 
     def generation(self) -> int:
         with self._connection() as con:

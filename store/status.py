@@ -1,6 +1,7 @@
 """`vmr status`: the counts of an index as JSON (docs/design.md) and as text."""
 from __future__ import annotations
 
+from store import kinds
 from store.library import Library
 from store.lock import ingest_running
 
@@ -11,6 +12,7 @@ def library_status(index_dir) -> dict:
         meta = lib.meta()
         videos = lib.videos()
         counts = lib.counts()
+        by_video = lib.kinds_by_video()
     indexed = [v for v in videos if v["status"] == "indexed"]
     return {
         "videos": len(videos),
@@ -24,6 +26,10 @@ def library_status(index_dir) -> dict:
         "embed_dim": meta.get("embed_dim"),
         "root": meta.get("root"),
         "schema_version": meta.get("schema_version"),
+        "library_id": meta.get("library_id", 0),
+        "coarse_kind": kinds.coarse_kind(meta),
+        "feature_kinds": {kind: {**record, "videos": sum(kind in held for held in by_video.values())}
+                          for kind, record in kinds.feature_kinds(meta).items()},
         "faiss": {k: meta["faiss"].get(k) for k in ("clips_type", "events_type", "n_clips", "n_events")
                   if k in meta["faiss"]},
         "faiss_current": meta["faiss"].get("generation") == meta.get("generation"),
@@ -49,6 +55,9 @@ def describe_status(info: dict) -> str:
         f"  videos {info['videos']}: {info['indexed']} indexed, {len(info['failed'])} failed, {info['pending']} pending",
         f"  clips {info['clips']}, events {info['events']}, {info['hours']:.2f} h of video",
         f"  CLIP {info['clip_model']} ({info['embed_dim']}-d)",
+        *(f"  features '{kind}': {r['dim']}-d {r['dtype']} by {r['model']}, {r['videos']} of {info['indexed']} videos"
+          + (" (coarse search key)" if kind == info["coarse_kind"] else "")
+          for kind, r in info["feature_kinds"].items()),
         f"  FAISS {info['faiss'].get('clips_type', 'none')}" + ("" if info["faiss_current"] else
                                                                " (behind DuckDB: the next `vmr index` rebuilds it)"),
     ]

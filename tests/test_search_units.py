@@ -135,3 +135,66 @@ def test_best_stretch_mean_finds_a_short_moment_inside_a_long_event():
         s = rng.random(n)
         brute = max(s[a:b].mean() for a in range(n) for b in range(a + min(3, n), n + 1))
         assert best_stretch_mean(s) == pytest.approx(brute)
+
+
+def _two_kind_checkpoint(path, clip_dim: int, text_dim: int, slow_dim: int) -> str:
+    """A random tiny LLMEPET that reads [slowfast | clip] per clip, as the authors' released checkpoints do."""
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import ModelConfig
+    from model.llmepet import build_model
+    from model.sample import DataConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(txt_dim=text_dim, vid_dim=slow_dim + clip_dim + 2, hidden_dim=32, nheads=4, dim_feedforward=64,
+                      enc_layers=1, dec_layers=1, t2v_layers=1, dummy_layers=1, moment_layers=1, sent_layers=1,
+                      num_dummies=3, total_prompts=3, num_queries=5, llm="random", llm_dim=32, llm_heads=4,
+                      llm_kv_heads=4, llm_ffn_dim=64, llm_layers="0:1")
+    spec = {"clip_model": "world_clip:world_clip.pt", "video_kinds": ["slowfast", "clip"],
+            "video_dims": [slow_dim, clip_dim], "text_dim": text_dim, "clip_seconds": 2.0}
+    save_checkpoint(str(path), build_model(cfg), DataConfig(), spec, "custom")
+    return str(path)
+
+
+def test_reranker_input_is_the_checkpoints_kinds_in_its_order(synthetic_index, tmp_path):
+    """A checkpoint reading [slowfast | clip] is refused by an index without slowfast (one line naming it); once
+    the index holds slowfast for all videos but one, each window's input is that video's stored slowfast rows
+    beside its clip rows, and the video without it keeps its coarse moments (counted as unread)."""
+    import shutil
+
+    from retriever.search import SearchEngine
+    from store.errors import VmrError
+    from store.library import Library
+
+    index = tmp_path / "index"
+    shutil.copytree(synthetic_index[0], index)
+    target = synthetic_index[2]
+    ckpt = _two_kind_checkpoint(tmp_path / "two_kinds.pt", clip_dim=32, text_dim=32, slow_dim=6)
+    with pytest.raises(VmrError) as refused:
+        SearchEngine(index, checkpoint=ckpt, device="cpu")
+    assert "'slowfast'" in str(refused.value) and "\n" not in str(refused.value)
+
+    rng = np.random.default_rng(0)
+    record = {"dim": 6, "dtype": "float16", "model": "test", "weights": "none", "precision": "fp32", "frames": "-"}
+    slow = {}
+    with Library(index, read_only=False) as lib:
+        for video in lib.videos(status="indexed"):
+            if video["path"] != "long.mp4":
+                slow[video["id"]] = rng.standard_normal((video["n_clips"] + 1, 6)).astype(np.float16)
+                lib.commit_features(video["id"], "slowfast", slow[video["id"]], record)
+    with SearchEngine(index, checkpoint=ckpt, device="cpu") as engine:
+        pooled, _ = engine.encode_query(target.sentence())
+        windows = engine.candidates(pooled)
+        ready, unread = engine.reranker.with_inputs(engine.library, windows, "clip")
+        assert [w.path for w in unread] and all(w.path == "long.mp4" for w in unread)
+        assert ready
+        for window in ready:
+            clips = engine.library.clip_embeddings(window.video_id)[window.first_clip: window.last_clip]
+            expected = np.concatenate([slow[window.video_id][window.first_clip: window.last_clip], clips], 1)
+            np.testing.assert_array_equal(window.feats, expected.astype(np.float32))
+        result = engine.search(target.sentence(), top_k=500)  # past every reranked moment: the coarse ones follow
+    assert result.rerank_depth["unread"] == len(unread)
+    long_hits = [m for m in result.moments if m["path"] == "long.mp4"]
+    assert long_hits and all(m["reranked"] is False for m in long_hits)
+    assert any(m["reranked"] for m in result.moments)
