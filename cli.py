@@ -120,7 +120,7 @@ def status(index_dir, as_json):
 
 @main.command()
 @click.argument("query")
-@click.option("--index", "index_dir", required=True, type=click.Path(path_type=str), help="Index directory.")
+@click.option("--index", "index_dir", required=True, multiple=True, type=click.Path(path_type=str), help="Index directory; repeat it to search several indexes as one library (made with the same CLIP and clip length).")
 @click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True, help="Moments to return.")
 @click.option("--checkpoint", default=None, type=click.Path(path_type=str), help="LLMEPET reranker checkpoint (default: the one recorded with `vmr index ... --reranker CKPT`; none: coarse moments only).")
 @click.option("--no-rerank", is_flag=True, help="Coarse FAISS result only.")
@@ -157,7 +157,8 @@ def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, re
         raise click.UsageError("QUERY is empty")
     budget = {} if rerank_budget is None else {"rerank_budget_s": rerank_budget or None}
     try:
-        results = search_library(query, index_dir, top_k=top_k, checkpoint=checkpoint, rerank=not no_rerank,
+        indexes = index_dir[0] if len(index_dir) == 1 else list(index_dir)
+        results = search_library(query, indexes, top_k=top_k, checkpoint=checkpoint, rerank=not no_rerank,
                                  device=device, precision=precision, **budget).moments
     except USER_ERRORS as err:
         _fail(err)

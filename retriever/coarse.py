@@ -1,7 +1,7 @@
 """Coarse stage: a query's pooled CLIP text embedding -> scored candidate windows across the library.
 
-1. FAISS hits over clip vectors and pseudo-event vectors (``Library.search_clips`` / ``search_events``; the store
-   re-scores approximate hits exactly).
+1. FAISS hits over clip vectors and pseudo-event vectors (``search_clips`` / ``search_events`` of the library, a
+   ``store.coarse_store.CoarseStore``: one index or several as one; the store re-scores approximate hits exactly).
 2. Hits grouped by video; the best ``max_videos`` videos by their best hit are kept.
 3. For each kept video the exact clip similarities are computed from its DuckDB vectors, and windows of ≤75 clips
    are placed around its hits (``windows.window_around``), at most ``max_windows_per_video`` per video.
@@ -77,7 +77,7 @@ def coarse_candidates(library, query: np.ndarray, cfg: CoarseConfig | None = Non
                       clip_seconds: float = CLIP_SECONDS) -> list[Window]:
     """Top candidate windows for a query embedding.
 
-    Args: library: an open ``store.library.Library``; query: np.float32 [D], L2-normalised; timings: if given,
+    Args: library: an open ``store.coarse_store.CoarseStore`` (a Library, or a LibrarySet); query: np.float32 [D], L2-normalised; timings: if given,
         receives the seconds spent in "coarse" (index search) and "windows" (exact scores, window placement);
         clip_seconds: the index's clip length.
     Returns: windows sorted by coarse score, best first (≤ cfg.n_windows).

@@ -15,6 +15,7 @@ queries (a server, benchmarks); its ``search`` returns a ``SearchResult`` (momen
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +29,9 @@ from retriever.merge import NMS_IOU, Moment, ScoreRule, nms_merge
 from retriever.windows import Window, index_clip_seconds
 from store import kinds
 from store.clip_source import ClipSource
+from store.coarse_store import LibrarySet
 from store.errors import VmrError
+from store.library import Library
 
 log = logging.getLogger("vmr.search")
 STAGES = ("text_encode", "coarse", "windows", "rerank", "merge")
@@ -99,22 +102,12 @@ class SearchEngine:
     def __init__(self, index_dir, checkpoint: str | None = None, rerank: bool = True, device: str = "auto",
                  coarse: CoarseConfig | None = None, precision: str = "auto",
                  rerank_budget_s: float | None = RERANK_BUDGET_S):
-        from store.library import Library
-
-        self.index_dir = str(index_dir)
-        if Path(self.index_dir).exists() and not Path(self.index_dir).is_dir():
-            raise VmrError(f"--index {self.index_dir} is a file, not an index folder: give the folder `vmr index` "
-                           "wrote")
-        if not Path(self.index_dir).is_dir():
-            raise VmrError(f"no index at {self.index_dir} (build one with `vmr index DIR --index {self.index_dir}`)")
-        try:
-            self.library = Library(self.index_dir, read_only=True)
-            self.meta = self.library.meta()
-        except VmrError:
-            raise
-        except Exception as err:  # a corrupt DuckDB/FAISS file: one line, not a traceback
-            raise VmrError(f"cannot read the index at {self.index_dir}: {' '.join(str(err).split())[:200]} (a "
-                           "damaged index: build a new one with `vmr index VIDEOS --index NEW_FOLDER`)") from None
+        dirs = [str(index_dir)] if isinstance(index_dir, (str, os.PathLike)) else [str(d) for d in index_dir]
+        self.index_dir = ", ".join(dirs)
+        libraries = [open_library(d) for d in dirs]
+        # several indexes: one store whose ids are unique across them (store.coarse_store)
+        self.library = libraries[0] if len(libraries) == 1 else LibrarySet(libraries)
+        self.meta = self.library.meta()
         self.coarse_cfg = coarse or CoarseConfig()
         self.rerank_budget_s = rerank_budget_s
         self.clip_seconds = index_clip_seconds(self.meta)
@@ -225,10 +218,26 @@ def coarse_moment(window: Window) -> Moment:
                   saliency=[float(s) for s in window.clip_scores], window=(window.start, window.end))
 
 
+def open_library(index_dir: str) -> Library:
+    """A library opened for search; a missing, misnamed or damaged index is a one-line VmrError."""
+    if Path(index_dir).exists() and not Path(index_dir).is_dir():
+        raise VmrError(f"--index {index_dir} is a file, not an index folder: give the folder `vmr index` wrote")
+    if not Path(index_dir).is_dir():
+        raise VmrError(f"no index at {index_dir} (build one with `vmr index DIR --index {index_dir}`)")
+    try:
+        return Library(index_dir, read_only=True)
+    except VmrError:
+        raise
+    except Exception as err:  # a corrupt DuckDB/FAISS file: one line, not a traceback
+        raise VmrError(f"cannot read the index at {index_dir}: {' '.join(str(err).split())[:200]} (a damaged "
+                       "index: build a new one with `vmr index VIDEOS --index NEW_FOLDER`)") from None
+
+
 def search_library(query: str, index_dir: str, top_k: int = 10, checkpoint: str | None = None,
                    rerank: bool = True, device: str = "auto", precision: str = "auto",
                    rerank_budget_s: float | None = RERANK_BUDGET_S) -> SearchResult:
-    """One query against the index at ``index_dir`` (what `vmr search` runs). Errors: one-line VmrError."""
+    """One query against the index at ``index_dir``, or several searched as one (a list), as `vmr search` runs
+    it. Errors: one-line VmrError."""
     if not isinstance(query, str) or not query.strip():
         raise VmrError("the query is empty")
     from store.status import incomplete_note, library_status
@@ -241,9 +250,10 @@ def search_library(query: str, index_dir: str, top_k: int = 10, checkpoint: str 
             result = engine.search(query, top_k=top_k)
     except ModelError as err:
         raise VmrError(str(err)) from None
-    note = incomplete_note(library_status(index_dir))
-    if note:
-        log.warning("%s", note)
+    for one in [index_dir] if isinstance(index_dir, (str, os.PathLike)) else index_dir:
+        note = incomplete_note(library_status(one))
+        if note:
+            log.warning("%s: %s", one, note)
     return result
 
 

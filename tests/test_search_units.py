@@ -198,3 +198,49 @@ def test_reranker_input_is_the_checkpoints_kinds_in_its_order(synthetic_index, t
     long_hits = [m for m in result.moments if m["path"] == "long.mp4"]
     assert long_hits and all(m["reranked"] is False for m in long_hits)
     assert any(m["reranked"] for m in result.moments)
+
+
+def test_several_libraries_search_as_one(synthetic_index, tmp_path):
+    """Two libraries of different folders are searched as one (`vmr search --index A --index B`): their video
+    ids do not collide, each query finds its video in whichever library holds it, the merged clip hits are the
+    best of both; two indexes of one folder, or of another CLIP, are refused in one line."""
+    from click.testing import CliRunner
+
+    import cli
+    from model.features import ClipEncoder
+    from retriever.search import SearchEngine
+    from store.coarse_store import CoarseStore, LibrarySet
+    from store.errors import VmrError
+    from store.library import Library
+    from world.synthetic import write_library
+
+    _, videos, target = synthetic_index
+    encoder = ClipEncoder.load(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS), device="cpu")
+    first, second = tmp_path / "a", tmp_path / "b"
+    write_library(first, videos[:10], encoder, root="/videos/a")
+    write_library(second, videos[10:20] + videos[-1:], encoder, seed=1, root="/videos/b")  # the long one in b
+    with Library(first) as a, Library(second) as b:
+        assert isinstance(a, CoarseStore)
+        ids_a, ids_b = {v["id"] for v in a.videos()}, {v["id"] for v in b.videos()}
+        assert ids_a and ids_b and not ids_a & ids_b
+        both = LibrarySet([a, b])
+        query = encoder.encode_text([target.sentence()])[0]
+        merged = both.search_clips(query, 30)
+        expected = sorted(a.search_clips(query, 30) + b.search_clips(query, 30), key=lambda h: -h[2])[:30]
+        assert [h[2] for h in merged] == [h[2] for h in expected]
+        assert {h[0] for h in merged} & ids_a and {h[0] for h in merged} & ids_b
+        rows = both.videos_by_id({h[0] for h in merged})
+        assert set(rows) == {h[0] for h in merged}  # each id read from the library that holds it
+    with SearchEngine([first, second], rerank=False, device="cpu") as engine:
+        assert engine.search(target.sentence(), top_k=3).moments[0]["path"] == "long.mp4"
+        assert engine.search(videos[3].events[0].obj.sentence(), top_k=20).moments
+    out = CliRunner().invoke(cli.main, ["search", target.sentence(), "--index", str(first), "--index", str(second),
+                                        "--no-rerank", "--json", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert '"long.mp4"' in out.output
+
+    twin = tmp_path / "twin"
+    write_library(twin, videos[:2], encoder, root="/videos/a")
+    with pytest.raises(VmrError, match="share library id") as refused:
+        SearchEngine([first, twin], rerank=False, device="cpu")
+    assert "\n" not in str(refused.value)

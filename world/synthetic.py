@@ -51,10 +51,11 @@ def clip_vectors(video: WorldVideo, embed: StateEmbedder, rng: np.random.Generat
 
 
 def write_library(index_dir, videos: list[WorldVideo], encoder, seed: int = 0, progress: bool = False,
-                  embed: StateEmbedder | None = None) -> None:
+                  embed: StateEmbedder | None = None, root: str = "synthetic") -> None:
     """An index at ``index_dir`` holding ``videos`` as synthetic clip vectors (paths ``<vid>.mp4``); an existing
     one gets them added. ``embed``: a StateEmbedder to share with an earlier write (one frame content, one
-    embedding across the writes)."""
+    embedding across the writes); ``root``: the folder it stands for (libraries of other roots get other video
+    ids, store.ids)."""
     from tqdm import tqdm
 
     from store.clip_source import ClipSource
@@ -64,7 +65,7 @@ def write_library(index_dir, videos: list[WorldVideo], encoder, seed: int = 0, p
     embed = embed or StateEmbedder(encoder, seed)
     with Library(index_dir, read_only=False) as lib:
         # Synthetic libraries are world libraries: queries are encoded with the world CLIP (``encoder``).
-        lib.prepare(encoder.model_id, encoder.embed_dim, root="synthetic", clip_seconds=CLIP_SECONDS,
+        lib.prepare(encoder.model_id, encoder.embed_dim, root=root, clip_seconds=CLIP_SECONDS,
                     clip_source=ClipSource(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS)).to_meta())
         ids = lib.add_pending([(f"{v.vid}.mp4", 0, 0.0) for v in videos])
         with lib.session():
