@@ -82,6 +82,7 @@ class _BlobUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("collections", "OrderedDict"),
+        ("_codecs", "encode"),  # how a Python-3 pickle at protocol 2 writes bytes (a str -> bytes conversion)
     }
 
     def find_class(self, module, name):
@@ -109,7 +110,8 @@ def _fill(path: str, names: dict, found: dict, source: str) -> dict:
     Names the table does not ask for (optimiser momenta, lr, model_iter, the classifier, num_batches_tracked) are
     never looked at.
     """
-    expected = SlowFastR50().state_dict()
+    with torch.device("meta"):  # shapes only: no 34M-parameter initialisation
+        expected = SlowFastR50().state_dict()
     missing = [key for key in expected if names[key] not in found]
     if missing:
         first = names[missing[0]]
@@ -161,7 +163,8 @@ def load_slowfast_state(path) -> tuple[dict, str]:
 
 def build_slowfast(path) -> SlowFastR50:
     """SlowFastR50 in eval mode with the weights of ``path`` (either layout; see load_slowfast_state)."""
-    model = SlowFastR50()
     state, _ = load_slowfast_state(path)
-    model.load_state_dict(state, strict=True)
+    with torch.device("meta"):
+        model = SlowFastR50()
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
