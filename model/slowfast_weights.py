@@ -154,9 +154,11 @@ def load_slowfast_state(path) -> tuple[dict, str]:
         blobs = _read_caffe2(path)
     except ModelError:
         raise
-    except Exception as err:  # noqa: BLE001
-        reason = weights_file_problem(path, err if isinstance(err, pickle.UnpicklingError)
-                                      else pickle.UnpicklingError(str(err)))
+    except Exception as err:  # noqa: BLE001 - reworded into one line
+        if "unsupported GLOBAL" in str(err):
+            reason = weights_file_problem(path, err)  # names the code the file asks to run
+        else:
+            reason = f"not a readable Caffe2 pickle (truncated or corrupt: {type(err).__name__})"
         raise ModelError(f"SlowFast weights {path}: {reason}") from None
     return _fill(path, CAFFE2_NAMES, blobs, "Caffe2"), "caffe2"
 

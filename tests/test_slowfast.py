@@ -66,15 +66,18 @@ def reference(tmp_path_factory):
     return ptv, ours, path
 
 
-def _clip(dtype, size=64, seed=0):
-    """One normalised 32-frame clip [1, 3, 32, size, size] (HERO's normalisation of random uint8 pixels)."""
+def _clip(dtype, size=48, frames=32, seed=0):
+    """One normalised clip [1, 3, frames, size, size] (HERO's normalisation of random uint8 pixels).
+
+    48 x 48 keeps a 2 x 2 res5 (so every 3 x 3 tap and its padding counts) at a 22nd of the 224 x 224 cost.
+    """
     g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (1, 32, size, size, 3), generator=g, dtype=torch.uint8)
+    pixels = torch.randint(0, 256, (1, frames, size, size, 3), generator=g, dtype=torch.uint8)
     return sf.normalise(pixels).to(dtype)
 
 
 def _ptv_features(ptv, frames):
-    slow = frames.index_select(2, torch.tensor([0, 4, 8, 13, 17, 22, 26, 31]))
+    slow = frames.index_select(2, torch.linspace(0, frames.shape[2] - 1, frames.shape[2] // 4).long())
     return ptv([slow, frames]).flatten(1)
 
 
@@ -106,7 +109,7 @@ def test_a_wrong_mapping_shows(reference):
     with torch.device("meta"):
         wrong = SlowFastR50().eval()
     wrong.load_state_dict(state, assign=True)
-    frames = _clip(torch.float32, size=32)
+    frames = _clip(torch.float32, size=32, frames=8)  # the smallest clip the fusion strides accept
     with torch.no_grad():
         delta = (wrong.float()(frames) - _ptv_features(ptv.float(), frames)).abs().max()
     assert float(delta) > 1e-3
@@ -164,11 +167,6 @@ def test_caffe2_pickle_fills_every_key(reference, tmp_path):
     assert kind == "caffe2"
     assert set(state) == set(source) == set(CAFFE2_NAMES)
     assert all(torch.equal(state[k], source[k]) for k in source)
-    # a Python-3 pickle of the same dict reads too
-    path3 = tmp_path / "py3.pkl"
-    path3.write_bytes(pickle.dumps({"blobs": _caffe2_blobs(source)}, protocol=2))
-    state3, _ = load_slowfast_state(path3)
-    assert all(torch.equal(state3[k], source[k]) for k in source)
 
 
 def test_caffe2_names_are_distinct_and_follow_pyslowfast():
@@ -188,7 +186,7 @@ def test_caffe2_pickle_missing_a_key_is_refused(reference, tmp_path):
     blobs = _caffe2_blobs({k: v.float() for k, v in ours.state_dict().items()})
     del blobs["t_res4_5_branch2c_bn_subsample_bn_riv"]
     path = tmp_path / "SLOWFAST_8x8_R50.pkl"
-    _write_py2_pickle(path, {"blobs": blobs})
+    path.write_bytes(pickle.dumps({"blobs": blobs}, protocol=2))  # a Python-3 pickle (bytes via _codecs) reads too
     with pytest.raises(ModelError) as err:
         load_slowfast_state(path)
     message = str(err.value)
@@ -222,6 +220,14 @@ def test_pickle_that_names_code_is_refused(tmp_path):
     assert not marker.exists()
     message = str(err.value)
     assert "\n" not in message and str(path) in message and "mkdir" in message
+
+
+def test_truncated_pickle_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "SLOWFAST_8x8_R50.pkl"
+    path.write_bytes(pickle.dumps({"blobs": {"conv1_w": np.ones((64, 3, 1, 7, 7), np.float32)}}, protocol=2)[:500])
+    with pytest.raises(ModelError, match="not a readable Caffe2 pickle") as err:
+        load_slowfast_state(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
 def test_missing_weights_say_which_file_and_where_it_comes_from(tmp_path):
