@@ -45,7 +45,7 @@ STD = 0.225
 
 def extractor_fps(avg_frame_rate) -> int:
     """The fps HERO's window uses: floor of ffprobe's avg_frame_rate (30000/1001 -> 29)."""
-    return math.floor(Fraction(avg_frame_rate) if not isinstance(avg_frame_rate, float) else avg_frame_rate)
+    return math.floor(Fraction(avg_frame_rate))  # "30000/1001", Fraction(30000, 1001) or 29.97
 
 
 def clip_window(fps_floor: int, clip_len: int = 2) -> np.ndarray:

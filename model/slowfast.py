@@ -1,4 +1,4 @@
-"""SlowFast-R50 8x8 as the public SlowFast features were computed: the 2304-d global-average-pooled res5 of both pathways.
+"""SlowFast-R50 8x8 as the public SlowFast features were computed: 2304-d, the pooled res5 of both pathways.
 
 The public QVHighlights / Charades-STA / TACoS ``slowfast_features`` come from HERO's extractor running PySlowFast's
 SlowFast-R50 8x8 (alpha 4, beta 1/8, fusion kernel 7x1x1, Kinetics-400 weights) and keeping, per clip, the global
