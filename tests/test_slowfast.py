@@ -23,7 +23,7 @@ from model.errors import ModelError
 from model.slowfast import FEATURE_DIM, SlowFastR50, slow_indices
 from model.slowfast_weights import CAFFE2_NAMES, PYTORCHVIDEO_NAMES, build_slowfast, load_slowfast_state
 
-ptv_slowfast = pytest.importorskip("pytorchvideo.models.slowfast", reason="pytorchvideo (the test extra) is absent")
+ptv_hub = pytest.importorskip("pytorchvideo.models.hub", reason="pytorchvideo (the test extra) is absent")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,11 +53,10 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """pytorchvideo's SlowFast-R50 8x8 (create_slowfast defaults = hub slowfast_r50) with random weights, its
-    checkpoint in the hub's layout, and ours loaded from that file."""
-    ptv = ptv_slowfast.create_slowfast(model_depth=50, slowfast_fusion_conv_kernel_size=(7, 1, 1), head=None,
-                                       head_pool=torch.nn.AdaptiveAvgPool3d,
-                                       head_output_size=((1, 1, 1), (1, 1, 1))).eval()
+    """pytorchvideo's hub ``slowfast_r50`` (untrained) with random weights, its checkpoint in the hub's layout, and
+    ours loaded from that file."""
+    ptv = ptv_hub.slowfast_r50(pretrained=False, head=None, head_pool=torch.nn.AdaptiveAvgPool3d,
+                               head_output_size=((1, 1, 1), (1, 1, 1))).eval()
     # head=None: the net ends at PoolConcatPathway = blocks[5], the 2304-d vector HERO keeps. Adaptive pooling is
     # the global average at any size (AvgPool3d (8,7,7) / (32,7,7) is that at 224 x 224 only).
     _randomise(ptv, seed=18)
