@@ -28,7 +28,6 @@ from model.errors import ModelError, weights_file_problem
 from model.slowfast import FUSED_AFTER, STAGE_DEPTHS, STAGES, SlowFastR50
 
 CAFFE2_URL = "https://dl.fbaipublicfiles.com/pyslowfast/model_zoo/kinetics400/SLOWFAST_8x8_R50.pkl"
-PYTORCHVIDEO_URL = "https://dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics/SLOWFAST_8x8_R50.pyth"
 PUBLIC_WEIGHTS_HINT = (f"the public features' weights are PySlowFast's SLOWFAST_8x8_R50.pkl ({CAFFE2_URL}, "
                        "PySlowFast MODEL_ZOO.md); download it where there is a network and pass that file")
 
@@ -120,7 +119,11 @@ def _fill(path: str, names: dict, found: dict, source: str) -> dict:
     state = {}
     for key, ref in expected.items():
         value = found[names[key]]
-        value = value if torch.is_tensor(value) else torch.from_numpy(np.array(value))
+        if not torch.is_tensor(value):
+            try:
+                value = torch.from_numpy(np.array(value, dtype=np.float32))
+            except (TypeError, ValueError):
+                raise ModelError(f"SlowFast weights {path}: {names[key]} is not a numeric array") from None
         if tuple(value.shape) != tuple(ref.shape):
             raise ModelError(f"SlowFast weights {path}: {names[key]} has shape {tuple(value.shape)}, SlowFast-R50 "
                              f"8x8 needs {tuple(ref.shape)}")
