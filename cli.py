@@ -187,7 +187,7 @@ def train(train_path, from_labels, val_path, index_dir, features_dir, out_path, 
     Training on an index adds negative windows by default (windows without the query's moment; `--set
     neg_ratio=0` for none); after it, --val queries fit the ranking rule `vmr search` uses (stored in the
     checkpoint)."""
-    from model.train import train_from_cli
+    from model.training.train import train_from_cli
 
     if (index_dir is None) == (features_dir is None):
         raise click.UsageError("give exactly one of --index or --features")
@@ -228,7 +228,7 @@ def train(train_path, from_labels, val_path, index_dir, features_dir, out_path, 
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="fp32", show_default=True, help="Numeric precision of the model's frozen LLM blocks. fp32 (default) reproduces the authors' numbers (parity <= 1e-3); auto = the fastest this CPU/GPU runs natively (int8/bf16: faster, but windows can move by a clip and scores by ~0.02, so a paper's table is not reproduced). When a faster one exists here, predict says so.")
 def predict(checkpoint, index_dir, features_dir, annotations, out_path, batch_size, device, precision):
     """Write predictions in the official submission format (jsonl)."""
-    from model.predict import predict_from_cli
+    from model.inference.predict import predict_from_cli
 
     if (index_dir is None) == (features_dir is None):
         raise click.UsageError("give exactly one of --index or --features")
@@ -246,7 +246,7 @@ def predict(checkpoint, index_dir, features_dir, annotations, out_path, batch_si
 @click.option("--json", "as_json", is_flag=True)
 def eval_(submission, gt, as_json):
     """Official QVHighlights metrics (moment retrieval + highlight detection) of a submission."""
-    from model.metrics import evaluate_files, describe_metrics
+    from model.inference.metrics import evaluate_files, describe_metrics
 
     try:
         metrics = evaluate_files(submission, gt)
@@ -264,7 +264,7 @@ def eval_(submission, gt, as_json):
 @click.option("--llm-blocks", type=click.Choice(["reference", "copy"]), default="reference", show_default=True, help="The frozen LLaMA blocks: reference = OUT names SRC (absolute path) and a SHA-256 of its blocks, read and checked at every load (OUT ~3% of SRC at the paper's shape; SRC must stay where it is, unchanged; hashing adds seconds per load); copy = embedded in OUT in their narrowest lossless dtype (self-contained, ~half of SRC).")
 def convert_checkpoint(src, out, llm_blocks):
     """Convert the authors' LLMEPET checkpoint ({"model", "opt"}) into a vmr checkpoint."""
-    from model.convert import convert_authors_checkpoint
+    from model.inference.convert import convert_authors_checkpoint
 
     try:
         convert_authors_checkpoint(src, out, llm_blocks=llm_blocks)

@@ -149,7 +149,7 @@ def _progress_line(index_dir: str) -> str:
 
 def _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device, ray_address, workers, allow_random,
             progress, reranker) -> None:
-    from model.features import model_embed_dim, resolve_weights
+    from model.inference.features import model_embed_dim, resolve_weights
     from model.errors import ModelError
 
     start_time = time.monotonic()
@@ -198,7 +198,7 @@ def choose_clip(recorded: ClipSource, clip_model: str | None, clip_pretrained: s
     model = clip_model or recorded.model or DEFAULT_CLIP[0]
     same_model = recorded.model and ClipSource.of(model, None, recorded.precision).model == recorded.model
     # the index's embeddings share one precision: a re-index keeps the recorded one, a new index gets the fastest
-    # accurate one of this device (model.precision.clip_precision)
+    # accurate one of this device (model.inference.precision.clip_precision)
     precision = recorded.precision if recorded.model else _clip_precision(device)
     if clip_pretrained is None and not allow_random:
         if same_model:
@@ -208,8 +208,8 @@ def choose_clip(recorded: ClipSource, clip_model: str | None, clip_pretrained: s
 
 
 def _clip_precision(device: str) -> str:
-    from model.features import resolve_device
-    from model.precision import clip_precision, detect_hardware
+    from model.inference.features import resolve_device
+    from model.inference.precision import clip_precision, detect_hardware
 
     return clip_precision("auto", detect_hardware(resolve_device(device)))
 
@@ -229,7 +229,7 @@ def _recorded_meta(index_dir: str) -> dict:
 
 def _check_reranker(path: str, model_id: str) -> str:
     """An LLMEPET checkpoint usable on this index's features; returns its absolute path."""
-    from model.checkpoint import read_checkpoint
+    from model.inference.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(path)
     trained_on = (ckpt.get("feature_spec") or {}).get("clip_model")

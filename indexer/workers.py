@@ -24,8 +24,9 @@ class ClipChoice:
     model: open_clip model name or a model-config JSON path; pretrained: open_clip tag, checkpoint path or None;
     device: "auto" | "cpu" | "cuda" (the actors' device is decided from the cluster, see indexer.pipeline);
     allow_random: random weights allowed (tests, benchmarks of speed only);
-    precision: "fp32" | "bf16" | "auto" (bf16 where the device has it natively: model.precision.clip_precision).
-    An index records the precision it was built with (in ``source()``); re-indexing and queries use it.
+    precision: "fp32" | "bf16" | "auto" (bf16 where the device has it natively:
+    model.inference.precision.clip_precision). An index records the precision it was built with (in ``source()``);
+    re-indexing and queries use it.
     """
     model: str
     pretrained: str | None
@@ -40,7 +41,7 @@ class ClipChoice:
 
 @functools.lru_cache(maxsize=4)
 def _resizer(preprocess_json: str):
-    from model.features import frame_resizer
+    from model.inference.features import frame_resizer
 
     return frame_resizer(json.loads(preprocess_json))
 
@@ -98,7 +99,7 @@ class ClipWorker:
     def __init__(self, clip: ClipChoice, threads: int | None = None):
         import torch
 
-        from model.features import ClipEncoder
+        from model.inference.features import ClipEncoder
 
         from model.errors import ModelError
 

@@ -61,7 +61,7 @@ def fit_checkpoint(index_dir, checkpoint: str, annotations: list[dict], device: 
 
 def fit_checkpoint_sets(checkpoint: str, query_sets, device: str = "auto") -> dict:
     """``fit_checkpoint`` on several (index dir, validation annotations) pairs pooled into one fit."""
-    from model.checkpoint import read_checkpoint, write_checkpoint
+    from model.inference.checkpoint import read_checkpoint, write_checkpoint
     from retriever.search import SearchEngine
 
     per_query = []

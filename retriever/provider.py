@@ -1,4 +1,4 @@
-"""A vmr index as a feature source for `vmr train` / `vmr predict --index` (model.providers.FeatureProvider).
+"""A vmr index as a feature source for `vmr train` / `vmr predict --index` (model.data.providers.FeatureProvider).
 
 model/ must not read an index itself; this class does it for it: video features are the index's clip embeddings,
 text features the per-token features of the CLIP model that built the index.
@@ -75,7 +75,7 @@ class IndexFeatureProvider:
 
     def hard_negatives(self, query: str, exclude_vids) -> list[tuple[str, int, int]]:
         """Windows of other videos that the coarse stage ranks high for ``query``, best first, as (vid, first
-        clip, end clip): hard negative windows for training (model.negatives). ``exclude_vids``: annotation vids
+        clip, end clip): hard negative windows for training (model.data.negatives). ``exclude_vids``: annotation vids
         that hold this query's moment."""
         return self.hard_negatives_many({query: exclude_vids})[query]
 

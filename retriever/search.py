@@ -46,7 +46,7 @@ def load_query_encoder(meta: dict, device: str = "auto"):
     pretrained tag or checkpoint path, precision); random weights only where the index itself was built with them
     (tests: seeded, so equal).
     """
-    from model.features import ClipEncoder
+    from model.inference.features import ClipEncoder
 
     source = ClipSource.recorded(meta)
     if not source.model:
@@ -88,8 +88,8 @@ class SearchEngine:
 
     Args: index_dir; checkpoint: LLMEPET checkpoint path or None (coarse only); rerank: False forces coarse only;
     device: "auto" | "cpu" | "cuda"; coarse: CoarseConfig; precision: the reranker's LLM blocks ("auto" | "fp32" |
-    "bf16" | "int8", model.precision); rerank_budget_s: seconds the rerank stage may take (RERANK_BUDGET_S; None:
-    rerank every candidate window). Each query opens its own DuckDB read connection, so
+    "bf16" | "int8", model.inference.precision); rerank_budget_s: seconds the rerank stage may take (RERANK_BUDGET_S;
+    None: rerank every candidate window). Each query opens its own DuckDB read connection, so
     an ingest can write between queries; a caller that knows no writer runs can hold one for a batch of queries
     (``with engine.library.session():``).
     """

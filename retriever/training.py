@@ -37,7 +37,7 @@ def fit_after_training(index_dir: str, checkpoint: str, val_path: str | None, de
     """Fit the ranking rule on the --val queries and store it in ``checkpoint``; the line to print."""
     if not val_path:
         return "no --val: search ranks by the model's confidence alone (give --val to fit the ranking rule)"
-    from model.dataset import load_annotations
+    from model.data.dataset import load_annotations
     from retriever.fit_score import describe_fit, fit_checkpoint
 
     return describe_fit(fit_checkpoint(index_dir, checkpoint, load_annotations(val_path), device))

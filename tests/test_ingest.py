@@ -36,7 +36,7 @@ REAL_VIDEO = SHARED_DATA / "real_video" / "charades.mp4"
 def checkpoint(tmp_path_factory):
     import torch
 
-    from model.features import ClipEncoder
+    from model.inference.features import ClipEncoder
 
     path = tmp_path_factory.mktemp("ckpt") / "clip_tiny.pt"
     torch.save(ClipEncoder.load(TINY, None, device="cpu", allow_random=True).model.state_dict(), path)

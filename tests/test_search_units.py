@@ -95,7 +95,7 @@ def synthetic_index(tmp_path_factory):
     """A synthetic-vector library: 30 short videos + a 10-minute one whose only events lie past 150 s."""
     from world.generator import ObjectPool, sample_video
     from world.synthetic import write_library
-    from model.features import ClipEncoder
+    from model.inference.features import ClipEncoder
 
     rng = np.random.default_rng(0)
     target = WorldObject("purple", "cross", "left")

@@ -14,7 +14,7 @@ difference. Sources (``TrainConfig.neg_sources``; one is drawn at random among t
   grown outwards without touching a relevant window.
 
 A negative sample's targets: no span, every decoder query background, saliency 0 on every clip
-(model.labels.negative_labels; model.criterion handles samples without spans).
+(negative_labels below; model.training.criterion handles samples without spans).
 """
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ class NegativeSampler:
 
 
 def negative_labels(n_clips: int) -> dict:
-    """Targets of a negative window (the keys model.labels.make_labels gives a positive one): no span target,
+    """Targets of a negative window (the keys model.data.targets.make_labels gives a positive one): no span target,
     saliency 0 everywhere; the hinge pair indices are placeholders the criterion skips for negatives."""
     import numpy as np
     import torch

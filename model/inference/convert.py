@@ -16,11 +16,11 @@ import re
 
 import torch
 
-from model.checkpoint import LLM_BLOCK_PREFIX, load_weights_only, save_checkpoint, tensors_sha256
+from model.inference.checkpoint import LLM_BLOCK_PREFIX, load_weights_only, save_checkpoint, tensors_sha256
 from model.config import ModelConfig
 from model.errors import ModelError
-from model.sample import DataConfig
-from model.llm_blocks import LLAMA_HEAD_DIM
+from model.data.sample import DataConfig
+from model.net.llm_blocks import LLAMA_HEAD_DIM
 
 # (authors' prefix, ours); the first matching prefix wins, so longer prefixes come first.
 AUTHORS_TO_OURS: list[tuple[str, str]] = [
@@ -179,7 +179,7 @@ def convert_authors_checkpoint(src: str, out: str, llm_blocks: str = "reference"
     """
     if llm_blocks not in LLM_BLOCKS_MODES:
         raise ModelError(f"llm_blocks must be one of {LLM_BLOCKS_MODES}, not {llm_blocks!r}")
-    from model.llmepet import LLMEPET
+    from model.net.llmepet import LLMEPET
 
     ckpt = load_authors_checkpoint(src)
     cfg, state = convert_state_dict(ckpt["model"], ckpt.get("opt"))
