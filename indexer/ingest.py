@@ -22,15 +22,17 @@ import numpy as np
 
 from indexer.discover import Candidate, discover
 from indexer.pipeline import Pipeline, Video
+from indexer.rows import video_rows
 from indexer.stop_signals import recording_stop_signals
 from indexer.workers import ClipChoice
-from indexer.rows import video_rows
+from model.errors import ModelError
 from model.spans import CLIP_SECONDS
 from store import db, vectors
 from store.clip_source import ClipSource
 from store.errors import VmrError
 from store.library import Library
 from store.lock import ingest_lock, lock_path
+from store.status import library_status
 
 
 @dataclass
@@ -138,8 +140,6 @@ def run_ingest(video_dir, index_dir, clip_model: str | None = None, clip_pretrai
 
 def _progress_line(index_dir: str) -> str:
     """'N of M videos indexed (K not yet)' of an index after a stopped run."""
-    from store.status import library_status
-
     try:
         info = library_status(index_dir)
     except VmrError:
@@ -149,8 +149,8 @@ def _progress_line(index_dir: str) -> str:
 
 def _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device, ray_address, workers, allow_random,
             progress, reranker) -> None:
+    # lazy: torch (open_clip), loaded once the run starts, not to refuse a bad argument
     from model.inference.features import model_embed_dim, resolve_weights
-    from model.errors import ModelError
 
     start_time = time.monotonic()
     recorded = _recorded_meta(index_dir)
@@ -208,8 +208,8 @@ def choose_clip(recorded: ClipSource, clip_model: str | None, clip_pretrained: s
 
 
 def _clip_precision(device: str) -> str:
-    from model.inference.features import resolve_device
-    from model.inference.precision import clip_precision, detect_hardware
+    from model.inference.features import resolve_device  # lazy: torch, loaded once the run starts
+    from model.inference.precision import clip_precision, detect_hardware  # lazy: torch, loaded once the run starts
 
     return clip_precision("auto", detect_hardware(resolve_device(device)))
 
@@ -229,7 +229,7 @@ def _recorded_meta(index_dir: str) -> dict:
 
 def _check_reranker(path: str, model_id: str) -> str:
     """An LLMEPET checkpoint usable on this index's features; returns its absolute path."""
-    from model.inference.checkpoint import read_checkpoint
+    from model.inference.checkpoint import read_checkpoint  # lazy: torch, loaded once the run starts
 
     ckpt = read_checkpoint(path)
     trained_on = (ckpt.get("feature_spec") or {}).get("clip_model")

@@ -14,6 +14,7 @@ import numpy as np
 
 from indexer.decode import DecodeError, probe, sample_clip_frames
 from indexer.discover import content_hash
+from model.errors import ModelError
 from store.clip_source import ClipSource
 
 
@@ -41,6 +42,7 @@ class ClipChoice:
 
 @functools.lru_cache(maxsize=4)
 def _resizer(preprocess_json: str):
+    # lazy: torch: decode tasks load this module in Ray workers that never need it
     from model.inference.features import frame_resizer
 
     return frame_resizer(json.loads(preprocess_json))
@@ -99,9 +101,8 @@ class ClipWorker:
     def __init__(self, clip: ClipChoice, threads: int | None = None):
         import torch
 
+        # lazy: torch: only the CLIP actors load it, not the decode tasks
         from model.inference.features import ClipEncoder
-
-        from model.errors import ModelError
 
         if threads:  # never more than the cores of the node the actor landed on
             torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))

@@ -13,9 +13,12 @@ import os
 
 import numpy as np
 
+from retriever.coarse import coarse_candidates
+from retriever.search import load_query_encoder
 from retriever.windows import index_clip_seconds
 from store import kinds
 from store.errors import VmrError
+from store.library import Library
 
 
 class IndexFeatureProvider:
@@ -25,9 +28,6 @@ class IndexFeatureProvider:
     """
 
     def __init__(self, index_dir, device: str = "auto", encoder=None):
-        from retriever.search import load_query_encoder
-        from store.library import Library
-
         self.library = Library(index_dir, read_only=True)
         self.meta = self.library.meta()
         self.encoder = encoder or load_query_encoder(self.meta, device)
@@ -82,8 +82,6 @@ class IndexFeatureProvider:
     def hard_negatives_many(self, excluded_of: dict, batch: int = 64) -> dict[str, list[tuple[str, int, int]]]:
         """``hard_negatives`` for many queries ({query: exclude_vids}) at once: queries encoded in batches, one
         DuckDB connection, and the windows' videos read into memory (training draws from them every epoch)."""
-        from retriever.coarse import coarse_candidates
-
         queries = list(excluded_of)
         out: dict[str, list] = {}
         with self.library.session():

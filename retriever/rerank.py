@@ -15,8 +15,11 @@ import time
 import numpy as np
 import torch
 
-from model.inference.postprocess import clean_windows, decode_outputs
 from model.data.sample import collate, text_input, video_input
+from model.inference.checkpoint import data_config_of, load_checkpoint
+from model.inference.features import resolve_device
+from model.inference.postprocess import clean_windows, decode_outputs
+from model.inference.precision import choose_batch_size, detect_hardware, llm_block_params
 from retriever.merge import Moment, ScoreRule, span_coarse_score
 from retriever.windows import Window, index_clip_seconds
 from store import kinds
@@ -36,8 +39,6 @@ class Reranker:
     def __init__(self, model, data_cfg, spec: dict, device, batch_size: int | None = None, path: str = ""):
         """``batch_size``: windows per forward; None: chosen for the hardware
         (model.inference.precision.choose_batch_size)."""
-        from model.inference.precision import choose_batch_size, detect_hardware, llm_block_params
-
         self.model = model.eval()
         self.data_cfg = data_cfg
         self.spec = spec
@@ -59,9 +60,6 @@ class Reranker:
              precision: str = "auto") -> "Reranker":
         """``precision``: of the frozen LLM blocks, chosen once here (model.inference.precision; the choice is logged);
         ``batch_size`` None: chosen for the hardware (logged)."""
-        from model.inference.checkpoint import data_config_of, load_checkpoint
-        from model.inference.features import resolve_device
-
         torch_device = resolve_device(device)
         model, ckpt = load_checkpoint(checkpoint, device=torch_device, precision=precision, log=log.info)
         reranker = cls(model, data_config_of(ckpt), dict(ckpt["feature_spec"]), torch_device, batch_size,

@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import ModelError
-from retriever.coarse import CoarseConfig, coarse_candidates
 from model.spans import paired_iou
+from retriever.coarse import CoarseConfig, coarse_candidates
 from retriever.merge import NMS_IOU, Moment, ScoreRule, nms_merge
 from retriever.windows import Window, index_clip_seconds
 from store.clip_source import ClipSource
 from store.errors import VmrError
+from store.library import Library
+from store.status import incomplete_note, library_status
 
 log = logging.getLogger("vmr.search")
 STAGES = ("text_encode", "coarse", "windows", "rerank", "merge")
@@ -46,7 +48,7 @@ def load_query_encoder(meta: dict, device: str = "auto"):
     pretrained tag or checkpoint path, precision); random weights only where the index itself was built with them
     (tests: seeded, so equal).
     """
-    from model.inference.features import ClipEncoder
+    from model.inference.features import ClipEncoder  # lazy: torch, loaded at the first query
 
     source = ClipSource.recorded(meta)
     if not source.model:
@@ -97,8 +99,6 @@ class SearchEngine:
     def __init__(self, index_dir, checkpoint: str | None = None, rerank: bool = True, device: str = "auto",
                  coarse: CoarseConfig | None = None, precision: str = "auto",
                  rerank_budget_s: float | None = RERANK_BUDGET_S):
-        from store.library import Library
-
         self.index_dir = str(index_dir)
         if Path(self.index_dir).exists() and not Path(self.index_dir).is_dir():
             raise VmrError(f"--index {self.index_dir} is a file, not an index folder: give the folder `vmr index` "
@@ -124,7 +124,7 @@ class SearchEngine:
         self.fallback_reason = None
         checkpoint = checkpoint or self.meta.get("reranker")
         if rerank and checkpoint:
-            from retriever.rerank import Reranker
+            from retriever.rerank import Reranker  # lazy: torch, only where the index has a reranker
 
             if not Path(checkpoint).is_file():
                 raise VmrError(f"reranker checkpoint not found: {checkpoint}")
@@ -228,8 +228,6 @@ def search_library(query: str, index_dir: str, top_k: int = 10, checkpoint: str 
     """One query against the index at ``index_dir`` (what `vmr search` runs). Errors: one-line VmrError."""
     if not isinstance(query, str) or not query.strip():
         raise VmrError("the query is empty")
-    from store.status import incomplete_note, library_status
-
     try:
         with SearchEngine(index_dir, checkpoint=checkpoint, rerank=rerank, device=device,
                           precision=precision, rerank_budget_s=rerank_budget_s) as engine:

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from model.errors import ModelError
-from model.inference.metrics import (describe_metrics, detection_ap, evaluate, evaluate_files, load_jsonl, saliency_ap)
+from model.inference.metrics import describe_metrics, detection_ap, evaluate, evaluate_files, saliency_ap
+from model.jsonl import load_jsonl
 
 from shared_data import SHARED_DATA as DATA
 QVH = DATA / "qvhighlights"

@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from indexer.rows import video_rows
+from store.clip_source import ClipSource
+from store.library import Library
 from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
 from world.generator import CLIP_SECONDS, ObjectPool, WorldVideo, annotations, sample_video
 from world.scene import ALL_OBJECTS, render_frame
-from indexer.rows import video_rows
 
 CLIP_NOISE = 0.03  # std of the per-dimension noise added to a clip's state embedding (before re-normalising)
 
@@ -56,9 +58,6 @@ def write_library(index_dir, videos: list[WorldVideo], encoder, seed: int = 0, p
     one gets them added. ``embed``: a StateEmbedder to share with an earlier write (one frame content, one
     embedding across the writes)."""
     from tqdm import tqdm
-
-    from store.clip_source import ClipSource
-    from store.library import Library
 
     rng = np.random.default_rng(seed)
     embed = embed or StateEmbedder(encoder, seed)

@@ -14,11 +14,12 @@ import random
 
 import torch
 
-from model.errors import ModelError
-from model.data.targets import crop_annotation, make_labels, training_crop
 from model.data.negatives import SOURCES, NegativeSampler, negative_labels
 from model.data.providers import load_text, load_video, video_source_dims
 from model.data.sample import DataConfig, text_input, video_input
+from model.data.targets import crop_annotation, make_labels, training_crop
+from model.errors import ModelError
+from model.jsonl import load_jsonl
 
 
 NEGATIVE = "negative"  # an entry's marker: a negative window of the annotation (drawn per item)
@@ -128,8 +129,6 @@ class MomentDataset(torch.utils.data.Dataset):
 
 def load_annotations(path: str) -> list[dict]:
     """Annotation records of a jsonl file, checked for the fields every use needs."""
-    from model.inference.metrics import load_jsonl
-
     records = load_jsonl(path)
     if not records:
         raise ModelError(f"{path} holds no annotations")

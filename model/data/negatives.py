@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 import random
 
+from model.errors import ModelError
+
 SOURCES = ("other", "hard", "same", "labels")
 MIN_CLIPS = 4  # shortest negative window: a few clips of evidence, as a search window has
 
@@ -64,7 +66,6 @@ class NegativeSampler:
                  sources=SOURCES):
         unknown = sorted(set(sources) - set(SOURCES))
         if unknown:
-            from model.errors import ModelError
             raise ModelError(f"unknown negative source(s) {', '.join(unknown)}; choose from {', '.join(SOURCES)}")
         self.annotations, self.provider, self.n_clips_of = annotations, provider, n_clips_of
         self.v_limit, self.clip_length = v_limit, clip_length

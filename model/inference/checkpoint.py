@@ -41,6 +41,8 @@ from model.data.providers import check_feature_spec
 from model.data.sample import DataConfig
 from model.errors import ModelError, weights_file_problem
 from model.inference.file_pages import release_file_pages
+from model.inference.precision import apply_precision
+from model.net.llmepet import LLMEPET, _llm_dtype, build_model
 
 FORMAT, VERSION = "vmr-llmepet", 1
 LLM_BLOCK_PREFIX = "llm.blocks."
@@ -208,9 +210,6 @@ def load_checkpoint(path: str, device="cpu", features: dict | None = None, what:
             (model.inference.precision.apply_precision; ``log`` gets its one line); None: the config's ``llm_dtype``.
     Returns: (model in eval mode on ``device``, checkpoint dict); ``model.precision`` says what runs.
     """
-    from model.net.llmepet import LLMEPET, _llm_dtype, build_model
-    from model.inference.precision import apply_precision
-
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
     if features is not None:
         check_feature_spec(ckpt["feature_spec"], features, what)

@@ -22,6 +22,7 @@ import torch
 
 from model.errors import ModelError, weights_file_problem
 from model.hub import hub_offline
+from model.inference.precision import autocast_for, clip_precision, detect_hardware
 
 RANDOM_SEED = 0  # random-weight models are seeded so every process (driver, Ray actors) builds the same one
 
@@ -66,8 +67,6 @@ class ClipEncoder:
         ``precision``: "fp32" | "bf16" | "auto" (bf16 where the device runs it natively).
         """
         import open_clip
-
-        from model.inference.precision import clip_precision, detect_hardware
 
         torch_device = resolve_device(device)
         precision = clip_precision(precision, detect_hardware(torch_device))
@@ -145,8 +144,6 @@ class ClipEncoder:
         return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy().astype(np.float32)
 
     def _autocast(self):
-        from model.inference.precision import autocast_for
-
         return autocast_for(self.precision, self.device)
 
     def _token_states(self, tokens: torch.Tensor) -> torch.Tensor:

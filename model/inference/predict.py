@@ -19,13 +19,15 @@ import sys
 import torch
 from tqdm import tqdm
 
+from model.config import load_preset
 from model.data.dataset import MomentDataset, load_annotations, needs_windows
 from model.data.providers import PublicFeatureDir, load_video
 from model.data.sample import DataConfig, collate, to_device
 from model.errors import ModelError
+from model.inference.checkpoint import data_config_of, load_checkpoint, read_checkpoint
 from model.inference.features import resolve_device
-from model.config import load_preset
 from model.inference.postprocess import clean_windows, decode_outputs, merge_windows
+from model.inference.precision import choose_batch_size, choose_precision, detect_hardware, llm_block_params
 from model.spans import tile_windows
 
 BATCH_ATTENTION_DEFAULT = 32  # --batch-size of checkpoints attending across the batch, when none is given
@@ -127,8 +129,6 @@ def predict_from_cli(checkpoint: str, index_dir: str | None, features_dir: str |
 
     ``provider`` is the feature source the CLI builds for ``--index`` (model/ does not read indexes itself).
     """
-    from model.inference.checkpoint import data_config_of, load_checkpoint, read_checkpoint
-
     dev = resolve_device(device)
     ckpt_meta = read_checkpoint(checkpoint)
     data_cfg = data_config_of(ckpt_meta)
@@ -139,8 +139,6 @@ def predict_from_cli(checkpoint: str, index_dir: str | None, features_dir: str |
     what = f"the index {index_dir}" if index_dir else f"the features in {features_dir}"
     model, ckpt = load_checkpoint(checkpoint, device=dev, features=src.feature_spec(), what=what, ckpt=ckpt_meta,
                                   precision=precision, log=lambda line: print(line, file=sys.stderr))
-    from model.inference.precision import choose_batch_size, choose_precision, detect_hardware, llm_block_params
-
     faster = choose_precision("auto", detect_hardware(dev), llm_block_params(model))
     if model.precision == "fp32" and faster != "fp32":
         print(f"note: --precision {faster} runs faster here (--precision auto); fp32 is kept because it reproduces "

@@ -26,9 +26,9 @@ from torch import nn
 from model.config import ModelConfig
 from model.errors import ModelError
 from model.net.llm_blocks import LLMBlocks, load_llm_layers
-from model.pseudo_events import pseudo_event_spans_cxw
 from model.net.transformer import (MLP, ClipSinePosition, Decoder, Encoder, EncoderLayer, T2VEncoder, T2VLayer,
                                    TextPositionTable, inverse_sigmoid)
+from model.pseudo_events import pseudo_event_spans_cxw
 
 
 class InputProjection(nn.Module):
