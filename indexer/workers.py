@@ -15,11 +15,11 @@ import numpy as np
 from indexer.decode import DecodeError, probe, sample_clip_frames
 from indexer.discover import content_hash
 from model.errors import ModelError
-from store.clip_source import ClipSource
+from store.clip_source import CLIPSource
 
 
 @dataclass(frozen=True)
-class ClipChoice:
+class CLIPChoice:
     """Which CLIP embeds the frames, as the user chose it.
 
     model: open_clip model name or a model-config JSON path; pretrained: open_clip tag, checkpoint path or None;
@@ -37,7 +37,7 @@ class ClipChoice:
 
     def source(self) -> dict:
         """How search reloads this CLIP (index meta ``clip_source``, store.clip_source)."""
-        return ClipSource.of(self.model, self.pretrained, self.precision).to_meta()
+        return CLIPSource.of(self.model, self.pretrained, self.precision).to_meta()
 
 
 @functools.lru_cache(maxsize=4)
@@ -94,11 +94,11 @@ def _node_id() -> str | None:
         return None
 
 
-class ClipWorker:
+class CLIPWorker:
     """Holds one CLIP model (``clip.device`` is the actor's own: "cpu" or "cuda"); embeds batches of resized
     frames from any number of videos. threads: torch threads (None: torch's default)."""
 
-    def __init__(self, clip: ClipChoice, threads: int | None = None):
+    def __init__(self, clip: CLIPChoice, threads: int | None = None):
         import torch
 
         # lazy: torch: only the CLIP actors load it, not the decode tasks

@@ -26,7 +26,7 @@ from model.spans import paired_iou
 from retriever.coarse import CoarseConfig, coarse_candidates
 from retriever.merge import NMS_IOU, Moment, ScoreRule, nms_merge
 from retriever.windows import Window, index_clip_seconds
-from store.clip_source import ClipSource
+from store.clip_source import CLIPSource
 from store.errors import VmrError
 from store.library import Library
 from store.status import incomplete_note, library_status
@@ -50,7 +50,7 @@ def load_query_encoder(meta: dict, device: str = "auto"):
     """
     from model.inference.features import ClipEncoder  # lazy: torch, loaded at the first query
 
-    source = ClipSource.recorded(meta)
+    source = CLIPSource.recorded(meta)
     if not source.model:
         raise VmrError(f"the index does not record how its CLIP ({meta.get('clip_model')!r}) was loaded; "
                        "re-index it with this vmr")

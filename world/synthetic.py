@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from indexer.rows import video_rows
-from store.clip_source import ClipSource
+from store.clip_source import CLIPSource
 from store.library import Library
 from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
 from world.generator import CLIP_SECONDS, ObjectPool, WorldVideo, annotations, sample_video
@@ -64,7 +64,7 @@ def write_library(index_dir, videos: list[WorldVideo], encoder, seed: int = 0, p
     with Library(index_dir, read_only=False) as lib:
         # Synthetic libraries are world libraries: queries are encoded with the world CLIP (``encoder``).
         lib.prepare(encoder.model_id, encoder.embed_dim, root="synthetic", clip_seconds=CLIP_SECONDS,
-                    clip_source=ClipSource(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS)).to_meta())
+                    clip_source=CLIPSource(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS)).to_meta())
         ids = lib.add_pending([(f"{v.vid}.mp4", 0, 0.0) for v in videos])
         with lib.session():
             for v in tqdm(videos, desc="synthetic library", disable=not progress):
