@@ -30,7 +30,7 @@ def _index_provider(index_dir, device):
     """Features from a vmr index for train/predict (model/ never reads an index itself); None without --index."""
     if index_dir is None:
         return None
-    from retriever.provider import IndexFeatureProvider
+    from retriever.provider import IndexFeatureProvider  # lazy: DuckDB, FAISS and the search stack, only with --index
 
     return IndexFeatureProvider(index_dir, device=device)
 
@@ -89,7 +89,7 @@ def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, r
     Exit 0: all indexed or unchanged; 3: finished but some files failed (listed); 2: usage; 1: fatal (also: no
     video files found, interrupted - the next run resumes).
     """
-    from indexer.ingest import run_ingest
+    from indexer.ingest import run_ingest  # lazy: Ray, PyAV, FAISS: not for --help
 
     try:
         summary = run_ingest(video_dir, index_dir, clip_model=clip_model, clip_pretrained=clip_pretrained,
@@ -106,7 +106,7 @@ def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, r
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(index_dir, as_json):
     """Counts of an index: videos, indexed, failed (with reasons), clips, events, CLIP model."""
-    from store.status import library_status, describe_status
+    from store.status import library_status, describe_status  # lazy: FAISS: not for --help
 
     try:
         info = library_status(index_dir)
@@ -151,7 +151,7 @@ def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, re
     A reranker trained with negative windows (`vmr train --index`) gives
     scores comparable across videos; see docs/guide.md, "Ranking".
     """
-    from retriever.search import search_library, describe_results
+    from retriever.search import search_library, describe_results  # lazy: FAISS, numpy: not for --help
 
     if not query.strip():
         raise click.UsageError("QUERY is empty")
@@ -188,7 +188,7 @@ def train(train_path, from_labels, val_path, index_dir, features_dir, out_path, 
     Training on an index adds negative windows by default (windows without the query's moment; `--set
     neg_ratio=0` for none); after it, --val queries fit the ranking rule `vmr search` uses (stored in the
     checkpoint)."""
-    from model.train import train_from_cli
+    from model.training.train import train_from_cli  # lazy: torch: not for --help
 
     if (index_dir is None) == (features_dir is None):
         raise click.UsageError("give exactly one of --index or --features")
@@ -202,7 +202,7 @@ def train(train_path, from_labels, val_path, index_dir, features_dir, out_path, 
                                "llm_dim=64 --set llm_heads=4 --set llm_kv_heads=4 --set llm_ffn_dim=128")
     try:
         if from_labels:
-            from retriever.training import labels_for_training
+            from retriever.training import labels_for_training  # lazy: FAISS, numpy: only with --index
 
             train_path, report = labels_for_training(index_dir, train_path, out_path)
             click.echo(report)
@@ -211,7 +211,7 @@ def train(train_path, from_labels, val_path, index_dir, features_dir, out_path, 
                        llm=llm, llm_layers=llm_layers, resume=resume, device=device,
                        provider=_index_provider(index_dir, device))
         if index_dir is not None:
-            from retriever.training import fit_after_training
+            from retriever.training import fit_after_training  # lazy: FAISS, numpy: only with --index
 
             click.echo(fit_after_training(index_dir, out_path, val_path, device))
     except USER_ERRORS as err:
@@ -229,7 +229,7 @@ def train(train_path, from_labels, val_path, index_dir, features_dir, out_path, 
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="fp32", show_default=True, help="Numeric precision of the model's frozen LLM blocks. fp32 (default) reproduces the authors' numbers (parity <= 1e-3); auto = the fastest this CPU/GPU runs natively (int8/bf16: faster, but windows can move by a clip and scores by ~0.02, so a paper's table is not reproduced). When a faster one exists here, predict says so.")
 def predict(checkpoint, index_dir, features_dir, annotations, out_path, batch_size, device, precision):
     """Write predictions in the official submission format (jsonl)."""
-    from model.predict import predict_from_cli
+    from model.inference.predict import predict_from_cli  # lazy: torch: not for --help
 
     if (index_dir is None) == (features_dir is None):
         raise click.UsageError("give exactly one of --index or --features")
@@ -247,7 +247,7 @@ def predict(checkpoint, index_dir, features_dir, annotations, out_path, batch_si
 @click.option("--json", "as_json", is_flag=True)
 def eval_(submission, gt, as_json):
     """Official QVHighlights metrics (moment retrieval + highlight detection) of a submission."""
-    from model.metrics import evaluate_files, describe_metrics
+    from model.inference.metrics import evaluate_files, describe_metrics  # lazy: numpy: not for --help
 
     try:
         metrics = evaluate_files(submission, gt)
@@ -265,7 +265,7 @@ def eval_(submission, gt, as_json):
 @click.option("--llm-blocks", type=click.Choice(["reference", "copy"]), default="reference", show_default=True, help="The frozen LLaMA blocks: reference = OUT names SRC (absolute path) and a SHA-256 of its blocks, read and checked at every load (OUT ~3% of SRC at the paper's shape; SRC must stay where it is, unchanged; hashing adds seconds per load); copy = embedded in OUT in their narrowest lossless dtype (self-contained, ~half of SRC).")
 def convert_checkpoint(src, out, llm_blocks):
     """Convert the authors' LLMEPET checkpoint ({"model", "opt"}) into a vmr checkpoint."""
-    from model.convert import convert_authors_checkpoint
+    from model.inference.convert import convert_authors_checkpoint  # lazy: torch: not for --help
 
     try:
         convert_authors_checkpoint(src, out, llm_blocks=llm_blocks)
@@ -283,7 +283,7 @@ def convert_checkpoint(src, out, llm_blocks):
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True, help="Numeric precision of the reranker's frozen LLM blocks: auto = the fastest this CPU/GPU runs natively (printed; int8/bf16 can move a moment's edges by a clip and its score by ~0.02 against fp32 at the paper's shape, bench/results/precision.md); fp32 = the authors' numbers (parity).")
 def serve(index_dir, checkpoint, host, port, device, precision):
     """Web page + JSON API over an index: search, watch each moment, label moments (Ctrl-C stops)."""
-    from server.app import serve as run_server
+    from server.app import serve as run_server  # lazy: FastAPI, FAISS: not for --help
 
     try:
         run_server(index_dir, checkpoint=checkpoint, host=host, port=port, device=device, precision=precision)
@@ -301,7 +301,7 @@ def labels():
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=str), help="Annotation jsonl to write (`vmr train --index` reads it).")
 def labels_export(index_dir, out_path):
     """Write the labels as training annotations: accepted windows -> relevant_windows, rejected -> negative_windows."""
-    from store.labels import export_labels
+    from store.labels import export_labels  # lazy: numpy: not for --help
 
     try:
         report = export_labels(index_dir, out_path)
@@ -317,6 +317,7 @@ def labels_export(index_dir, out_path):
 @click.option("--out", "work_dir", default=None, type=click.Path(file_okay=False), help="Keep the demo world here (default: a temp dir).")
 def demo(work_dir):
     """Offline demo on the synthetic TEST world: build, index, train/load its reranker, answer queries."""
+    # lazy: torch; and the test world is for `vmr demo` only (tests/test_architecture.py)
     from world.demo import run_demo
 
     try:

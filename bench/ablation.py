@@ -46,10 +46,10 @@ def write_world(work: Path, name: str, n_videos: int, seed: int, encoder) -> tup
 
 
 def train_and_eval(train_index, train_path, heldout_provider, heldout_rows, overrides, out_path) -> dict:
-    """One training run (model.train, as `vmr train --index`) and its held-out metrics."""
-    from model.metrics import evaluate
-    from model.predict import predict_annotations
-    from model.train import build_run
+    """One training run (model.training.train, as `vmr train --index`) and its held-out metrics."""
+    from model.inference.metrics import evaluate
+    from model.inference.predict import predict_annotations
+    from model.training.train import build_run
     from retriever.provider import IndexFeatureProvider
 
     provider = IndexFeatureProvider(train_index, device="cpu")
@@ -67,7 +67,7 @@ def train_and_eval(train_index, train_path, heldout_provider, heldout_rows, over
 
 def run(out_dir, seeds: int = 5, n_videos: int = 40, n_heldout: int = 40, epochs: int = 40,
         work: str | None = None) -> dict:
-    from model.features import ClipEncoder
+    from model.inference.features import ClipEncoder
     from world.generator import write_jsonl
     from retriever.provider import IndexFeatureProvider
 

@@ -44,7 +44,7 @@ def _make_library(folder: Path, n_videos: int, seconds: float) -> list[Path]:
 
 def _encoder_rate(model: str, paths: list[Path]) -> tuple[float, int]:
     from indexer.decode import sample_clip_frames
-    from model.features import ClipEncoder, frame_resizer
+    from model.inference.features import ClipEncoder, frame_resizer
 
     enc = ClipEncoder.load(model, None, device="auto", allow_random=True)
     resize = frame_resizer(enc.preprocess_cfg)

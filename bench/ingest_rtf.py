@@ -124,7 +124,7 @@ def run(out_dir: str, quick: bool) -> Section:
     import torch
 
     from indexer.ingest import run_ingest
-    from model.features import ClipEncoder, frame_resizer
+    from model.inference.features import ClipEncoder, frame_resizer
 
     model = str(CLIP_TINY_CONFIG) if quick else "ViT-B-32"
     seconds = 6.0 if quick else 20.0

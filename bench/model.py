@@ -23,8 +23,8 @@ import time
 import torch
 
 from model.config import ModelConfig, dataset_defaults
-from model.criterion import build_criterion
-from model.llmepet import build_model
+from model.training.criterion import build_criterion
+from model.net.llmepet import build_model
 
 N_CLIPS, N_TOKENS, TXT_DIM, VID_DIM = 75, 32, 512, 514
 
@@ -183,10 +183,10 @@ def scene_videos(n: int, seed: int, n_clips: int = 30, dim: int = 16, n_protos: 
 def event_loss_ablation(out_dir: str, epochs: int = 90) -> list[dict]:
     import os
 
-    from model.dataset import MomentDataset
-    from model.sample import DataConfig
-    from model.settings import TrainConfig
-    from model.train import Trainer
+    from model.data.dataset import MomentDataset
+    from model.data.sample import DataConfig
+    from model.training.settings import TrainConfig
+    from model.training.train import Trainer
 
     videos, texts, train_anns = scene_videos(48, seed=1)
     v2, t2, val_anns = scene_videos(24, seed=2)

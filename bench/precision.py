@@ -36,7 +36,7 @@ VCMR_KEYS = [f"VCMR_R{k}@{t}" for t in (0.5, 0.7) for k in (1, 5)]
 
 def world_vcmr(work: Path, n_libraries: int = 3, n_videos: int = 100, seed: int = 7001) -> dict:
     from bench.search import make_library
-    from model.features import ClipEncoder
+    from model.inference.features import ClipEncoder
     from retriever.search import SearchEngine
     from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_RERANKER
     from retriever.vcmr import query_hits
@@ -71,7 +71,7 @@ def clip_study(work: Path, n_videos: int = 30, seed: int = 11) -> dict:
     import torch
 
     from indexer.decode import sample_clip_frames
-    from model.features import ClipEncoder, frame_resizer
+    from model.inference.features import ClipEncoder, frame_resizer
     from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
     from world.generator import build_world
 
@@ -112,8 +112,8 @@ def clip_study(work: Path, n_videos: int = 30, seed: int = 11) -> dict:
 def ingest_study(work: Path, n_videos: int = 8, seconds: float = 120.0) -> dict:
     from bench.ingest import BATCH_FRAMES, _ingest_rate, _make_library
     from indexer.decode import sample_clip_frames
-    from model.features import ClipEncoder, frame_resizer
-    from model.precision import clip_precision, detect_hardware
+    from model.inference.features import ClipEncoder, frame_resizer
+    from model.inference.precision import clip_precision, detect_hardware
 
     model = "ViT-B-32"
     base = work / "videos"
@@ -145,7 +145,7 @@ def convert_study(work: Path) -> dict:
     import torch
 
     from bench.rerank import authors_args, build_authors, import_authors_copy, paper_shape, prepare_authors_copy
-    from model.convert import convert_authors_checkpoint
+    from model.inference.convert import convert_authors_checkpoint
 
     shape = paper_shape(False)
     prepare_authors_copy(str(work), cuda=False)

@@ -5,8 +5,8 @@ Paper shape: the authors' QVHighlights architecture with 3 LLaMA-7B-shaped block
 same weights). A window = 75 clips (150 s) of 514-d video features (CLIP 512 + TEF 2) and a 20-token query of 512-d
 CLIP token features. Inference mode, eval(), no negative pass, B windows per forward.
 
-Rows: ours at fp32 / bf16 / int8 (model.precision: the frozen blocks cast or dynamically quantized, the rest fp32)
-and the authors' fp32 at the same batch size, same inputs, timed interleaved in one process (median of the runs
+Rows: ours at fp32 / bf16 / int8 (model.inference.precision: the frozen blocks cast or dynamically quantized, the rest
+fp32) and the authors' fp32 at the same batch size, same inputs, timed interleaved in one process (median of the runs
 after a warm-up), so load changes on a shared machine hit all alike. Then: accuracy of bf16/int8 against fp32 at
 the paper shape (top-1 span IoU >= 0.9 share, saliency Spearman), and search latency over a 10^3-video synthetic
 library with a paper-size reranker (world CLIP feature widths, 3 x 4096-d random blocks) as `vmr search` runs it
@@ -102,7 +102,7 @@ def architecture(shape: dict) -> dict:
 
 def build_ours(shape: dict, dtype: str, device: str):
     from model.config import ModelConfig
-    from model.llmepet import build_model
+    from model.net.llmepet import build_model
 
     cfg = ModelConfig(**architecture(shape)).replace(
         llm="random", llm_layers=f"0:{shape['layers']}", llm_dim=shape["dim"], llm_heads=shape["heads"],
@@ -250,7 +250,7 @@ def _llm_params(model) -> int:
 def _with_precision(model, precision: str, device: str):
     import copy
 
-    from model.precision import apply_precision
+    from model.inference.precision import apply_precision
 
     if precision == "fp32":
         return model
@@ -311,7 +311,7 @@ def _accuracy(ours: dict, device: str, n_windows: int) -> list[dict]:
     import torch
     from scipy.stats import spearmanr
 
-    from model.postprocess import decode_outputs
+    from model.inference.postprocess import decode_outputs
     from model.spans import temporal_iou
 
     batch = inputs(n_windows, device, seed=1)
@@ -343,11 +343,11 @@ def _search_latency(shape: dict, device: str, quick: bool, runs=SEARCH_RUNS, n_v
     import torch
 
     from bench.search import make_library
-    from model.checkpoint import read_checkpoint, save_checkpoint
+    from model.inference.checkpoint import read_checkpoint, save_checkpoint
     from model.config import ModelConfig
-    from model.features import ClipEncoder
-    from model.llmepet import build_model
-    from model.sample import DataConfig
+    from model.inference.features import ClipEncoder
+    from model.net.llmepet import build_model
+    from model.data.sample import DataConfig
     from retriever.coarse import CoarseConfig
     from retriever.search import RERANK_BUDGET_S, SearchEngine
     from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_RERANKER
@@ -414,7 +414,7 @@ def measure(device: str, quick: bool, with_search: bool = True, n_videos: int | 
     """Everything the section reports, as data (also what the GPU run writes)."""
     import torch
 
-    from model.precision import choose_precision, detect_hardware
+    from model.inference.precision import choose_precision, detect_hardware
 
     hw = detect_hardware(device)
     shape = paper_shape(quick)

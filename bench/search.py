@@ -76,7 +76,7 @@ def _round(d):
 def run(out_dir, quick: bool = False, sizes=None, device: str = "cpu", queries: int | None = None, seed: int = 0,
         exhaustive: bool = False, checkpoint=WORLD_RERANKER, work=None) -> dict:
     """Run the benchmark; writes search.json and search.md into ``out_dir``. Returns the results dict."""
-    from model.features import ClipEncoder
+    from model.inference.features import ClipEncoder
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

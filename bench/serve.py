@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 def build(tmp: Path, n_videos: int) -> tuple[Path, list[dict], list[str]]:
     """Synthetic library of n_videos with SERVED real files; returns (index, target annotations, served paths)."""
     from bench.search import make_library
-    from model.features import ClipEncoder
+    from model.inference.features import ClipEncoder
     from store import db
     from world.generator import build_world
 

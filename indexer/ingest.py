@@ -22,15 +22,17 @@ import numpy as np
 
 from indexer.discover import Candidate, discover
 from indexer.pipeline import Pipeline, Video
-from indexer.stop_signals import recording_stop_signals
-from indexer.workers import ClipChoice
 from indexer.rows import video_rows
+from indexer.stop_signals import recording_stop_signals
+from indexer.workers import CLIPChoice
+from model.errors import ModelError
 from model.spans import CLIP_SECONDS
 from store import db, vectors
-from store.clip_source import ClipSource
+from store.clip_source import CLIPSource
 from store.errors import VmrError
 from store.library import Library
 from store.lock import ingest_lock, lock_path
+from store.status import library_status
 
 
 @dataclass
@@ -138,8 +140,6 @@ def run_ingest(video_dir, index_dir, clip_model: str | None = None, clip_pretrai
 
 def _progress_line(index_dir: str) -> str:
     """'N of M videos indexed (K not yet)' of an index after a stopped run."""
-    from store.status import library_status
-
     try:
         info = library_status(index_dir)
     except VmrError:
@@ -149,15 +149,15 @@ def _progress_line(index_dir: str) -> str:
 
 def _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device, ray_address, workers, allow_random,
             progress, reranker) -> None:
-    from model.features import model_embed_dim, resolve_weights
-    from model.errors import ModelError
+    # lazy: torch (open_clip), loaded once the run starts, not to refuse a bad argument
+    from model.inference.features import model_embed_dim, resolve_weights
 
     start_time = time.monotonic()
     recorded = _recorded_meta(index_dir)
     if not recorded and not discover(root, exclude=[index_dir]):
         raise VmrError(f"no video files under {root} (looked for video extensions such as .mp4/.mkv/.webm and "
                        "video signatures): point vmr index at the folder that holds the videos")
-    clip = choose_clip(ClipSource.recorded(recorded), clip_model, clip_pretrained, device, allow_random)
+    clip = choose_clip(CLIPSource.recorded(recorded), clip_model, clip_pretrained, device, allow_random)
     try:
         _, model_id, _, _ = resolve_weights(clip.model, clip.pretrained, clip.allow_random)  # fail fast
         embed_dim = model_embed_dim(clip.model)
@@ -190,26 +190,26 @@ def _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device
     summary.seconds = time.monotonic() - start_time
 
 
-def choose_clip(recorded: ClipSource, clip_model: str | None, clip_pretrained: str | None, device: str,
-                allow_random: bool) -> ClipChoice:
+def choose_clip(recorded: CLIPSource, clip_model: str | None, clip_pretrained: str | None, device: str,
+                allow_random: bool) -> CLIPChoice:
     """The CLIP of a run: what was given; what is not given comes from the index's record (meta ``clip_source``,
     so a re-index needs no CLIP options), else from DEFAULT_CLIP. Random weights only where allowed (tests) or
     where the index itself was built with them."""
     model = clip_model or recorded.model or DEFAULT_CLIP[0]
-    same_model = recorded.model and ClipSource.of(model, None, recorded.precision).model == recorded.model
+    same_model = recorded.model and CLIPSource.of(model, None, recorded.precision).model == recorded.model
     # the index's embeddings share one precision: a re-index keeps the recorded one, a new index gets the fastest
-    # accurate one of this device (model.precision.clip_precision)
+    # accurate one of this device (model.inference.precision.clip_precision)
     precision = recorded.precision if recorded.model else _clip_precision(device)
     if clip_pretrained is None and not allow_random:
         if same_model:
-            return ClipChoice(model, recorded.pretrained, device, not recorded.pretrained, precision)
+            return CLIPChoice(model, recorded.pretrained, device, not recorded.pretrained, precision)
         clip_pretrained = DEFAULT_CLIP[1]
-    return ClipChoice(model, clip_pretrained, device, allow_random, precision)
+    return CLIPChoice(model, clip_pretrained, device, allow_random, precision)
 
 
 def _clip_precision(device: str) -> str:
-    from model.features import resolve_device
-    from model.precision import clip_precision, detect_hardware
+    from model.inference.features import resolve_device  # lazy: torch, loaded once the run starts
+    from model.inference.precision import clip_precision, detect_hardware  # lazy: torch, loaded once the run starts
 
     return clip_precision("auto", detect_hardware(resolve_device(device)))
 
@@ -229,7 +229,7 @@ def _recorded_meta(index_dir: str) -> dict:
 
 def _check_reranker(path: str, model_id: str) -> str:
     """An LLMEPET checkpoint usable on this index's features; returns its absolute path."""
-    from model.checkpoint import read_checkpoint
+    from model.inference.checkpoint import read_checkpoint  # lazy: torch, loaded once the run starts
 
     ckpt = read_checkpoint(path)
     trained_on = (ckpt.get("feature_spec") or {}).get("clip_model")

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from indexer.discover import Candidate
 from indexer.stop_signals import StopSignals, ray_keeps_our_handlers
-from indexer.workers import ClipChoice, ClipWorker, decode_segment
+from indexer.workers import CLIPChoice, CLIPWorker, decode_segment
 from model.spans import num_clips
 from store.errors import VmrError
 
@@ -66,12 +66,12 @@ class ClusterShape:
     decode task reserves."""
     n_actors: int
     actor_options: dict
-    clip: ClipChoice  # with the actors' device
+    clip: CLIPChoice  # with the actors' device
     threads: int | None
     decode_cpus: float
 
 
-def cluster_shape(clip: ClipChoice, cpus: int, gpus: int) -> ClusterShape:
+def cluster_shape(clip: CLIPChoice, cpus: int, gpus: int) -> ClusterShape:
     """CLIP actors and decode task size for a cluster of ``cpus`` CPUs and ``gpus`` GPUs."""
     if clip.device != "cpu" and gpus > 0:
         # decoding feeds the GPUs: as many decode tasks as the cores allow
@@ -96,7 +96,7 @@ class Pipeline:
     the FAISS files now and then). ``nodes``: Ray node id -> decode tasks run there.
     """
 
-    def __init__(self, clip: ClipChoice, writer, stops: StopSignals, ray_address: str | None = None,
+    def __init__(self, clip: CLIPChoice, writer, stops: StopSignals, ray_address: str | None = None,
                  workers: int | None = None, progress: bool = True):
         self.clip, self.writer, self.stops = clip, writer, stops
         self.ray_address, self.workers, self.progress = ray_address, workers, progress
@@ -271,7 +271,7 @@ class Pipeline:
 
 def _launch_actors(ray, shape: ClusterShape) -> tuple[list, list[dict]]:
     """Start (or join: named actors) the CLIP actors; returns (actors, what each loaded)."""
-    actor_cls = ray.remote(max_restarts=4, max_task_retries=4, **shape.actor_options)(ClipWorker)
+    actor_cls = ray.remote(max_restarts=4, max_task_retries=4, **shape.actor_options)(CLIPWorker)
     # Named actors: another ingest on the same cluster with the same model (a second `vmr index` joined with
     # --ray-address) reuses the loaded model instead of loading its own.
     clip = shape.clip

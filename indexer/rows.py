@@ -21,6 +21,7 @@ def video_rows(vectors: np.ndarray, duration: float, clip_seconds: float):
     """
     import torch
 
+    # lazy: torch: rows are also built where torch is not loaded
     from model.pseudo_events import pseudo_event_clip_spans
 
     n = len(vectors)

@@ -14,18 +14,20 @@ import numpy as np
 
 from indexer.decode import DecodeError, probe, sample_clip_frames
 from indexer.discover import content_hash
-from store.clip_source import ClipSource
+from model.errors import ModelError
+from store.clip_source import CLIPSource
 
 
 @dataclass(frozen=True)
-class ClipChoice:
+class CLIPChoice:
     """Which CLIP embeds the frames, as the user chose it.
 
     model: open_clip model name or a model-config JSON path; pretrained: open_clip tag, checkpoint path or None;
     device: "auto" | "cpu" | "cuda" (the actors' device is decided from the cluster, see indexer.pipeline);
     allow_random: random weights allowed (tests, benchmarks of speed only);
-    precision: "fp32" | "bf16" | "auto" (bf16 where the device has it natively: model.precision.clip_precision).
-    An index records the precision it was built with (in ``source()``); re-indexing and queries use it.
+    precision: "fp32" | "bf16" | "auto" (bf16 where the device has it natively:
+    model.inference.precision.clip_precision). An index records the precision it was built with (in ``source()``);
+    re-indexing and queries use it.
     """
     model: str
     pretrained: str | None
@@ -35,12 +37,13 @@ class ClipChoice:
 
     def source(self) -> dict:
         """How search reloads this CLIP (index meta ``clip_source``, store.clip_source)."""
-        return ClipSource.of(self.model, self.pretrained, self.precision).to_meta()
+        return CLIPSource.of(self.model, self.pretrained, self.precision).to_meta()
 
 
 @functools.lru_cache(maxsize=4)
 def _resizer(preprocess_json: str):
-    from model.features import frame_resizer
+    # lazy: torch: decode tasks load this module in Ray workers that never need it
+    from model.inference.features import frame_resizer
 
     return frame_resizer(json.loads(preprocess_json))
 
@@ -91,16 +94,15 @@ def _node_id() -> str | None:
         return None
 
 
-class ClipWorker:
+class CLIPWorker:
     """Holds one CLIP model (``clip.device`` is the actor's own: "cpu" or "cuda"); embeds batches of resized
     frames from any number of videos. threads: torch threads (None: torch's default)."""
 
-    def __init__(self, clip: ClipChoice, threads: int | None = None):
+    def __init__(self, clip: CLIPChoice, threads: int | None = None):
         import torch
 
-        from model.features import ClipEncoder
-
-        from model.errors import ModelError
+        # lazy: torch: only the CLIP actors load it, not the decode tasks
+        from model.inference.features import ClipEncoder
 
         if threads:  # never more than the cores of the node the actor landed on
             torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))

@@ -82,7 +82,7 @@ class ModelConfig:
     # Pseudo-event regulation: event-head L1 + GIoU against pseudo-events, weighted event_coef * span/giou coef
     # (the paper's method; off under compat "authors" and when event_coef is 0: the ablation).
     event_coef: float = 0.1
-    # Relevance head (model.llmepet.RelevanceHead): > 0 builds it and weights its loss; 0 = none (the paper's model,
+    # Relevance head (model.net.llmepet.RelevanceHead): > 0 builds it and weights its loss; 0 = none (the paper's model,
     # the public presets, converted checkpoints). A ranking score across windows and videos (docs/guide.md, Ranking).
     relevance_coef: float = 0.0
     relevance_dim: int = 128

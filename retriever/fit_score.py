@@ -11,6 +11,7 @@ annotations only.
 from __future__ import annotations
 
 from retriever.merge import MODEL_SCORES, RELEVANCE_SCORES, ScoreRule
+from retriever.search import SearchEngine, rank_moments
 from retriever.vcmr import vcmr_recall
 
 COARSE_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
@@ -19,8 +20,6 @@ KS, IOUS = (1, 5), (0.5, 0.7)
 
 def rule_metrics(per_query: list[tuple[list, int, list]], rule: ScoreRule) -> dict:
     """VCMR R@k (%) of ``rule`` over (reranked moments, gt video id, gt windows) per query."""
-    from retriever.search import rank_moments
-
     return vcmr_recall(((rank_moments(list(moments), max(KS), rule), gt_video, windows)
                         for moments, gt_video, windows in per_query), KS, IOUS)
 
@@ -61,8 +60,8 @@ def fit_checkpoint(index_dir, checkpoint: str, annotations: list[dict], device: 
 
 def fit_checkpoint_sets(checkpoint: str, query_sets, device: str = "auto") -> dict:
     """``fit_checkpoint`` on several (index dir, validation annotations) pairs pooled into one fit."""
-    from model.checkpoint import read_checkpoint, write_checkpoint
-    from retriever.search import SearchEngine
+    # lazy: torch, for fitting a checkpoint; rule_metrics needs none
+    from model.inference.checkpoint import read_checkpoint, write_checkpoint
 
     per_query = []
     for index_dir, annotations in query_sets:

@@ -9,9 +9,9 @@ A reranked moment's ranking score (``ScoreRule``, stored in the checkpoint by th
     "saliency"    the mean sigmoid saliency over the span's clips;
     "both"        their geometric mean;
     "relevance"   the mean relevance over the span's clips (a model trained with the relevance head,
-                  model.llmepet.RelevanceHead: how well each clip matches the sentence, trained against negatives);
+                  model.net.llmepet.RelevanceHead: how well each clip matches the sentence, trained against negatives);
     "relevance_confidence"  the geometric mean of relevance and confidence.
-These are comparable across windows and videos only for a model trained with negative windows (model.negatives):
+These are comparable across windows and videos only for a model trained with negative windows (model.data.negatives):
 one that never saw a window without its moment finds a confident moment in every window. ``coarse`` is the mean
 CLIP cosine between the query and the span's clips (exact, from the stored vectors). ``coarse_weight`` is fit on
 validation queries after training (retriever.fit_score), never set by hand; a checkpoint without a fitted rule

@@ -1,4 +1,4 @@
-"""A vmr index as a feature source for `vmr train` / `vmr predict --index` (model.providers.FeatureProvider).
+"""A vmr index as a feature source for `vmr train` / `vmr predict --index` (model.data.providers.FeatureProvider).
 
 model/ must not read an index itself; this class does it for it: video features are the index's stored feature
 kinds side by side (its coarse kind, CLIP, unless told others: ``select_kinds``, which `vmr predict` calls with
@@ -14,9 +14,12 @@ import os
 
 import numpy as np
 
+from retriever.coarse import coarse_candidates
+from retriever.search import load_query_encoder
 from retriever.windows import index_clip_seconds
 from store import kinds
 from store.errors import VmrError
+from store.library import Library
 
 
 class IndexFeatureProvider:
@@ -26,9 +29,6 @@ class IndexFeatureProvider:
     """
 
     def __init__(self, index_dir, device: str = "auto", encoder=None, video_kinds: list[str] | None = None):
-        from retriever.search import load_query_encoder
-        from store.library import Library
-
         self.library = Library(index_dir, read_only=True)
         self.meta = self.library.meta()
         self.encoder = encoder or load_query_encoder(self.meta, device)
@@ -88,15 +88,13 @@ class IndexFeatureProvider:
 
     def hard_negatives(self, query: str, exclude_vids) -> list[tuple[str, int, int]]:
         """Windows of other videos that the coarse stage ranks high for ``query``, best first, as (vid, first
-        clip, end clip): hard negative windows for training (model.negatives). ``exclude_vids``: annotation vids
+        clip, end clip): hard negative windows for training (model.data.negatives). ``exclude_vids``: annotation vids
         that hold this query's moment."""
         return self.hard_negatives_many({query: exclude_vids})[query]
 
     def hard_negatives_many(self, excluded_of: dict, batch: int = 64) -> dict[str, list[tuple[str, int, int]]]:
         """``hard_negatives`` for many queries ({query: exclude_vids}) at once: queries encoded in batches, one
         DuckDB connection, and the windows' videos read into memory (training draws from them every epoch)."""
-        from retriever.coarse import coarse_candidates
-
         queries = list(excluded_of)
         out: dict[str, list] = {}
         with self.library.session():

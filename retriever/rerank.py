@@ -1,9 +1,9 @@
 """Rerank stage: the checkpoint's LLMEPET over the candidate windows -> localized moments in video seconds.
 
-Each window is one model sample, assembled by model.sample as training and prediction assemble theirs (clip
+Each window is one model sample, assembled by model.data.sample as training and prediction assemble theirs (clip
 features L2-normalised with the TEF appended, the query's tokens cut to max_q_l and L2-normalised). Windows run in
-batches (padded, masked; as many a forward as the hardware does best, model.precision.choose_batch_size) with the
-query's text side computed once per batch; the outputs are decoded by model.postprocess (foreground probability,
+batches (padded, masked; as many a forward as the hardware does best, model.inference.precision.choose_batch_size) with
+the query's text side computed once per batch; the outputs are decoded by model.postprocess (foreground probability,
 spans in window seconds, rounded to the 2-s grid) and shifted by the window's start. ``Reranker.rerank`` can stop
 at a time budget, taking the windows in the caller's (coarse) order.
 """
@@ -16,8 +16,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from model.postprocess import clean_windows, decode_outputs
-from model.sample import collate, text_input, video_input
+from model.data.sample import collate, text_input, video_input
+from model.inference.checkpoint import data_config_of, load_checkpoint
+from model.inference.features import resolve_device
+from model.inference.postprocess import clean_windows, decode_outputs
+from model.inference.precision import choose_batch_size, detect_hardware, llm_block_params
 from retriever.merge import Moment, ScoreRule, span_coarse_score
 from retriever.windows import Window, index_clip_seconds
 from store import kinds
@@ -30,14 +33,13 @@ MOMENTS_PER_WINDOW = 3  # best predicted spans kept per window before the cross-
 class Reranker:
     """A loaded LLMEPET checkpoint, ready to score windows.
 
-    Attributes: model (eval mode), data_cfg (model.sample.DataConfig), spec (feature spec dict: clip_model,
+    Attributes: model (eval mode), data_cfg (model.data.sample.DataConfig), spec (feature spec dict: clip_model,
     video_dims, text_dim, clip_seconds), device.
     """
 
     def __init__(self, model, data_cfg, spec: dict, device, batch_size: int | None = None, path: str = ""):
-        """``batch_size``: windows per forward; None: chosen for the hardware (model.precision.choose_batch_size)."""
-        from model.precision import choose_batch_size, detect_hardware, llm_block_params
-
+        """``batch_size``: windows per forward; None: chosen for the hardware
+        (model.inference.precision.choose_batch_size)."""
         self.model = model.eval()
         self.data_cfg = data_cfg
         self.spec = spec
@@ -57,11 +59,8 @@ class Reranker:
     @classmethod
     def load(cls, checkpoint: str, device: str = "auto", batch_size: int | None = None,
              precision: str = "auto") -> "Reranker":
-        """``precision``: of the frozen LLM blocks, chosen once here (model.precision; the choice is logged);
+        """``precision``: of the frozen LLM blocks, chosen once here (model.inference.precision; the choice is logged);
         ``batch_size`` None: chosen for the hardware (logged)."""
-        from model.checkpoint import data_config_of, load_checkpoint
-        from model.features import resolve_device
-
         torch_device = resolve_device(device)
         model, ckpt = load_checkpoint(checkpoint, device=torch_device, precision=precision, log=log.info)
         reranker = cls(model, data_config_of(ckpt), dict(ckpt["feature_spec"]), torch_device, batch_size,

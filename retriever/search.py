@@ -23,15 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import ModelError
-from retriever.coarse import CoarseConfig, coarse_candidates
 from model.spans import paired_iou
+from retriever.coarse import CoarseConfig, coarse_candidates
 from retriever.merge import NMS_IOU, Moment, ScoreRule, nms_merge
 from retriever.windows import Window, index_clip_seconds
 from store import kinds
-from store.clip_source import ClipSource
+from store.clip_source import CLIPSource
 from store.coarse_store import LibrarySet
 from store.errors import VmrError
 from store.library import Library
+from store.status import incomplete_note, library_status
 
 log = logging.getLogger("vmr.search")
 STAGES = ("text_encode", "coarse", "windows", "rerank", "merge")
@@ -50,9 +51,9 @@ def load_query_encoder(meta: dict, device: str = "auto"):
     pretrained tag or checkpoint path, precision); random weights only where the index itself was built with them
     (tests: seeded, so equal).
     """
-    from model.features import ClipEncoder
+    from model.inference.features import ClipEncoder  # lazy: torch, loaded at the first query
 
-    source = ClipSource.recorded(meta)
+    source = CLIPSource.recorded(meta)
     if not source.model:
         raise VmrError(f"the index does not record how its CLIP ({meta.get('clip_model')!r}) was loaded; "
                        "re-index it with this vmr")
@@ -93,8 +94,8 @@ class SearchEngine:
 
     Args: index_dir; checkpoint: LLMEPET checkpoint path or None (coarse only); rerank: False forces coarse only;
     device: "auto" | "cpu" | "cuda"; coarse: CoarseConfig; precision: the reranker's LLM blocks ("auto" | "fp32" |
-    "bf16" | "int8", model.precision); rerank_budget_s: seconds the rerank stage may take (RERANK_BUDGET_S; None:
-    rerank every candidate window). Each query opens its own DuckDB read connection, so
+    "bf16" | "int8", model.inference.precision); rerank_budget_s: seconds the rerank stage may take (RERANK_BUDGET_S;
+    None: rerank every candidate window). Each query opens its own DuckDB read connection, so
     an ingest can write between queries; a caller that knows no writer runs can hold one for a batch of queries
     (``with engine.library.session():``).
     """
@@ -119,7 +120,7 @@ class SearchEngine:
         self.fallback_reason = None
         checkpoint = checkpoint or self.meta.get("reranker")
         if rerank and checkpoint:
-            from retriever.rerank import Reranker
+            from retriever.rerank import Reranker  # lazy: torch, only where the index has a reranker
 
             if not Path(checkpoint).is_file():
                 raise VmrError(f"reranker checkpoint not found: {checkpoint}")
@@ -240,8 +241,6 @@ def search_library(query: str, index_dir: str, top_k: int = 10, checkpoint: str 
     it. Errors: one-line VmrError."""
     if not isinstance(query, str) or not query.strip():
         raise VmrError("the query is empty")
-    from store.status import incomplete_note, library_status
-
     try:
         with SearchEngine(index_dir, checkpoint=checkpoint, rerank=rerank, device=device,
                           precision=precision, rerank_budget_s=rerank_budget_s) as engine:

@@ -7,7 +7,9 @@
 """
 from __future__ import annotations
 
+from retriever.fit_score import describe_fit, fit_checkpoint
 from store.errors import VmrError
+from store.labels import export_labels
 
 
 def labels_for_training(index_dir: str, train_path: str | None, out_path: str) -> tuple[str, str]:
@@ -15,8 +17,6 @@ def labels_for_training(index_dir: str, train_path: str | None, out_path: str) -
 
     Returns (the jsonl path to train on, a one-line report for the user).
     """
-    from store.labels import export_labels
-
     labels_path = f"{out_path}.labels.jsonl"
     report = export_labels(index_dir, labels_path)
     line = (f"labels: {report['records']} training records from {report['labels']} labels in {index_dir}"
@@ -37,7 +37,6 @@ def fit_after_training(index_dir: str, checkpoint: str, val_path: str | None, de
     """Fit the ranking rule on the --val queries and store it in ``checkpoint``; the line to print."""
     if not val_path:
         return "no --val: search ranks by the model's confidence alone (give --val to fit the ranking rule)"
-    from model.dataset import load_annotations
-    from retriever.fit_score import describe_fit, fit_checkpoint
+    from model.data.dataset import load_annotations  # lazy: torch, only when there are --val queries to fit on
 
     return describe_fit(fit_checkpoint(index_dir, checkpoint, load_annotations(val_path), device))

@@ -18,8 +18,10 @@ from __future__ import annotations
 import threading
 import time
 
+from retriever.search import SearchEngine
 from store import db
 from store.errors import VmrError
+from store.labels import count_labels, write_connection
 from store.lock import ingest_running
 from store.status import incomplete_note
 
@@ -92,8 +94,6 @@ class ServerState:
 
     def __init__(self, index_dir: str, checkpoint: str | None = None, device: str = "auto", engine=None,
                  precision: str = "auto"):
-        from retriever.search import SearchEngine
-
         self.index_dir = str(index_dir)
         self.db_lock = ReadWriteLock()
         self.lock_wait = db.LOCK_WAIT_SECONDS  # seconds a request waits out another process's write batch
@@ -130,8 +130,6 @@ class ServerState:
 
     def write(self, fn):
         """fn(read-write connection, labels table present) alone in this process; one short connection."""
-        from store.labels import write_connection
-
         with self.db_lock.writing():
             con = _busy_if_locked(write_connection, self.index_dir, wait=self.lock_wait)
             try:
@@ -222,8 +220,6 @@ class ServerState:
 
     def label_counts(self) -> dict:
         """{"total", "accept", "reject"} (store/labels.py); the last read while a writer holds the file."""
-        from store.labels import count_labels
-
         try:
             self._label_counts = self.read(count_labels, wait=STATUS_WAIT_SECONDS)
         except Busy:

@@ -13,7 +13,7 @@ UNRECORDED_PRECISION = "fp32"  # the embeddings of an index whose record names n
 
 
 @dataclass(frozen=True)
-class ClipSource:
+class CLIPSource:
     """model: open_clip model name or model-config JSON path; pretrained: open_clip tag, checkpoint path, or None
     (random weights: tests and speed benchmarks only); precision: the one its clip embeddings were made at."""
     model: str
@@ -21,7 +21,7 @@ class ClipSource:
     precision: str = UNRECORDED_PRECISION
 
     @classmethod
-    def of(cls, model: str, pretrained: str | None, precision: str) -> ClipSource:
+    def of(cls, model: str, pretrained: str | None, precision: str) -> CLIPSource:
         """The record of a CLIP as a run loads it: local files made absolute."""
         def absolute(value):
             return os.path.abspath(value) if value and os.path.isfile(value) else value
@@ -29,7 +29,7 @@ class ClipSource:
         return cls(absolute(model), absolute(pretrained) or None, precision)
 
     @classmethod
-    def recorded(cls, meta: dict) -> ClipSource:
+    def recorded(cls, meta: dict) -> CLIPSource:
         """The record in an index's ``meta`` (``model`` is "" when the index records none)."""
         record = meta.get("clip_source") or {}
         return cls(record.get("model") or "", record.get("pretrained"),

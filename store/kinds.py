@@ -12,7 +12,7 @@ do have (``clip_model``, ``embed_dim``, ``clip_source``), and the next ingest wr
 """
 from __future__ import annotations
 
-from store.clip_source import ClipSource
+from store.clip_source import CLIPSource
 from store.errors import VmrError
 
 CLIP_KIND = "clip"
@@ -23,7 +23,7 @@ HOW_TO_ADD = {CLIP_KIND: "re-run `vmr index DIR --index IDX`"}
 
 def clip_kind_record(clip_model: str, embed_dim: int, meta: dict) -> dict:
     """The record of the ``clip`` kind: what made it, from the CLIP the index records (meta ``clip_source``)."""
-    source = ClipSource.recorded(meta)
+    source = CLIPSource.recorded(meta)
     return {"dim": int(embed_dim), "dtype": "float32", "model": clip_model, "weights": source.pretrained,
             "precision": source.precision, "frames": CLIP_FRAMES}
 

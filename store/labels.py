@@ -12,12 +12,12 @@ deleted, leaves its labels stale, and the export skips them (and says how many) 
 with frames it was never said about.
 
 Export format: one jsonl record per (query, video) with at least one accepted window, the fields `vmr train
---index` reads (model/dataset.py):
+--index` reads (model/data/dataset.py):
   qid (int: the smallest label id of the group, stable), query, vid (video path relative to the root), duration,
   relevant_windows [[start, end], ...] (accepted hits, adjusted hits, marked moments), and
   negative_windows [[start, end], ...]: hits a person REJECTED for this query in this video (training draws negative
-  windows from them: model/negatives.py, source 'labels'). Groups with rejections only are left out (counted), since a training
-  record needs a relevant window.
+  windows from them: model/data/negatives.py, source 'labels'). Groups with rejections only are left out (counted),
+  since a training record needs a relevant window.
 
 Writes go through ``write_connection``: one short read-write connection (DuckDB allows one writing process; an
 ingest may hold the file for a moment, db.connect waits it out). Callers in one process serialize their writes.

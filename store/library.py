@@ -227,7 +227,7 @@ class Library:
         per clip, recorded as meta ``clip_seconds``; indexes written before it was recorded use the 2-s grid, the
         only one vmr has written). Returns meta.
 
-        ``clip_source`` (store.clip_source.ClipSource.to_meta(): model, pretrained, precision) tells search how to
+        ``clip_source`` (store.clip_source.CLIPSource.to_meta(): model, pretrained, precision) tells search how to
         load the same CLIP for queries; it is refreshed on every run, since a local checkpoint may have moved.
         """
         self._writable()

@@ -33,6 +33,7 @@ class Import:
     line: int
     target: str  # dotted module name imported, e.g. "store.library"
     function: str | None  # innermost enclosing function (None: at module level)
+    names: tuple[str, ...] = ()  # what ``from target import ...`` names (a submodule among them is imported too)
 
     @property
     def top(self) -> str:
@@ -83,9 +84,9 @@ class _Reader(ast.NodeVisitor):
         self.imports: list[Import] = []
         self.path_edits: list[str] = []
 
-    def _add(self, node: ast.AST, target: str) -> None:
+    def _add(self, node: ast.AST, target: str, names: tuple[str, ...] = ()) -> None:
         fn = self.functions[-1] if self.functions else None
-        self.imports.append(Import(self.rel, self.offset + node.lineno, target, fn))
+        self.imports.append(Import(self.rel, self.offset + node.lineno, target, fn, names))
 
     def _where(self, node: ast.AST) -> str:
         return f"{self.rel}:{self.offset + node.lineno}"
@@ -108,8 +109,9 @@ class _Reader(ast.NodeVisitor):
             names = [module] if node.module else [".".join(base + [a.name]) for a in node.names]
         else:
             names = [node.module]
+        imported = tuple(a.name for a in node.names) if node.module else ()
         for name in names:
-            self._add(node, name)
+            self._add(node, name, imported)
 
     def visit_Call(self, node):
         func = node.func
@@ -216,6 +218,109 @@ def test_store_loads_without_torch(imports):
             inner = [module_file[".".join(parts[:n])] for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in module_file]
             todo += inner[:1]
     _fail_if(bad, "store/ must not import torch (or what pulls it in), directly or through other modules")
+
+
+def import_graph(imports: list[Import]) -> dict[str, set[str]]:
+    """Module -> the checkout's modules it imports, at module level or inside a function alike: ``a.b.c`` resolves to
+    the longest prefix that is a module of the checkout, and ``from a.b import c`` to ``a.b.c`` too when that is a
+    module. Imports held in script strings (for child processes) are left out: another process runs them."""
+    files = {i.file for i in imports}
+    modules = {".".join(_module_parts(f)) for f in files}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for i in imports:
+        importer = ".".join(_module_parts(i.file))
+        parts = i.target.split(".")
+        found = next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in modules), None)
+        targets = {found} if found else set()
+        targets |= {f"{i.target}.{name}" for name in i.names if f"{i.target}.{name}" in modules}
+        graph[importer] |= targets - {importer}
+    return graph
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components of ``graph`` (iterative: no recursion limit)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                components.append(sorted(component))
+    return components
+
+
+@pytest.fixture(scope="module")
+def code_imports(readers) -> list[Import]:
+    """The imports of the code itself, without those of scripts held in strings."""
+    out = []
+    for r in readers.values():
+        reader = _Reader(r.rel)
+        reader.visit_Constant = lambda node: None  # noqa: E731 - scripts in strings run in another process
+        reader.visit(ast.parse((ROOT / r.rel).read_text(), filename=r.rel))
+        out += reader.imports
+    return out
+
+
+def test_no_import_cycles(code_imports):
+    """No module reaches itself through imports, function-level ones included (a cycle hidden behind a function-level
+    import still ties its modules together: none can be understood, moved or tested alone)."""
+    cycles = [c for c in strongly_connected(import_graph(code_imports)) if len(c) > 1]
+    _fail_if([" <-> ".join(c) for c in cycles], "import cycles (strongly connected modules)")
+
+
+def test_cycle_finder_finds_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"e"}}
+    assert sorted(c for c in strongly_connected(graph) if len(c) > 1) == [["a", "b", "c"]]
+    imports = [Import("p/x.py", 1, "p", None, ("y",)), Import("p/y.py", 2, "p.x.z", "f"), Import("p/__init__.py", 1, "os", None)]
+    assert import_graph(imports) == {"p.x": {"p", "p.y"}, "p.y": {"p.x"}, "p": set()}
+
+
+# model/'s rooms, lowest first: each imports only the shared top level of model/ and the rooms before it
+MODEL_ROOMS = ["net", "data", "inference", "training"]
+
+
+@pytest.mark.parametrize("room", MODEL_ROOMS)
+def test_model_rooms_import_downwards_only(imports, room):
+    forbidden = {f"model.{r}" for r in MODEL_ROOMS[MODEL_ROOMS.index(room) + 1:]}
+    bad = [i for i in imports if i.file.startswith(f"model/{room}/")
+           and any(i.target == f or i.target.startswith(f + ".") for f in forbidden)]
+    _fail_if(bad, f"model/{room}/ may not import {', '.join(sorted(forbidden)) or 'anything above it'}")
+
+
+def test_shared_model_modules_import_no_room(imports):
+    rooms = {f"model.{r}" for r in MODEL_ROOMS}
+    bad = [i for i in imports if top_name(i.file) == "model" and len(Path(i.file).parts) == 2
+           and ".".join(i.target.split(".")[:2]) in rooms]
+    _fail_if(bad, "model/'s shared top-level modules are below its rooms: they import none of them")
 
 
 @pytest.mark.parametrize("importer, forbidden", [

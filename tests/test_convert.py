@@ -7,12 +7,12 @@ import argparse
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint
+from model.inference.checkpoint import load_checkpoint
 from model.config import ModelConfig
-from model.convert import (UNUSED_PREFIXES, authors_key_to_ours, convert_authors_checkpoint, convert_state_dict,
-                           ours_key_to_authors)
+from model.inference.convert import (UNUSED_PREFIXES, authors_key_to_ours, convert_authors_checkpoint,
+                                     convert_state_dict, ours_key_to_authors)
 from model.errors import ModelError
-from model.llmepet import LLMEPET
+from model.net.llmepet import LLMEPET
 
 from tests.test_model import make_batch
 

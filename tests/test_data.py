@@ -1,4 +1,4 @@
-"""model.dataset / providers / labels / sample: annotations, the public feature layout, labels as the authors make
+"""model.data.dataset / providers / targets / sample: annotations, the public feature layout, labels as the authors make
 them, windows, model inputs and batching."""
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from providers import ArrayProvider
-from model.dataset import MomentDataset, load_annotations
-from model.labels import crop_annotation, make_labels, saliency_from_scores, saliency_from_window, span_targets, training_crop
-from model.providers import PublicFeatureDir, check_feature_spec
-from model.sample import DataConfig, collate
+from model.data.dataset import MomentDataset, load_annotations
+from model.data.targets import (crop_annotation, make_labels, saliency_from_scores, saliency_from_window, span_targets,
+                                training_crop)
+from model.data.providers import PublicFeatureDir, check_feature_spec
+from model.data.sample import DataConfig, collate
 from model.errors import ModelError
 
 from shared_data import SHARED_DATA as DATA

@@ -1,4 +1,4 @@
-"""model.features.ClipEncoder on a tiny random open_clip config (no downloads)."""
+"""model.inference.features.ClipEncoder on a tiny random open_clip config (no downloads)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.errors import ModelError
-from model.features import ClipEncoder, frame_resizer, model_embed_dim, resolve_weights
+from model.inference.features import ClipEncoder, frame_resizer, model_embed_dim, resolve_weights
 from world import CLIP_TINY_CONFIG
 
 TINY = str(CLIP_TINY_CONFIG)

@@ -55,7 +55,7 @@ def test_converted_checkpoint_reproduces_the_authors_predictions(converted, tmp_
 
 
 def test_converted_golden_config_has_no_llm_blocks(converted):
-    from model.checkpoint import read_checkpoint
+    from model.inference.checkpoint import read_checkpoint
 
     cfg = read_checkpoint(str(converted))["model_config"]
     assert cfg["llm_layers"] == "0:0" and cfg["compat"] == "authors"

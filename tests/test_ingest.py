@@ -37,7 +37,7 @@ REAL_VIDEO = SHARED_DATA / "real_video" / "charades.mp4"
 def checkpoint(tmp_path_factory):
     import torch
 
-    from model.features import ClipEncoder
+    from model.inference.features import ClipEncoder
 
     path = tmp_path_factory.mktemp("ckpt") / "clip_tiny.pt"
     torch.save(ClipEncoder.load(TINY, None, device="cpu", allow_random=True).model.state_dict(), path)
@@ -128,20 +128,20 @@ def test_cluster_shape_keeps_the_measured_choices():
     """CPU: one CLIP actor per 8 CPUs on half a CPU with explicit torch threads, decode tasks on a whole CPU (where
     there are two); GPU: one actor per GPU. The CLIP choice travels as one value, with the actors' device."""
     from indexer.pipeline import cluster_shape
-    from indexer.workers import ClipChoice
+    from indexer.workers import CLIPChoice
 
-    clip = ClipChoice("clip_tiny.json", None, "auto", allow_random=True)
+    clip = CLIPChoice("clip_tiny.json", None, "auto", allow_random=True)
     two = cluster_shape(clip, cpus=2, gpus=0)
     assert (two.n_actors, two.actor_options, two.threads, two.decode_cpus) == (1, {"num_cpus": 0.5}, 2, 1)
-    assert two.clip == ClipChoice("clip_tiny.json", None, "cpu", allow_random=True)
+    assert two.clip == CLIPChoice("clip_tiny.json", None, "cpu", allow_random=True)
     assert cluster_shape(clip, cpus=1, gpus=0).decode_cpus == 0.5
     big = cluster_shape(clip, cpus=32, gpus=0)
     assert (big.n_actors, big.threads) == (4, 8)
     gpu = cluster_shape(clip, cpus=16, gpus=2)
     assert gpu.n_actors == 2 and gpu.actor_options["num_gpus"] == 1 and gpu.clip.device == "cuda"
-    assert cluster_shape(ClipChoice("m", None, "cpu"), cpus=16, gpus=2).clip.device == "cpu"
+    assert cluster_shape(CLIPChoice("m", None, "cpu"), cpus=16, gpus=2).clip.device == "cpu"
     with pytest.raises(VmrError, match="no GPU"):
-        cluster_shape(ClipChoice("m", None, "cuda"), cpus=4, gpus=0)
+        cluster_shape(CLIPChoice("m", None, "cuda"), cpus=4, gpus=0)
 
 
 def test_rows_timestamps_events_and_faiss(first_run):

@@ -1,4 +1,4 @@
-"""model.metrics reproduces the official QVHighlights eval exactly, and handles Charades/TACoS."""
+"""model.inference.metrics reproduces the official QVHighlights eval exactly, and handles Charades/TACoS."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from model.errors import ModelError
-from model.metrics import (describe_metrics, detection_ap, evaluate, evaluate_files, load_jsonl, saliency_ap)
+from model.inference.metrics import describe_metrics, detection_ap, evaluate, evaluate_files, saliency_ap
+from model.jsonl import load_jsonl
 
 from shared_data import SHARED_DATA as DATA
 QVH = DATA / "qvhighlights"

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from model.config import ModelConfig, dataset_defaults, train_defaults
-from model.criterion import build_criterion
+from model.training.criterion import build_criterion
 from model.errors import ModelError
-from model.llmepet import LLMEPET, build_model, source_video_ids
+from model.net.llmepet import LLMEPET, build_model, source_video_ids
 from model.pseudo_events import pseudo_event_spans_cxw
 
 TXT_DIM, VID_DIM = 16, 10
@@ -185,7 +185,7 @@ def test_presets_are_data_files_and_a_new_one_is_a_new_file(tmp_path, monkeypatc
                                                      "train": {"lr": 5e-4}, "max_timestamp": None}))
     monkeypatch.setattr(config, "PRESETS_DIR", presets)
     assert dataset_defaults("dd") == {"enc_layers": 2} and train_defaults("didemo")["lr"] == 5e-4
-    from model.settings import build_settings
+    from model.training.settings import build_settings
     model_over, _, train_cfg = build_settings("didemo")
     assert model_over["enc_layers"] == 2 and train_cfg.lr == 5e-4
 

@@ -10,8 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from model.config import ModelConfig
 from model.errors import ModelError
-from model.llm_blocks import HF_TO_META, LlamaBlock, LLMBlocks, load_llm_layers
-from model.llmepet import build_model
+from model.net.llm_blocks import HF_TO_META, LlamaBlock, LLMBlocks, load_llm_layers
+from model.net.llmepet import build_model
 
 
 @pytest.fixture(scope="module")

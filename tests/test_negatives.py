@@ -14,13 +14,13 @@ from providers import ArrayProvider
 from shared_data import SHARED_DATA
 from test_train import TINY
 from model.config import ModelConfig
-from model.criterion import build_criterion
-from model.dataset import MomentDataset
-from model.llmepet import build_model
-from model.negatives import NegativeSampler
-from model.sample import DataConfig, collate
-from model.settings import TrainConfig, negative_ratio, relevance_weight
-from model.train import Trainer
+from model.training.criterion import build_criterion
+from model.data.dataset import MomentDataset
+from model.net.llmepet import build_model
+from model.data.negatives import NegativeSampler
+from model.data.sample import DataConfig, collate
+from model.training.settings import TrainConfig, negative_ratio, relevance_weight
+from model.training.train import Trainer
 from retriever.rerank import Reranker
 from retriever.windows import Window
 
@@ -88,7 +88,7 @@ def test_negatives_make_the_moment_window_outscore_an_unrelated_video(tmp_path):
 
 
 def test_relevance_head_scores_the_moment_above_an_unrelated_video(tmp_path):
-    """The relevance head (model.llmepet.RelevanceHead) trained with negatives: the moment's span relevance beats
+    """The relevance head (model.net.llmepet.RelevanceHead) trained with negatives: the moment's span relevance beats
     the best span of a never-seen video by a margin; its rules rank by it; a model without the head has none."""
     from retriever.merge import ScoreRule
 
@@ -130,7 +130,7 @@ def test_index_training_negatives_come_from_other_videos_and_outside_the_moment(
     from retriever.provider import IndexFeatureProvider
     from world.generator import build_world
     from world.synthetic import write_library
-    from model.features import ClipEncoder
+    from model.inference.features import ClipEncoder
 
     videos, rows = build_world(tmp_path, n_videos=8, seed=3, long_videos=1, write=False)
     encoder = ClipEncoder.load(str(world.WORLD_CLIP_CONFIG), str(world.WORLD_CLIP_WEIGHTS), device="cpu")
@@ -204,7 +204,7 @@ def test_converted_checkpoint_reranks_each_window_whatever_its_companions(tmp_pa
     search runs such a checkpoint one window at a time, so a window's moments do not depend on its companions."""
     from click.testing import CliRunner
     from cli import main
-    from model.providers import PublicFeatureDir
+    from model.data.providers import PublicFeatureDir
 
     out = tmp_path / "converted.pt"
     res = CliRunner().invoke(main, ["convert-checkpoint", str(GOLDEN / "ref_ckpt.pth"), str(out)])
@@ -261,9 +261,9 @@ def test_train_on_index_labels_uses_rejected_hits_as_negatives(tmp_path, monkeyp
 
     import world
     from cli import main
-    from model.checkpoint import read_checkpoint
-    from model.features import ClipEncoder
-    from model.negatives import _gaps, _relevant_clips
+    from model.inference.checkpoint import read_checkpoint
+    from model.inference.features import ClipEncoder
+    from model.data.negatives import _gaps, _relevant_clips
     from store.labels import add_label, write_connection
     from store.library import Library
     from world.generator import build_world

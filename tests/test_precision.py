@@ -1,4 +1,5 @@
-"""Precision of the frozen LLM blocks and of CLIP (model.precision), and compact checkpoints (model.checkpoint)."""
+"""Precision of the frozen LLM blocks and of CLIP (model.inference.precision), and compact checkpoints
+(model.inference.checkpoint)."""
 from __future__ import annotations
 
 import copy
@@ -11,15 +12,15 @@ import torch
 from scipy.stats import spearmanr
 
 import world
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.inference.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
-from model.features import ClipEncoder
-from model.llmepet import build_model
-from model.postprocess import decode_outputs
-from model.precision import (CPU_BATCH, CPU_BF16_FLAGS, CPU_INT8_FLAGS, GPU_BATCH, SMALL_LLM_PARAMS, SMALL_MODEL_BATCH,
-                             Hardware, apply_precision, choose_batch_size, choose_precision, clip_precision,
-                             detect_hardware, read_cpu_flags)
-from model.sample import DataConfig
+from model.inference.features import ClipEncoder
+from model.net.llmepet import build_model
+from model.inference.postprocess import decode_outputs
+from model.inference.precision import (CPU_BATCH, CPU_BF16_FLAGS, CPU_INT8_FLAGS, GPU_BATCH, SMALL_LLM_PARAMS,
+                                       SMALL_MODEL_BATCH, Hardware, apply_precision, choose_batch_size,
+                                       choose_precision, clip_precision, detect_hardware, read_cpu_flags)
+from model.data.sample import DataConfig
 from model.spans import temporal_iou
 
 # the paper's structure (QVHighlights CG-DETR stages, LLaMA-shaped blocks without rotary), at a small width
@@ -185,8 +186,9 @@ def test_compact_checkpoint_round_trip(small_model, tmp_path):
 def test_int8_from_a_memory_mapped_checkpoint_equals_int8_in_memory(small_model, tmp_path):
     """Loading maps the file and releases each quantized layer's pages: the numbers are those of quantizing the
     model in memory; released pages read back unchanged from the file, heap tensors are left alone."""
-    from model.checkpoint import _in_private_file_mapping, read_checkpoint, release_file_pages
-    from model.precision import apply_precision
+    from model.inference.checkpoint import read_checkpoint
+    from model.inference.file_pages import _in_private_file_mapping, release_file_pages
+    from model.inference.precision import apply_precision
 
     path = tmp_path / "small.ckpt"
     save_checkpoint(str(path), small_model, DataConfig(), SPEC, "custom")
@@ -245,7 +247,7 @@ def test_rewriting_a_memory_mapped_checkpoint_keeps_the_open_one_readable(small_
     """A checkpoint read (memory-mapped) and written back to the same path with one change (what the rule fit
     and the world reranker's clean-up do): the new file holds the change and every weight, and the tensors still
     mapped from the old file read their old values (writing in place would truncate the mapping under them)."""
-    from model.checkpoint import read_checkpoint, write_checkpoint
+    from model.inference.checkpoint import read_checkpoint, write_checkpoint
 
     path = str(tmp_path / "small.ckpt")
     save_checkpoint(path, small_model, DataConfig(), SPEC, "custom")

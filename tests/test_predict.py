@@ -1,5 +1,6 @@
-"""model.predict / postprocess / checkpoint: submission rows as the authors post-process them, checkpoints that
-round-trip exactly and refuse the wrong features or LLM weights, batch order in the authors' LLM mode, long videos."""
+"""model.inference.predict / postprocess / checkpoint: submission rows as the authors post-process them, checkpoints
+that round-trip exactly and refuse the wrong features or LLM weights, batch order in the authors' LLM mode, long
+videos."""
 from __future__ import annotations
 
 import json
@@ -14,14 +15,14 @@ import torch
 
 from shared_data import AUTHORS_REPO, SHARED_DATA
 from providers import ArrayProvider
-from model.checkpoint import llm_blocks_sha256, load_checkpoint, read_checkpoint, save_checkpoint
+from model.inference.checkpoint import llm_blocks_sha256, load_checkpoint, read_checkpoint, save_checkpoint
 from model.config import ModelConfig
-from model.dataset import MomentDataset
-from model.sample import DataConfig, collate
+from model.data.dataset import MomentDataset
+from model.data.sample import DataConfig, collate
 from model.errors import ModelError
-from model.llmepet import build_model
-from model.postprocess import clean_windows, decode_outputs, merge_windows
-from model.predict import predict_annotations, predict_from_cli
+from model.net.llmepet import build_model
+from model.inference.postprocess import clean_windows, decode_outputs, merge_windows
+from model.inference.predict import predict_annotations, predict_from_cli
 
 TINY = dict(hidden_dim=32, nheads=4, dim_feedforward=64, enc_layers=1, dec_layers=2, t2v_layers=1, dummy_layers=1,
             moment_layers=1, sent_layers=1, num_dummies=3, total_prompts=3, num_queries=5, llm="random", llm_dim=32,
@@ -205,11 +206,11 @@ import llm_epet.inference as inference
 from llm_epet.start_end_dataset import StartEndDataset, start_end_collate
 from test_train import TINY, write_public_features
 from model.config import ModelConfig
-from model.dataset import MomentDataset
-from model.providers import PublicFeatureDir
-from model.sample import DataConfig
-from model.llmepet import build_model
-from model.predict import predict_annotations
+from model.data.dataset import MomentDataset
+from model.data.providers import PublicFeatureDir
+from model.data.sample import DataConfig
+from model.net.llmepet import build_model
+from model.inference.predict import predict_annotations
 
 anns = [json.loads(l) for l in open(sys.argv[1] + "/qvhighlights/highlight_val_release.jsonl")][:40]
 root = Path(tempfile.mkdtemp())

@@ -95,7 +95,7 @@ def synthetic_index(tmp_path_factory):
     """A synthetic-vector library: 30 short videos + a 10-minute one whose only events lie past 150 s."""
     from world.generator import ObjectPool, sample_video
     from world.synthetic import write_library
-    from model.features import ClipEncoder
+    from model.inference.features import ClipEncoder
 
     rng = np.random.default_rng(0)
     target = WorldObject("purple", "cross", "left")
@@ -141,10 +141,10 @@ def _two_kind_checkpoint(path, clip_dim: int, text_dim: int, slow_dim: int) -> s
     """A random tiny LLMEPET that reads [slowfast | clip] per clip, as the authors' released checkpoints do."""
     import torch
 
-    from model.checkpoint import save_checkpoint
+    from model.inference.checkpoint import save_checkpoint
     from model.config import ModelConfig
-    from model.llmepet import build_model
-    from model.sample import DataConfig
+    from model.net.llmepet import build_model
+    from model.data.sample import DataConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig(txt_dim=text_dim, vid_dim=slow_dim + clip_dim + 2, hidden_dim=32, nheads=4, dim_feedforward=64,
@@ -207,7 +207,7 @@ def test_several_libraries_search_as_one(synthetic_index, tmp_path):
     from click.testing import CliRunner
 
     import cli
-    from model.features import ClipEncoder
+    from model.inference.features import ClipEncoder
     from retriever.search import SearchEngine
     from store.coarse_store import CoarseStore, LibrarySet
     from store.errors import VmrError

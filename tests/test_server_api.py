@@ -372,7 +372,7 @@ def test_labels_export_is_training_input(port, world, tmp_path):
     from click.testing import CliRunner
 
     from cli import main
-    from model.dataset import load_annotations
+    from model.data.dataset import load_annotations
 
     vid = video_ids(port)[f"{world[2][2]['vid']}.mp4"]
     query = "a moment labelled for export"

@@ -20,8 +20,8 @@ import torch
 
 from indexer import slowfast_frames as sf
 from model.errors import ModelError
-from model.slowfast import FEATURE_DIM, SlowFastR50, slow_indices
-from model.slowfast_weights import CAFFE2_NAMES, PYTORCHVIDEO_NAMES, build_slowfast, load_slowfast_state
+from model.inference.slowfast import FEATURE_DIM, SlowFastR50, slow_indices
+from model.inference.slowfast_weights import CAFFE2_NAMES, PYTORCHVIDEO_NAMES, build_slowfast, load_slowfast_state
 
 ptv_hub = pytest.importorskip("pytorchvideo.models.hub", reason="pytorchvideo (the test extra) is absent")
 

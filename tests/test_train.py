@@ -1,5 +1,5 @@
-"""model.train: a tiny LLMEPET overfits a small synthetic set; `vmr train` -> `vmr predict` -> `vmr eval` runs end to
-end on the real QVHighlights annotations (a subset) with features generated into the public layout; --resume."""
+"""model.training.train: a tiny LLMEPET overfits a small synthetic set; `vmr train` -> `vmr predict` -> `vmr eval` runs
+end to end on the real QVHighlights annotations (a subset) with features generated into the public layout; --resume."""
 from __future__ import annotations
 
 import json
@@ -12,13 +12,13 @@ from click.testing import CliRunner
 
 from providers import ArrayProvider
 from model.config import ModelConfig
-from model.criterion import build_criterion
-from model.dataset import MomentDataset
-from model.sample import DataConfig
+from model.training.criterion import build_criterion
+from model.data.dataset import MomentDataset
+from model.data.sample import DataConfig
 from model.errors import ModelError
-from model.llmepet import build_model
-from model.settings import TrainConfig, build_settings
-from model.train import Trainer, best_score, build_run
+from model.net.llmepet import build_model
+from model.training.settings import TrainConfig, build_settings
+from model.training.train import Trainer, best_score, build_run
 
 from shared_data import SHARED_DATA
 QVH = SHARED_DATA / "qvhighlights"
@@ -70,8 +70,8 @@ def test_tiny_model_overfits_synthetic_set(tmp_path):
 
 def test_model_without_llm_blocks_trains_saves_and_predicts(tmp_path):
     """llm_layers "0:0" (the paper's ablation without LLM blocks) needs no LLM and goes through train and predict."""
-    from model.checkpoint import load_checkpoint
-    from model.predict import predict_annotations
+    from model.inference.checkpoint import load_checkpoint
+    from model.inference.predict import predict_annotations
 
     torch.manual_seed(0)
     provider, anns = synthetic_set()
@@ -176,7 +176,7 @@ def test_cli_train_predict_eval_on_real_qvh_annotations(tmp_path):
     assert {"MR-full-mAP", "MR-full-R1@0.7", "HL-min-VeryGood-Hit1"} <= set(metrics["brief"])
 
     # the best checkpoint is the best-scoring epoch; resume from the latest for one more epoch
-    from model.checkpoint import read_checkpoint
+    from model.inference.checkpoint import read_checkpoint
     best = max(log, key=lambda r: r["score"])  # first of equal scores wins: only a strict improvement replaces
     assert read_checkpoint(str(ckpt))["metrics"] == pytest.approx(best["val"])
     res = runner.invoke(main, ["train", "--train", str(tmp_path / "train.jsonl"), "--features",
@@ -197,7 +197,7 @@ def test_resume_rejects_other_dataset(tmp_path):
     provider, anns = synthetic_set(n=4)
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(a) for a in anns))
     cfg = ModelConfig(txt_dim=16, vid_dim=18, **TINY)
-    from model.checkpoint import save_checkpoint
+    from model.inference.checkpoint import save_checkpoint
 
     save_checkpoint(str(tmp_path / "c.pt"), build_model(cfg), DataConfig(), provider.feature_spec(), "tacos")
     with pytest.raises(ModelError, match="trained for tacos"):
@@ -229,7 +229,7 @@ def test_cli_train_predict_eval_on_an_index(tmp_path):
     from world.generator import build_world, write_jsonl
     from world.synthetic import write_library
     from cli import main
-    from model.features import ClipEncoder
+    from model.inference.features import ClipEncoder
 
     videos, rows = build_world(tmp_path, n_videos=6, seed=7, long_videos=1, write=False)
     encoder = ClipEncoder.load(str(world.WORLD_CLIP_CONFIG), str(world.WORLD_CLIP_WEIGHTS), device="cpu")

@@ -23,7 +23,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder():
-    from model.features import ClipEncoder
+    from model.inference.features import ClipEncoder
 
     return ClipEncoder.load(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS), device="cpu")
 

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import click
 
+from retriever.search import SearchEngine
 from world import WORLD_RERANKER
+from world.corpus import describe_corpus_metrics, engine_metrics
 from world.generator import build_world
+from world.train_reranker import index_world, train_reranker
 
 DEMO_SEED = 7
 
@@ -30,7 +33,6 @@ def run_demo(work_dir: str | None = None, n_videos: int = 10, n_shown: int = 5) 
     if work_dir is None:
         with tempfile.TemporaryDirectory(prefix="vmr-demo-") as tmp:
             return run_demo(tmp, n_videos, n_shown)
-    from world.train_reranker import index_world, train_reranker
 
     work = Path(work_dir)
     click.echo("vmr demo - synthetic TEST world (coloured shapes; not a model for real videos)")
@@ -60,9 +62,6 @@ def run_demo(work_dir: str | None = None, n_videos: int = 10, n_shown: int = 5) 
 
 
 def _answer(index_dir, checkpoint, rows, n_shown) -> dict:
-    from retriever.search import SearchEngine
-    from world.corpus import describe_corpus_metrics, engine_metrics
-
     # No ingest runs beside the demo's queries, so one read connection serves them all.
     with SearchEngine(index_dir, checkpoint=str(checkpoint), device="cpu") as engine, engine.library.session():
         click.echo(f"[4/4] queries ({n_shown} of {len(rows)} shown; the 10-min video's are last; * = the "

@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from indexer.rows import video_rows
+from store.clip_source import CLIPSource
+from store.library import Library
 from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
 from world.generator import CLIP_SECONDS, ObjectPool, WorldVideo, annotations, sample_video
 from world.scene import ALL_OBJECTS, render_frame
-from indexer.rows import video_rows
 
 CLIP_NOISE = 0.03  # std of the per-dimension noise added to a clip's state embedding (before re-normalising)
 
@@ -58,15 +60,12 @@ def write_library(index_dir, videos: list[WorldVideo], encoder, seed: int = 0, p
     ids, store.ids)."""
     from tqdm import tqdm
 
-    from store.clip_source import ClipSource
-    from store.library import Library
-
     rng = np.random.default_rng(seed)
     embed = embed or StateEmbedder(encoder, seed)
     with Library(index_dir, read_only=False) as lib:
         # Synthetic libraries are world libraries: queries are encoded with the world CLIP (``encoder``).
         lib.prepare(encoder.model_id, encoder.embed_dim, root=root, clip_seconds=CLIP_SECONDS,
-                    clip_source=ClipSource(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS)).to_meta())
+                    clip_source=CLIPSource(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS)).to_meta())
         ids = lib.add_pending([(f"{v.vid}.mp4", 0, 0.0) for v in videos])
         with lib.session():
             for v in tqdm(videos, desc="synthetic library", disable=not progress):

@@ -4,7 +4,7 @@
 
 Builds a training world (its own seed: its sentences and videos are not the test library's), indexes it
 (synthetic clip vectors, world/synthetic.py; ``--decoded``: real videos through the real ingest, slow) and trains
-with model.train on that index through retriever.provider (what `vmr train --index` does), using the
+with model.training.train on that index through retriever.provider (what `vmr train --index` does), using the
 architecture and recipe in ``world_reranker.json`` (random, tiny LLM blocks; negative windows 1 per sentence,
 hard ones from the coarse stage drawn twice as often; the relevance head). Then its ranking rule is fit on
 FIT_QUERIES unambiguous validation queries of other libraries (fit_world_rule).
@@ -24,8 +24,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from indexer.ingest import run_ingest
+from model.inference.checkpoint import read_checkpoint, write_checkpoint
+from model.inference.features import ClipEncoder
+from model.training.train import train_from_cli
+from retriever.fit_score import describe_fit, fit_checkpoint_sets
+from retriever.provider import IndexFeatureProvider
 from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_DIR, WORLD_RERANKER
 from world.generator import build_world, write_jsonl
+from world.synthetic import target_libraries, write_library
 
 RERANKER_CONFIG = WORLD_DIR / "world_reranker.json"
 TRAIN_SEED = 1000  # the test libraries use small seeds; this world is disjoint in seeds (videos, placements)
@@ -33,8 +40,6 @@ FIT_SEED, FIT_VIDEOS, FIT_QUERIES = 1001, 1000, 144  # the ranking rule's valida
 
 
 def index_world(videos_dir, index_dir, workers: int | None = None):
-    from indexer.ingest import run_ingest
-
     summary = run_ingest(str(videos_dir), str(index_dir), clip_model=str(WORLD_CLIP_CONFIG),
                          clip_pretrained=str(WORLD_CLIP_WEIGHTS), device="cpu", ray_address=None, workers=workers,
                          rebuild_faiss=False)
@@ -46,17 +51,11 @@ def index_world(videos_dir, index_dir, workers: int | None = None):
 def train_reranker(work_dir, out=WORLD_RERANKER, n_videos: int = 1000, synthetic: bool = True,
                    overrides: list[str] = (), device: str = "cpu") -> dict:
     """Build + index a training world under ``work_dir`` and train the reranker into ``out``. Returns the summary."""
-    from model.train import train_from_cli
-    from retriever.provider import IndexFeatureProvider
-
     work_dir = Path(work_dir)
     index_dir = work_dir / "index"
     videos, rows = build_world(work_dir, n_videos=n_videos, seed=TRAIN_SEED, long_videos=max(1, n_videos // 20),
                                write=not synthetic)
     if synthetic:
-        from world.synthetic import write_library
-        from model.features import ClipEncoder
-
         encoder = ClipEncoder.load(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS), device="cpu")
         write_library(index_dir, videos, encoder, seed=TRAIN_SEED, progress=True)
     else:
@@ -83,10 +82,6 @@ def fit_world_rule(work_dir, checkpoint, device: str = "cpu") -> dict:
     FIT_QUERIES unambiguous ones from libraries of FIT_VIDEOS (world.synthetic.target_libraries, the fit seed).
     The training world's own validation sentences cannot serve: each names objects that 3-4 of its videos show,
     so which video is "the" answer is ill-defined and R@1 over them is capped near 35%."""
-    from model.features import ClipEncoder
-    from retriever.fit_score import describe_fit, fit_checkpoint_sets
-    from world.synthetic import target_libraries
-
     encoder = ClipEncoder.load(str(WORLD_CLIP_CONFIG), str(WORLD_CLIP_WEIGHTS), device="cpu")
     sets, n = [], 0
     libraries = target_libraries(Path(work_dir) / f"fit{FIT_VIDEOS}", FIT_VIDEOS, encoder, seed=FIT_SEED)
@@ -107,8 +102,6 @@ def fit_world_rule(work_dir, checkpoint, device: str = "cpu") -> dict:
 def strip_optimizer(path, trained_on: str | None = None) -> None:
     """Drop the training state (optimizer, scheduler: the shipped file stays small; the negatives used and the
     ranking rule stay in the model config); ``trained_on`` recorded in the model config's extra."""
-    from model.checkpoint import read_checkpoint, write_checkpoint
-
     ckpt = read_checkpoint(str(path))  # memory-mapped: written back through a new file, never in place
     ckpt.pop("train_state", None)
     if trained_on:

@@ -7,7 +7,7 @@ samples of its batch, so the same file and ``--batch-size`` reproduce their numb
 predictions need runs (the authors' loop also runs the training-only "negative" pass).
 
 A video longer than one model window (``max_v_l`` clips; only an index source has those) is covered by windows
-overlapping by half; their windows are merged with NMS and their saliency averaged (model.postprocess).
+overlapping by half; their windows are merged with NMS and their saliency averaged (model.inference.postprocess).
 """
 from __future__ import annotations
 
@@ -19,13 +19,15 @@ import sys
 import torch
 from tqdm import tqdm
 
-from model.dataset import MomentDataset, load_annotations, needs_windows
-from model.providers import PublicFeatureDir, load_video
-from model.sample import DataConfig, collate, to_device
-from model.errors import ModelError
-from model.features import resolve_device
 from model.config import load_preset
-from model.postprocess import clean_windows, decode_outputs, merge_windows
+from model.data.dataset import MomentDataset, load_annotations, needs_windows
+from model.data.providers import PublicFeatureDir, load_video
+from model.data.sample import DataConfig, collate, to_device
+from model.errors import ModelError
+from model.inference.checkpoint import data_config_of, load_checkpoint, read_checkpoint
+from model.inference.features import resolve_device
+from model.inference.postprocess import clean_windows, decode_outputs, merge_windows
+from model.inference.precision import choose_batch_size, choose_precision, detect_hardware, llm_block_params
 from model.spans import tile_windows
 
 BATCH_ATTENTION_DEFAULT = 32  # --batch-size of checkpoints attending across the batch, when none is given
@@ -119,15 +121,14 @@ def predict_from_cli(checkpoint: str, index_dir: str | None, features_dir: str |
                      precision: str = "fp32") -> list[dict]:
     """`vmr predict`: write the submission jsonl of ``annotations`` with ``checkpoint``.
 
-    ``precision``: of the frozen LLM blocks (model.precision). fp32, the default, reproduces the authors' numbers;
-    when "auto" would pick a faster one on this hardware, a note says so (a researcher asks for speed knowingly).
-    ``batch_size``: None = chosen for the hardware (model.precision.choose_batch_size), printed; checkpoints whose
-    blocks attend across the batch (their predictions depend on it) get BATCH_ATTENTION_DEFAULT instead.
+    ``precision``: of the frozen LLM blocks (model.inference.precision). fp32, the default, reproduces the authors'
+    numbers; when "auto" would pick a faster one on this hardware, a note says so (a researcher asks for speed
+    knowingly). ``batch_size``: None = chosen for the hardware (model.inference.precision.choose_batch_size), printed;
+    checkpoints whose blocks attend across the batch (their predictions depend on it) get BATCH_ATTENTION_DEFAULT
+    instead.
 
     ``provider`` is the feature source the CLI builds for ``--index`` (model/ does not read indexes itself).
     """
-    from model.checkpoint import data_config_of, load_checkpoint, read_checkpoint
-
     dev = resolve_device(device)
     ckpt_meta = read_checkpoint(checkpoint)
     data_cfg = data_config_of(ckpt_meta)
@@ -141,8 +142,6 @@ def predict_from_cli(checkpoint: str, index_dir: str | None, features_dir: str |
     what = f"the index {index_dir}" if index_dir else f"the features in {features_dir}"
     model, ckpt = load_checkpoint(checkpoint, device=dev, features=src.feature_spec(), what=what, ckpt=ckpt_meta,
                                   precision=precision, log=lambda line: print(line, file=sys.stderr))
-    from model.precision import choose_batch_size, choose_precision, detect_hardware, llm_block_params
-
     faster = choose_precision("auto", detect_hardware(dev), llm_block_params(model))
     if model.precision == "fp32" and faster != "fp32":
         print(f"note: --precision {faster} runs faster here (--precision auto); fp32 is kept because it reproduces "

@@ -14,12 +14,14 @@ difference. Sources (``TrainConfig.neg_sources``; one is drawn at random among t
   grown outwards without touching a relevant window.
 
 A negative sample's targets: no span, every decoder query background, saliency 0 on every clip
-(model.labels.negative_labels; model.criterion handles samples without spans).
+(negative_labels below; model.training.criterion handles samples without spans).
 """
 from __future__ import annotations
 
 import math
 import random
+
+from model.errors import ModelError
 
 SOURCES = ("other", "hard", "same", "labels")
 MIN_CLIPS = 4  # shortest negative window: a few clips of evidence, as a search window has
@@ -64,7 +66,6 @@ class NegativeSampler:
                  sources=SOURCES):
         unknown = sorted(set(sources) - set(SOURCES))
         if unknown:
-            from model.errors import ModelError
             raise ModelError(f"unknown negative source(s) {', '.join(unknown)}; choose from {', '.join(SOURCES)}")
         self.annotations, self.provider, self.n_clips_of = annotations, provider, n_clips_of
         self.v_limit, self.clip_length = v_limit, clip_length
@@ -151,7 +152,7 @@ class NegativeSampler:
 
 
 def negative_labels(n_clips: int) -> dict:
-    """Targets of a negative window (the keys model.labels.make_labels gives a positive one): no span target,
+    """Targets of a negative window (the keys model.data.targets.make_labels gives a positive one): no span target,
     saliency 0 everywhere; the hinge pair indices are placeholders the criterion skips for negatives."""
     import numpy as np
     import torch

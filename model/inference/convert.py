@@ -16,11 +16,12 @@ import re
 
 import torch
 
-from model.checkpoint import LLM_BLOCK_PREFIX, load_weights_only, save_checkpoint, tensors_sha256
 from model.config import ModelConfig
+from model.data.sample import DataConfig
 from model.errors import ModelError
-from model.sample import DataConfig
-from model.llm_blocks import LLAMA_HEAD_DIM
+from model.inference.checkpoint import LLM_BLOCK_PREFIX, load_weights_only, save_checkpoint, tensors_sha256
+from model.net.llm_blocks import LLAMA_HEAD_DIM
+from model.net.llmepet import LLMEPET
 
 # (authors' prefix, ours); the first matching prefix wins, so longer prefixes come first.
 AUTHORS_TO_OURS: list[tuple[str, str]] = [
@@ -179,8 +180,6 @@ def convert_authors_checkpoint(src: str, out: str, llm_blocks: str = "reference"
     """
     if llm_blocks not in LLM_BLOCKS_MODES:
         raise ModelError(f"llm_blocks must be one of {LLM_BLOCKS_MODES}, not {llm_blocks!r}")
-    from model.llmepet import LLMEPET
-
     ckpt = load_authors_checkpoint(src)
     cfg, state = convert_state_dict(ckpt["model"], ckpt.get("opt"))
     with torch.device("meta"):  # no second copy of the (large) LLM blocks: take the tensors as they are

@@ -10,7 +10,7 @@ import random
 import numpy as np
 import torch
 
-from model.sample import DataConfig
+from model.data.sample import DataConfig
 from model.spans import span_xx_to_cxw
 
 SALIENCY_SAMPLES = 2  # positive and negative clips per sample (hard + easy for QVHighlights, 2 random otherwise)

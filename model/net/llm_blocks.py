@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.errors import ModelError
-from model.features import hub_offline
+from model.hub import hub_offline
 
 LLAMA_HEAD_DIM = 128  # every LLaMA release uses 128-d heads; used when only weight shapes are known
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from model.errors import ModelError
+from model.inference.file_pages import release_file_pages
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 # Below this many LLM-block parameters reduced precision buys nothing measurable (casts and quantization overhead
@@ -164,8 +165,6 @@ def quantize_linear_int8(module: nn.Module) -> nn.Module:
     projection: 180 MB), and the layer's stored weights are released as soon as it is swapped. The rest of
     ``module`` (norms) becomes float32."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    from model.checkpoint import release_file_pages
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
     linears = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()

@@ -23,13 +23,12 @@ non-empty bucket has.
 from __future__ import annotations
 
 import copy
-import json
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 
 from model.errors import ModelError
+from model.jsonl import load_jsonl
 from model.spans import cross_iou, paired_iou
 
 MAP_IOU_THRESHOLDS = [round(0.5 + 0.05 * i, 2) for i in range(10)]        # 0.5 .. 0.95
@@ -284,26 +283,6 @@ def evaluate(submission: list[dict], ground_truth: list[dict], variant: str = "c
     result = OrderedDict(brief=brief)
     result.update(sorted(metrics.items()))
     return result
-
-
-def load_jsonl(path: str | Path) -> list[dict]:
-    """Records of a jsonl file (a missing final newline is fine). ModelError names the bad line."""
-    records = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ModelError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-                    if not isinstance(records[-1], dict):
-                        raise ModelError(f"{path}:{n}: not a JSON object (jsonl: one {{...}} record a line)")
-    except UnicodeDecodeError:
-        raise ModelError(f"{path} is not a UTF-8 text file (jsonl: one JSON record a line)") from None
-    except OSError as err:
-        raise ModelError(f"cannot read {path}: {err.strerror}") from None
-    return records
 
 
 def evaluate_files(submission_path: str, gt_path: str, variant: str = "cgdetr") -> dict:

@@ -25,10 +25,10 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.errors import ModelError
-from model.llm_blocks import LLMBlocks, load_llm_layers
-from model.position_encoding import ClipSinePosition, TextPositionTable
+from model.net.llm_blocks import LLMBlocks, load_llm_layers
+from model.net.transformer import (MLP, ClipSinePosition, Decoder, Encoder, EncoderLayer, T2VEncoder, T2VLayer,
+                                   TextPositionTable, inverse_sigmoid)
 from model.pseudo_events import pseudo_event_spans_cxw
-from model.transformer import MLP, Decoder, Encoder, EncoderLayer, T2VEncoder, T2VLayer, inverse_sigmoid
 
 
 class InputProjection(nn.Module):
@@ -55,8 +55,8 @@ def _projection_stack(in_dim: int, cfg: ModelConfig) -> nn.Sequential:
 class RelevanceHead(nn.Module):
     """How well each clip matches the sentence: a learned bilinear match between the sentence's last token (where
     CLIP pools a sentence) and each clip's features, read from the inputs, beside the fusion path. Trained
-    (model.criterion, loss_relevance) towards 1 on the moment's clips and 0 on every other clip, those of negative
-    windows included, so its values compare across windows and videos: the reranker's ranking score.
+    (model.training.criterion, loss_relevance) towards 1 on the moment's clips and 0 on every other clip, those of
+    negative windows included, so its values compare across windows and videos: the reranker's ranking score.
 
     forward(src_txt [Bt, Lt, Dt], txt_valid [Bt, Lt] bool, clips [B, Lv, Dv] (no TEF)) -> logits [B, Lv];
     Bt is B or 1 (one sentence for every window)."""

@@ -44,7 +44,7 @@ def decode_outputs(outputs: dict, src_vid_mask: torch.Tensor, metas: list[dict])
         rows = sorted(rows, key=lambda r: r[2], reverse=True)
         rows = [[_round4(v) for v in r] for r in rows]
         out.append({"windows": rows, "saliency": saliency[i, :lengths[i]].float().cpu().tolist()})
-        if "relevance_scores" in outputs:  # the relevance head's per-clip probability (model.llmepet.RelevanceHead)
+        if "relevance_scores" in outputs:  # the relevance head's per-clip probability (model.net.llmepet.RelevanceHead)
             out[-1]["relevance"] = outputs["relevance_scores"][i, :lengths[i]].float().sigmoid().cpu().tolist()
     return out
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -22,9 +21,10 @@ import numpy as np
 import torch
 
 from model.errors import ModelError, weights_file_problem
+from model.hub import hub_offline
+from model.inference.precision import autocast_for, clip_precision, detect_hardware
 
 RANDOM_SEED = 0  # random-weight models are seeded so every process (driver, Ray actors) builds the same one
-HUB_HOST, HUB_PROBE_SECONDS = "huggingface.co", 3.0
 
 
 class ClipEncoder:
@@ -35,7 +35,7 @@ class ClipEncoder:
         embed_dim: pooled/projected dim (512 for ViT-B-32). text_width: per-token dim (512 for ViT-B-32).
         image_size: side S of the preprocessed square frame.
         precision: "fp32" | "bf16" (bf16 autocast: on a device with native bf16 ~2.4x faster, embeddings within
-            cosine 0.999 of fp32; model.precision.clip_precision). Indexes record it; queries use the index's.
+            cosine 0.999 of fp32; model.inference.precision.clip_precision). Indexes record it; queries use the index's.
     """
 
     def __init__(self, model, preprocess, tokenizer, model_id: str, device: torch.device, precision: str = "fp32"):
@@ -67,8 +67,6 @@ class ClipEncoder:
         ``precision``: "fp32" | "bf16" | "auto" (bf16 where the device runs it natively).
         """
         import open_clip
-
-        from model.precision import clip_precision, detect_hardware
 
         torch_device = resolve_device(device)
         precision = clip_precision(precision, detect_hardware(torch_device))
@@ -146,8 +144,6 @@ class ClipEncoder:
         return torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy().astype(np.float32)
 
     def _autocast(self):
-        from model.precision import autocast_for
-
         return autocast_for(self.precision, self.device)
 
     def _token_states(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -318,14 +314,3 @@ def _cached_weights(tag_cfg: dict) -> str | None:
         if os.path.isfile(local):
             return local
     return None
-
-
-def hub_offline() -> bool:
-    """True when downloads are off (HF_HUB_OFFLINE) or the hub does not answer within a few seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    try:
-        with socket.create_connection((HUB_HOST, 443), timeout=HUB_PROBE_SECONDS):
-            return False
-    except OSError:
-        return True

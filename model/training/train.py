@@ -8,7 +8,7 @@ Differences, on purpose: their loop also evaluates before every epoch only to lo
 always evaluated; on CUDA the forward/loss run under bf16 autocast (``amp``); ``--resume`` restores optimizer,
 scheduler and epoch from our checkpoint (their --resume_all).
 
-Settings (model.settings): defaults, the dataset's preset, ``--config`` JSON, ``--set KEY=VALUE``.
+Settings (model.training.settings): defaults, the dataset's preset, ``--config`` JSON, ``--set KEY=VALUE``.
 """
 from __future__ import annotations
 
@@ -25,13 +25,17 @@ import torch
 from tqdm import tqdm
 
 from model.config import ModelConfig
-from model.dataset import MomentDataset, load_annotations
-from model.sample import DataConfig, collate, to_device
+from model.data.dataset import MomentDataset, load_annotations
+from model.data.providers import PublicFeatureDir, check_feature_spec
+from model.data.sample import DataConfig, collate, to_device
 from model.errors import ModelError
-from model.metrics import evaluate
-from model.features import resolve_device
-from model.predict import make_provider, predict_annotations
-from model.settings import TrainConfig, build_settings, negative_ratio, relevance_weight
+from model.inference.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from model.inference.features import resolve_device
+from model.inference.metrics import evaluate
+from model.inference.predict import make_provider, predict_annotations
+from model.net.llmepet import build_model
+from model.training.criterion import build_criterion
+from model.training.settings import TrainConfig, build_settings, negative_ratio, relevance_weight
 
 def best_score(metrics: dict, dataset: str) -> float:
     """The authors' model-selection criterion."""
@@ -76,8 +80,6 @@ class Trainer:
         self.history: list[dict] = []
         workers = train_cfg.num_workers
         if workers < 0:
-            from model.providers import PublicFeatureDir
-
             public = isinstance(provider, PublicFeatureDir)
             workers = min(4, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" and public else 0
         self.workers = workers
@@ -145,8 +147,6 @@ class Trainer:
         return evaluate(rows, self.val_anns)
 
     def save(self, path: str, epoch: int, metrics: dict | None) -> None:
-        from model.checkpoint import save_checkpoint
-
         save_checkpoint(path, self.model, self.data_cfg, self.feature_spec, self.dataset,
                         train_state=self.train_state(epoch), metrics=metrics, embed_llm=self.cfg.embed_llm)
 
@@ -229,10 +229,6 @@ def build_run(train_path: str, val_path: str | None, features_dir: str | None, o
               llm_layers: str | None = None, resume: str | None = None, device: str = "auto",
               provider=None, print_recipe: bool = False) -> Trainer:
     """Everything `vmr train` sets up before the first epoch (tests use it to drive training directly)."""
-    from model.checkpoint import load_checkpoint, read_checkpoint
-    from model.criterion import build_criterion
-    from model.llmepet import build_model
-
     dev = resolve_device(device)
     resumed = read_checkpoint(resume) if resume else None
     base = None
@@ -251,7 +247,6 @@ def build_run(train_path: str, val_path: str | None, features_dir: str | None, o
     src = make_provider(features_dir, data_cfg, train_cfg.clip_model or None, provider)
     spec = src.feature_spec()
     if resumed is not None and resumed["feature_spec"] != spec:
-        from model.providers import check_feature_spec
         check_feature_spec(resumed["feature_spec"], spec, "the training features")
     if float(spec.get("clip_seconds", data_cfg.clip_length)) != float(data_cfg.clip_length):
         raise ModelError(f"features have {spec['clip_seconds']}-s clips but clip_length is {data_cfg.clip_length} "
@@ -270,8 +265,6 @@ def build_run(train_path: str, val_path: str | None, features_dir: str | None, o
         if not a.get("relevant_windows"):
             raise ModelError(f"--val {val_path}: qid {a['qid']!r} has no relevant_windows (a test split cannot "
                              f"validate)")
-    from model.providers import PublicFeatureDir
-
     ratio, why = negative_ratio(train_cfg, dataset, isinstance(src, PublicFeatureDir))
     model_over["relevance_coef"], relevance_why = relevance_weight(model_over, ratio)
     if resumed is not None:

@@ -1,5 +1,5 @@
-"""One model sample and one batch: features as LLMEPET reads them. Training (model.dataset), prediction
-(model.predict) and search's rerank stage (retriever.rerank) all build their inputs here.
+"""One model sample and one batch: features as LLMEPET reads them. Training (model.data.dataset), prediction
+(model.inference.predict) and search's rerank stage (retriever.rerank) all build their inputs here.
 
 A sample (the authors' ``StartEndDataset``): the window's clip features, each source L2-normalised on its own,
 with the TEF appended; the query's per-token features cut to ``max_q_l`` and L2-normalised. A batch pads both and
@@ -119,7 +119,7 @@ def collate(items: list[dict]) -> dict:
             "saliency_neg_labels": torch.tensor([lb["saliency_neg"] for lb in labels], dtype=torch.long),
             "saliency_all_labels": saliency_all,
             "relevant_clips": saliency_all,
-            # negative windows (model.negatives): no span target, saliency 0; the criterion skips their hinge pairs
+            # negative windows (model.data.negatives): no span target, saliency 0; the criterion skips their hinge pairs
             "negative": torch.tensor([bool(lb.get("negative", False)) for lb in labels]),
         }
     return batch

@@ -5,7 +5,7 @@ Targets (a dict, as the authors' ``prepare_batch_inputs`` builds it):
     saliency_pos_labels, saliency_neg_labels: [B, P] clip indices (hinge pairs)
     saliency_all_labels: [B, Lv] per-clip saliency (0 = outside the moment; padded with 0)
     relevant_clips: optional, defaults to saliency_all_labels (> 0 marks the moment's clips)
-    negative: optional [B] bool: negative windows (model.negatives), the target "no moment here": no span (every
+    negative: optional [B] bool: negative windows (model.data.negatives), the target "no moment here": no span (every
         decoder query is background), saliency 0 on every clip
 
 Negative windows: the span, hinge and moment-token terms need a moment, so they read the positive samples only;
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.matcher import HungarianMatcher, Indices
+from model.training.matcher import HungarianMatcher, Indices
 from model.spans import generalized_temporal_iou, span_cxw_to_xx
 
 FOREGROUND, BACKGROUND = 0, 1

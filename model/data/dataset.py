@@ -5,8 +5,8 @@ An annotation is one jsonl record: ``qid`` (int for QVHighlights/Charades, str f
 ``relevant_clip_ids`` and ``saliency_scores`` (3 annotators, 0..4 each).
 
 Videos longer than ``max_v_l`` clips (an index holds arbitrary lengths; the public QVHighlights features never
-are): training crops a window of ``max_v_l`` clips placed at random around the first GT window (model.labels);
-prediction tiles windows over the whole video (model.predict).
+are): training crops a window of ``max_v_l`` clips placed at random around the first GT window (model.data.targets);
+prediction tiles windows over the whole video (model.inference.predict).
 """
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import random
 
 import torch
 
+from model.data.negatives import SOURCES, NegativeSampler, negative_labels
+from model.data.providers import load_text, load_video, video_source_dims
+from model.data.sample import DataConfig, text_input, video_input
+from model.data.targets import crop_annotation, make_labels, training_crop
 from model.errors import ModelError
-from model.labels import crop_annotation, make_labels, training_crop
-from model.negatives import SOURCES, NegativeSampler, negative_labels
-from model.providers import load_text, load_video, video_source_dims
-from model.sample import DataConfig, text_input, video_input
+from model.jsonl import load_jsonl
 
 
 NEGATIVE = "negative"  # an entry's marker: a negative window of the annotation (drawn per item)
@@ -42,9 +43,9 @@ class MomentDataset(torch.utils.data.Dataset):
         windows: optional list of (annotation index, first clip, end clip) entries to serve instead of one
             sample per annotation (prediction on long videos).
         seed: seeds the label sampling (positive/negative clips, window subsets, training crops).
-        neg_ratio: negative windows (model.negatives) per annotation and epoch (0: none, the authors' recipe);
+        neg_ratio: negative windows (model.data.negatives) per annotation and epoch (0: none, the authors' recipe);
             ``round(neg_ratio * len(annotations))`` negative entries follow the annotations' own.
-        neg_sources: the negative sources to draw from (model.negatives.SOURCES).
+        neg_sources: the negative sources to draw from (model.data.negatives.SOURCES).
     """
 
     def __init__(self, annotations: list[dict], provider, cfg: DataConfig, load_labels: bool = True,
@@ -97,8 +98,8 @@ class MomentDataset(torch.utils.data.Dataset):
         n = len(video)
         item = {"meta": {"qid": ann["qid"], "query": ann["query"], "vid": ann["vid"],
                          # seconds the window covers: the model's normalised spans are scaled by this
-                         "duration": ann_view["duration"], "offset": 0.0 if start is None else start * self.cfg.clip_length,
-                         "ann_index": ann_index},
+                         "duration": ann_view["duration"], "offset": 0.0 if start is None else start *
+                         self.cfg.clip_length, "ann_index": ann_index},
                 "video": video_input(video, self.cfg, video_source_dims(self.provider)),
                 "text": text_input(load_text(self.provider, ann, self.cfg), self.cfg)}
         if self.load_labels:
@@ -109,7 +110,7 @@ class MomentDataset(torch.utils.data.Dataset):
 
 
     def negative_item(self, ann_index: int) -> dict:
-        """A window without ``ann``'s moment, with ``ann``'s query, target "no moment here" (model.negatives).
+        """A window without ``ann``'s moment, with ``ann``'s query, target "no moment here" (model.data.negatives).
         meta["vid"] stays the query's own video: the model's shuffled-pair pass must not pair that video with
         this query as if it were irrelevant; meta["window_vid"] names the video the window is from."""
         ann = self.annotations[ann_index]
@@ -128,8 +129,6 @@ class MomentDataset(torch.utils.data.Dataset):
 
 def load_annotations(path: str) -> list[dict]:
     """Annotation records of a jsonl file, checked for the fields every use needs."""
-    from model.metrics import load_jsonl
-
     records = load_jsonl(path)
     if not records:
         raise ModelError(f"{path} holds no annotations")

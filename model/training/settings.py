@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from model.config import ModelConfig, load_preset, preset_names
 from model.errors import ModelError
-from model.sample import DataConfig
+from model.data.sample import DataConfig
 
 
 @dataclass
@@ -30,7 +30,7 @@ class TrainConfig:
                                 # provider holds a database connection that must not be forked)
     embed_llm: bool = False     # store the frozen LLM blocks in the checkpoint instead of a hashed reference
     clip_model: str = ""        # CLIP id of public features (default: the public ViT-B-32:openai)
-    # Negative windows (model.negatives) per annotated sample and epoch. -1: the default for the data: 1 when
+    # Negative windows (model.data.negatives) per annotated sample and epoch. -1: the default for the data: 1 when
     # training on an index or on the custom preset, 0 (the authors' recipe) for the public presets' feature files.
     neg_ratio: float = -1.0
     neg_sources: list = dataclasses.field(default_factory=lambda: ["other", "hard", "same", "labels"])

@@ -18,19 +18,18 @@ directory or consolidated.pth) plus a SHA-256 of their bf16 values; loading re-r
 whose weights changed. Random LLM blocks (tests, synthetic world) cannot be re-read, so they are embedded, as
 they are when ``embed_llm=True``. Converted checkpoints either embed them or (``llm_file``) reference the authors'
 checkpoint they came from by absolute path plus a SHA-256 of the block tensors exactly as stored there; loading
-reads them from it (memory-mapped) and refuses a file that is missing or whose blocks changed. Embedded blocks are stored in the narrowest dtype that
-holds their values exactly (bf16 or fp16: released LLM weights and our random blocks are such values; anything
-else stays fp32), so storage never changes a prediction; version-1 files holding fp32 blocks load unchanged.
-Loading memory-maps the file (zip format) and assigns the stored tensors (no random init, no fp32 copy first), then
-casts them once, to the precision asked for (model.precision) or else the config's ``llm_dtype``; int8 quantization
-releases each layer's mapped pages as it goes (release_file_pages), so the stored blocks are never resident whole.
+reads them from it (memory-mapped) and refuses a file that is missing or whose blocks changed. Embedded blocks are
+stored in the narrowest dtype that holds their values exactly (bf16 or fp16: released LLM weights and our random blocks
+are such values; anything else stays fp32), so storage never changes a prediction; version-1 files holding fp32 blocks
+load unchanged. Loading memory-maps the file (zip format) and assigns the stored tensors (no random init, no fp32 copy
+first), then casts them once, to the precision asked for (model.inference.precision) or else the config's
+``llm_dtype``; int8 quantization releases each layer's mapped pages as it goes (model.inference.file_pages), so the
+stored blocks are never resident whole.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
-import mmap
 import os
 import tempfile
 import warnings
@@ -38,9 +37,12 @@ import warnings
 import torch
 
 from model.config import ModelConfig
-from model.providers import check_feature_spec
-from model.sample import DataConfig
+from model.data.providers import check_feature_spec
+from model.data.sample import DataConfig
 from model.errors import ModelError, weights_file_problem
+from model.inference.file_pages import release_file_pages
+from model.inference.precision import apply_precision
+from model.net.llmepet import LLMEPET, _llm_dtype, build_model
 
 FORMAT, VERSION = "vmr-llmepet", 1
 LLM_BLOCK_PREFIX = "llm.blocks."
@@ -184,34 +186,6 @@ def _blocks_from_file(llm: dict, path: str) -> dict:
     return blocks
 
 
-def release_file_pages(t: torch.Tensor) -> None:
-    """Drop the whole pages under ``t`` from this process's resident memory when ``t`` lies in a private
-    memory-mapped file (a checkpoint loaded with mmap) and is being discarded: a quantized layer's stored weights
-    would otherwise stay resident until the whole mapping goes. Such pages are re-read from the file if touched
-    again; heap memory, shared mappings and non-Linux systems are left alone."""
-    start = t.data_ptr()
-    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-    hi = (start + t.numel() * t.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
-    if hi <= lo or not _in_private_file_mapping(lo, hi):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # 4 = MADV_DONTNEED
-
-
-def _in_private_file_mapping(lo: int, hi: int) -> bool:
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                a, b = (int(x, 16) for x in parts[0].split("-"))
-                if a <= lo and hi <= b:
-                    return parts[1].endswith("p") and len(parts) == 6 and parts[5].startswith("/") \
-                        and not parts[5].rstrip().endswith("(deleted)")
-    except (OSError, ValueError):
-        pass
-    return False
-
-
 def read_checkpoint(path: str) -> dict:
     """The raw checkpoint dict (weights_only). ModelError when it is not a vmr LLMEPET checkpoint."""
     ckpt = load_weights_only(path, mmap=True)  # blocks are paged in as they are cast or quantized, not read whole
@@ -233,12 +207,9 @@ def load_checkpoint(path: str, device="cpu", features: dict | None = None, what:
             when it does not match the checkpoint's.
         ckpt: the dict ``read_checkpoint(path)`` already returned (saves reading a large file twice).
         precision: "auto" | "fp32" | "bf16" | "int8": the frozen LLM blocks' precision for inference
-            (model.precision.apply_precision; ``log`` gets its one line); None: the config's ``llm_dtype``.
+            (model.inference.precision.apply_precision; ``log`` gets its one line); None: the config's ``llm_dtype``.
     Returns: (model in eval mode on ``device``, checkpoint dict); ``model.precision`` says what runs.
     """
-    from model.llmepet import LLMEPET, _llm_dtype, build_model
-    from model.precision import apply_precision
-
     ckpt = ckpt if ckpt is not None else read_checkpoint(path)
     if features is not None:
         check_feature_spec(ckpt["feature_spec"], features, what)

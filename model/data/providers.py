@@ -6,7 +6,7 @@
 - any object with ``video_features(vid)``, ``text_features(query)`` and ``feature_spec()``: the index source the
   CLI builds from a vmr index (model/ does not import store).
 
-Features come back raw; model.sample normalises them into model inputs.
+Features come back raw; model.data.sample normalises them into model inputs.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from model.errors import ModelError
-from model.sample import DataConfig
+from model.data.sample import DataConfig
 
 # Public feature sub-directory -> kind of feature (what a checkpoint's feature spec compares).
 FEATURE_KINDS = {"clip_features": "clip", "slowfast_features": "slowfast", "clip_text_features": "clip"}
@@ -166,7 +166,7 @@ def video_source_dims(provider) -> list[int] | None:
 
 
 def load_text(provider, ann: dict, cfg: DataConfig) -> np.ndarray:
-    """Raw [L, Dt] query token features (model.sample.text_input cuts and normalises them)."""
+    """Raw [L, Dt] query token features (model.data.sample.text_input cuts and normalises them)."""
     if isinstance(provider, PublicFeatureDir):
         feats = provider.text_features_for_qid(ann["qid"])
     else:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from model.errors import ModelError, weights_file_problem
-from model.slowfast import FUSED_AFTER, STAGE_DEPTHS, STAGES, SlowFastR50
+from model.inference.slowfast import FUSED_AFTER, STAGE_DEPTHS, STAGES, SlowFastR50
 
 CAFFE2_URL = "https://dl.fbaipublicfiles.com/pyslowfast/model_zoo/kinetics400/SLOWFAST_8x8_R50.pkl"
 PUBLIC_WEIGHTS_HINT = (f"the public features' weights are PySlowFast's SLOWFAST_8x8_R50.pkl ({CAFFE2_URL}, "
