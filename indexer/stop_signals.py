@@ -28,9 +28,9 @@ class StopSignals:
         self.arrived.append(signum)
 
     def reinstall(self) -> None:
-        """Set our handler again at the C level. Ray's core worker installs a native handler for SIGTERM (it prints
-        a stack and aborts the process, exit -6, seen in bench/signals.py) that ``signal.getsignal`` cannot see:
-        Python still reports its own handler."""
+        """Set our handler again at the C level. A native library's handler (Ray's core worker has one for SIGTERM
+        that prints a stack and may abort the process, exit -6) is invisible to ``signal.getsignal``, which still
+        reports ours; setting ours again replaces it."""
         for signum in self.previous:
             signal.signal(signum, self.note)
 
@@ -67,20 +67,46 @@ def recording_stop_signals() -> Iterator[StopSignals]:
 
 @contextlib.contextmanager
 def ray_keeps_our_handlers(ray, stops: StopSignals) -> Iterator[None]:
-    """While ``ray.init`` runs, Ray sets SIGTERM handlers of its own (one calls sys.exit; on a new local cluster
-    another kills Ray's processes, then exits): either would raise into whatever code runs when the signal
-    lands. Ray sets both through ``ray._private.utils.set_sigterm_handler``; inside this block that function
-    leaves the handler as it is, so a SIGTERM meanwhile is only noted and ``check()`` stops the run after
-    ``ray.init`` returns (the caller shuts Ray down). Where a Ray version lacks the function, nothing is replaced.
-    On the way out our handlers are set again (``StopSignals.reinstall``: Ray's native one is gone from then on)."""
-    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    """Keeps a stop signal that lands inside ``ray.init`` to being noted, so that ``check()`` stops the run after
+    ``ray.init`` returns (the caller shuts Ray down).
+
+    Ray installs SIGTERM handlers of two kinds while ``ray.init`` runs:
+
+    - Python ones (one calls sys.exit; on a new local cluster another kills Ray's processes, then exits), which
+      would raise into whatever code runs when the signal lands. Ray sets both through
+      ``ray._private.utils.set_sigterm_handler``; inside this block that function leaves the handler as it is.
+    - a native one, when the driver's core worker is built: a failure handler (absl's, through Ray's logging.cc)
+      that prints a stack on stderr for SIGTERM and may abort the process (exit -6), invisible to
+      ``signal.getsignal``. The core worker installs it unless ``ray._private.ray_constants``'s
+      ``RAY_DISABLE_FAILURE_SIGNAL_HANDLER`` is true, read when the core worker is built; inside this block it is
+      true, so the driver never gets that handler. This is done on the module, not through the environment
+      variable of that name: the variable is read only when ``ray`` is first imported, and the GCS, raylet and
+      workers that ``ray.init`` starts would inherit it and lose their crash stacks. Blocking the signals
+      (``pthread_sigmask``) around ``ray.init`` was the other way: the mask is inherited by every thread and
+      process ``ray.init`` starts (Ray's own processes would then ignore the SIGTERM that stops them), and a
+      thread started before it (a BLAS or OpenMP pool) still takes the signal, into Ray's handler once installed.
+
+    Where a Ray version lacks either hook, that one is left alone. On the way out the constant and the function
+    are restored and our handlers set again at the C level (``StopSignals.reinstall``), in case a native
+    handler was installed anyway."""
+    private = getattr(ray, "_private", None)
+    utils = getattr(private, "utils", None)
+    constants = getattr(private, "ray_constants", None)
     original = getattr(utils, "set_sigterm_handler", None)
-    if original is None or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    utils.set_sigterm_handler = lambda handler: None
+    had_flag = constants is not None and hasattr(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER")
+    flag = getattr(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER", None)
+    if original is not None:
+        utils.set_sigterm_handler = lambda handler: None
+    if had_flag:
+        constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     try:
         yield
     finally:
-        utils.set_sigterm_handler = original
+        if original is not None:
+            utils.set_sigterm_handler = original
+        if had_flag:
+            constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = flag
         stops.reinstall()

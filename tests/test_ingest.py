@@ -306,4 +306,35 @@ def test_stop_signals_are_noted_and_raise_only_at_a_safe_point():
         assert stops.arrived == [signal.SIGTERM, signal.SIGINT]
     assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
     assert ray_utils.set_sigterm_handler.__name__ == "set_sigterm_handler"
+    flag = ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+    with recording_stop_signals() as stops, ray_keeps_our_handlers(ray, stops):
+        assert ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER is True  # no native handler
+    assert ray._private.ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER == flag
 
+
+
+SIGTERM_INSIDE_RAY_INIT = """
+import os, signal, sys, time
+import ray
+from indexer.stop_signals import ray_keeps_our_handlers, recording_stop_signals
+with recording_stop_signals() as stops:
+    with ray_keeps_our_handlers(ray, stops):
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # still inside the block: the driver's core worker is built, our handlers are not yet set again
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        print("noted", stops.arrived, flush=True)
+    ray.shutdown()
+"""
+
+
+def test_sigterm_once_the_core_worker_runs_is_only_noted():
+    """ray_keeps_our_handlers: the driver's core worker is built without Ray's native failure handler, so a
+    SIGTERM between its start and ray.init's return reaches our handler: noted, no stack on stderr, no abort."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DISABLE_USAGE_STATS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_INSIDE_RAY_INIT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"noted [{int(signal.SIGTERM)}]" in proc.stdout
+    assert "SIGTERM received" not in proc.stderr and "logging.cc" not in proc.stderr, proc.stderr[-2000:]
