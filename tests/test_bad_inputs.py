@@ -205,7 +205,16 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# The fast subset (-m "not slow") runs one or two cases of each command; the whole suite runs them all.
+FAST_CASES = {"search --checkpoint evil.pt", "search --index missing", "search empty query", "status --index file",
+              "index DIR missing", "index --clip-pretrained evil4.pt", "train --train missing",
+              "predict --checkpoint evil4.pt", "eval --gt empty", "convert-checkpoint evil.pt",
+              "labels export --out folder", "serve --index file", "demo --help"}
+assert FAST_CASES <= set(CASES)
+
+
+@pytest.mark.parametrize("case", [case if case in FAST_CASES else pytest.param(case, marks=pytest.mark.slow)
+                                  for case in sorted(CASES)])
 def test_bad_argument(good, case):
     make_argv, code, names = CASES[case]
     result = vmr(*make_argv(good))
@@ -235,8 +244,9 @@ def _damage(kind: str, index: Path) -> None:
         (index / "faiss.json").write_bytes(os.urandom(64))
 
 
-@pytest.mark.parametrize("kind", ["duckdb random bytes", "duckdb truncated"])
-@pytest.mark.parametrize("command", ["search", "status", "labels", "index"])
+@pytest.mark.parametrize("kind", ["duckdb random bytes", pytest.param("duckdb truncated", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("command", ["search", *(pytest.param(c, marks=pytest.mark.slow)
+                                                 for c in ("status", "labels", "index"))])
 def test_corrupt_duckdb(good, tmp_path, kind, command):
     index = copy_index(good, tmp_path)
     _damage(kind, index)
@@ -248,7 +258,8 @@ def test_corrupt_duckdb(good, tmp_path, kind, command):
     assert "damaged" in result.stderr
 
 
-@pytest.mark.parametrize("kind", ["faiss missing", "faiss truncated", "faiss.json random bytes"])
+@pytest.mark.parametrize("kind", ["faiss missing", *(pytest.param(k, marks=pytest.mark.slow)
+                                                    for k in ("faiss truncated", "faiss.json random bytes"))])
 def test_damaged_faiss_still_answers_and_is_repaired(good, tmp_path, kind):
     """DuckDB is the truth: search answers from it, and `vmr index` rebuilds the FAISS files."""
     index = copy_index(good, tmp_path)
@@ -323,6 +334,7 @@ def _wait_for_pending(index: Path, proc, timeout: float = 120.0) -> None:
     raise AssertionError("the ingest never planned its work")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_ingest_keeps_what_was_stored(good, tmp_path, signum):
     """Ctrl-C / SIGTERM mid-run: one line, exit 1; the old videos stay; status says the ingest is incomplete; a
@@ -365,6 +377,7 @@ def test_signal_during_ingest_keeps_what_was_stored(good, tmp_path, signum):
     assert counts(index)["indexed"] == good["counts"]["indexed"] + 2
 
 
+@pytest.mark.slow
 def test_files_changing_during_ingest(good, tmp_path):
     """A still image named .mp4, and files deleted or replaced after the run planned them: recorded as failed or
     re-read, exit 3, the other videos indexed, the old ones kept; the next run settles the rest."""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from cli import main as cli_main
@@ -19,6 +20,7 @@ from cli import main as cli_main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_vmr_bench_quick_writes_report_and_plots(tmp_path):
     out = tmp_path / "report"
     result = CliRunner().invoke(cli_main, ["bench", "--out", str(out), "--quick", "--section", "coarse",

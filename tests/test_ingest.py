@@ -230,6 +230,7 @@ def test_real_video_15_clips(ray_session, tmp_path, checkpoint):
         assert store.events(vid)[-1]["end"] == pytest.approx(30.70, abs=0.01)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_equals_clean_index_and_reader_never_blocks(first_run, tmp_path, checkpoint):
     """An ingest in another process (joined to this Ray) is read while it writes, killed -9, then resumed."""
     import ray

@@ -65,6 +65,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("VMR_SKIP_CLUSTER_TEST") == "1", reason="VMR_SKIP_CLUSTER_TEST=1")
 def test_ingest_spreads_over_nodes_and_survives_node_loss(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DISABLE_USAGE_STATS": "1"}

@@ -77,6 +77,7 @@ def _train_and_score(neg_ratio: float, tmp_path, score=lambda m: m.confidence, *
     return np.array(own), np.array(other)
 
 
+@pytest.mark.slow
 def test_negatives_make_the_moment_window_outscore_an_unrelated_video(tmp_path):
     own, other = _train_and_score(1.0, tmp_path)
     assert np.mean(own > other + 0.1) >= 0.9, (own, other)  # by a margin, on (nearly) every pair
@@ -87,6 +88,7 @@ def test_negatives_make_the_moment_window_outscore_an_unrelated_video(tmp_path):
     assert own0.mean() - other0.mean() < 0.15
 
 
+@pytest.mark.slow
 def test_relevance_head_scores_the_moment_above_an_unrelated_video(tmp_path):
     """The relevance head (model.net.llmepet.RelevanceHead) trained with negatives: the moment's span relevance beats
     the best span of a never-seen video by a margin; its rules rank by it; a model without the head has none."""

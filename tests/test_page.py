@@ -126,6 +126,7 @@ def test_a_hit_whose_file_is_not_served_says_so(served, page):
     assert not page.evaluate("document.getElementById('player').getAttribute('src')")
 
 
+@pytest.mark.slow
 def test_search_watch_label_in_the_browser(served, page):
     base, index, rows, proc, log = served
     row = rows[0]

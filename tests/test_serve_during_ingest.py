@@ -56,6 +56,7 @@ def library(tmp_path_factory, ray_session):
     return root, root / "index", rows, first, later
 
 
+@pytest.mark.slow
 def test_page_api_works_during_an_ingest_and_shows_new_videos_after(library, ray_session):
     from server.app import create_app
     from store.lock import ingest_running

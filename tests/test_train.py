@@ -49,6 +49,7 @@ def synthetic_set(n=8, n_clips=20, dim=16, seed=0):
     return ArrayProvider(videos, texts, dim, dim, clip_model="test"), anns
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_synthetic_set(tmp_path):
     torch.manual_seed(0)
     provider, anns = synthetic_set()
