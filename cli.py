@@ -299,18 +299,24 @@ def labels():
 @labels.command(name="export")
 @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str), help="Index directory.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=str), help="Annotation jsonl to write (`vmr train --index` reads it).")
-def labels_export(index_dir, out_path):
-    """Write the labels as training annotations: accepted windows -> relevant_windows, rejected -> negative_windows."""
+@click.option("--drop-contradictions", is_flag=True, help="Leave out windows both accepted and rejected for one sentence (default: refuse, naming their labels).")
+def labels_export(index_dir, out_path, drop_contradictions):
+    """Write the labels as training annotations: accepted windows -> relevant_windows, rejected -> negative_windows.
+
+    Exit 1 when a window is both accepted and rejected for one sentence (the labels are named: delete the wrong one
+    in the page's Labels panel), unless --drop-contradictions."""
     from store.labels import export_labels  # lazy: numpy: not for --help
 
     try:
-        report = export_labels(index_dir, out_path)
+        report = export_labels(index_dir, out_path, drop_contradictions=drop_contradictions)
     except USER_ERRORS as err:
         _fail(err)
     click.echo(f"wrote {report['records']} records from {report['labels']} labels -> {out_path}"
                + (f" ({report['stale']} stale: video deleted or re-indexed with other content)" if report["stale"] else "")
                + (f" ({report['negative_only']} query/video pairs with rejections only: left out)"
-                  if report["negative_only"] else ""))
+                  if report["negative_only"] else "")
+               + (f" ({len(report['contradictions'])} contradicting window(s) left out)"
+                  if report["contradictions"] else ""))
 
 
 @main.command()

@@ -220,7 +220,7 @@ def test_status_answers_while_another_process_holds_the_index(port, app, world):
         # requests that need the file wait lock_wait (60 s by default; shortened here), then get 503 + Retry-After
         # (a search waits the store's own 60 s: not tried here)
         app.state.vmr.lock_wait = 0.5
-        label = {"video_id": vid, "query": "while held", "start": 1.0, "end": 3.0}
+        label = {"video_id": vid, "query": "while held", "start": 1.0, "end": 3.0, "source": "mark"}
         for method, path, body in (("POST", "/api/labels", json.dumps(label)), ("GET", "/api/labels", None)):
             status, headers, reply = request(port, method, path, body, {"Content-Type": "application/json"})
             assert status == 503 and headers["retry-after"] == "2", (path, status, reply[:200])
@@ -311,7 +311,8 @@ def test_hits_whose_file_is_not_served_say_so(port, world):
 
 
 def test_bad_bodies_and_unknown_ids(port):
-    ok = {"video_id": min(video_ids(port).values()), "query": "a red circle", "start": 2.0, "end": 6.0}
+    ok = {"video_id": min(video_ids(port).values()), "query": "a red circle", "start": 2.0, "end": 6.0,
+          "source": "mark"}
     big = json.dumps({**ok, "query": "x" * 100_000})
     for headers in ({"Content-Type": "application/json"},
                     {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}):
@@ -342,13 +343,14 @@ def test_parallel_label_writes_and_searches_stay_consistent(port, world):
 
     def write(i):
         status, label = post_json(port, "/api/labels", {"video_id": ids[i % len(ids)], "query": f"parallel {i % 3}",
-                                                        "start": float(i % 20), "end": float(i % 20 + 4),
+                                                        "source": "mark", "start": float(i % 20),
+                                                        "end": float(i % 20 + 4),
                                                         "verdict": "reject" if i % 4 == 0 else "accept"})
         assert status == 201, label
         if i % 5 == 0:
             assert post_json(port, f"/api/labels/{label['id']}", {"end": label["end"] + 1}, method="PATCH")[0] == 200
         if i % 7 == 0:
-            assert request(port, "DELETE", f"/api/labels/{label['id']}")[0] == 204
+            assert request(port, "DELETE", f"/api/labels/{label['id']}")[0] == 200
         return label["id"]
 
     def search(_):
@@ -377,7 +379,7 @@ def test_labels_export_is_training_input(port, world, tmp_path):
 
     vid = video_ids(port)[f"{world[2][2]['vid']}.mp4"]
     query = "a moment labelled for export"
-    for start, end, verdict, source in ((4.0, 10.0, "accept", "hit"), (20.0, 24.0, "reject", "hit"),
+    for start, end, verdict, source in ((4.0, 10.0, "accept", "mark"), (20.0, 24.0, "reject", "mark"),
                                         (12.0, 14.5, "accept", "mark")):
         status, _ = post_json(port, "/api/labels", {"video_id": vid, "query": query, "start": start, "end": end,
                                                     "verdict": verdict, "source": source})
@@ -392,3 +394,60 @@ def test_labels_export_is_training_input(port, world, tmp_path):
     assert mine[0]["relevant_windows"] == [[4.0, 10.0], [12.0, 14.5]]
     assert mine[0]["negative_windows"] == [[20.0, 24.0]]
     assert len({r["qid"] for r in records}) == len(records)
+
+
+def test_a_hit_label_takes_the_sentence_its_search_was_for(port, world):
+    """A hit's label names the search that found it (search_id) and takes that search's sentence: another
+    sentence (the search box changed since), an unknown search (the server restarted) or a window that search did
+    not find are refused; one label per (sentence, hit): a second verdict answers 409 with the first."""
+    query = world[2][3]["query"]
+    found = get_json(port, "/api/search?q=" + query.replace(" ", "+") + "&top_k=5")
+    other = get_json(port, "/api/search?q=a+yellow+star+slides+down&top_k=5")
+    assert found["search_id"] != other["search_id"]
+    hit = found["moments"][0]
+    label = {"video_id": hit["video_id"], "start": hit["start"], "end": hit["end"], "search_id": found["search_id"]}
+    status, body = post_json(port, "/api/labels", {**label, "query": "a yellow star slides down"})
+    assert status == 409 and f"found for “{query}”" in body["error"]
+    status, body = post_json(port, "/api/labels", {**label, "search_id": other["search_id"]})
+    assert status == 422 and "not a hit of search" in body["error"]
+    status, body = post_json(port, "/api/labels", {**label, "search_id": "0123456789abcdef"})
+    assert status == 409 and "search again" in body["error"]
+    status, body = post_json(port, "/api/labels", {k: v for k, v in label.items() if k != "search_id"})
+    assert status == 422 and "search_id" in body["error"]
+    status, made = post_json(port, "/api/labels", label)
+    assert status == 201 and made["query"] == query and made["search_id"] == found["search_id"]
+    assert made["orig_start"] == hit["start"] and made["version"] == 1
+    status, body = post_json(port, "/api/labels", {**label, "verdict": "reject"})  # a second tab, stale
+    assert status == 409 and body["label"]["id"] == made["id"] and body["label"]["verdict"] == "accept"
+    listed = get_json(port, "/api/labels?query=" + query.upper().replace(" ", "+"))["labels"]
+    assert [lab["id"] for lab in listed] == [made["id"]]
+
+
+def test_stale_writes_get_409_and_deletes_undo(port):
+    """If-Match names the version a tab saw (the ETag): a stale PATCH or DELETE gets 409 with the stored label;
+    a delete hides the label, restore brings it back."""
+    vid = min(video_ids(port).values())
+    status, headers, body = request(port, "POST", "/api/labels", json.dumps(
+        {"video_id": vid, "query": "two tabs", "start": 5.0, "end": 9.0, "source": "mark"}),
+        {"Content-Type": "application/json"})
+    made = json.loads(body)
+    assert status == 201 and headers["etag"] == '"1"'
+
+    def change(method, path, payload, version):
+        status, headers, body = request(port, method, path, None if payload is None else json.dumps(payload),
+                                        {"Content-Type": "application/json", "If-Match": f'"{version}"'})
+        return status, headers, json.loads(body)
+
+    status, headers, body = change("PATCH", f"/api/labels/{made['id']}", {"verdict": "reject"}, 1)
+    assert status == 200 and body["version"] == 2 and headers["etag"] == '"2"'
+    status, _, body = change("PATCH", f"/api/labels/{made['id']}", {"end": 11.0}, 1)  # the other tab saw 1
+    assert status == 409 and body["label"]["verdict"] == "reject" and "since you saw it" in body["error"]
+    assert change("DELETE", f"/api/labels/{made['id']}", None, 1)[0] == 409
+    status, _, body = change("DELETE", f"/api/labels/{made['id']}", None, 2)
+    assert status == 200 and body["deleted_at"]
+    assert made["id"] not in [lab["id"] for lab in get_json(port, "/api/labels")["labels"]]
+    status, body = post_json(port, f"/api/labels/{made['id']}/restore", {})
+    assert status == 200 and body["deleted_at"] is None and body["end"] == 9.0
+    assert made["id"] in [lab["id"] for lab in get_json(port, "/api/labels")["labels"]]
+    assert request(port, "PATCH", f"/api/labels/{made['id']}", "{}",
+                   {"Content-Type": "application/json", "If-Match": "soon"})[0] == 400
