@@ -277,16 +277,24 @@ def convert_checkpoint(src, out, llm_blocks):
 @main.command()
 @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str), help="Index directory.")
 @click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str), help="LLMEPET reranker checkpoint (default: the one recorded with `vmr index ... --reranker CKPT`).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (anything but localhost exposes the videos and labels: no login).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind. Anything but localhost needs access tokens (one is made and printed when none is given); TLS: put a reverse proxy in front (README).")
+@click.option("--token", "tokens", multiple=True, envvar="VMR_TOKEN", metavar="[NAME=]SECRET", help="An access token (repeatable; $VMR_TOKEN: space-separated). Requests need one (401 without); NAME is recorded as the author of the labels made with it (default: user). Given on localhost too, it is required there.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME", help="Another Host name to answer to (repeatable), e.g. a reverse proxy's public name; other names get 400 (DNS rebinding).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True, help="Numeric precision of the reranker's frozen LLM blocks: auto = the fastest this CPU/GPU runs natively (printed; int8/bf16 can move a moment's edges by a clip and its score by ~0.02 against fp32 at the paper's shape, bench/results/precision.md); fp32 = the authors' numbers (parity).")
-def serve(index_dir, checkpoint, host, port, device, precision):
+def serve(index_dir, checkpoint, host, port, device, precision, tokens, allow_hosts):
     """Web page + JSON API over an index: search, watch each moment, label moments (Ctrl-C stops)."""
+    from server.access import parse_tokens
     from server.app import serve as run_server  # lazy: FastAPI, FAISS: not for --help
 
     try:
-        run_server(index_dir, checkpoint=checkpoint, host=host, port=port, device=device, precision=precision)
+        tokens = parse_tokens(tokens)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--token") from None
+    try:
+        run_server(index_dir, checkpoint=checkpoint, host=host, port=port, device=device, precision=precision,
+                   tokens=tokens, allow_hosts=allow_hosts)
     except USER_ERRORS as err:
         _fail(err)
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.spans import clip_at
+from server.access import COOKIE, COOKIE_SECONDS, LOOPBACK, HostCheck, TokenCheck, allowed_hosts, new_token, user_of
 from server.media import Forbidden, ThumbnailCache, unplayable_reason, video_file
 from server.state import Busy, ServerState, hit_key
 from store import db
@@ -62,6 +63,11 @@ class LabelPatch(BaseModel):
     start: float | None = Field(default=None, ge=0)
     end: float | None = Field(default=None, gt=0)
     verdict: Literal["accept", "reject"] | None = None
+
+
+class LoginIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token: str = Field(min_length=1, max_length=200)
 
 
 class BodyLimit:
@@ -107,8 +113,12 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def create_app(index_dir: str, checkpoint: str | None = None, device: str = "auto", state: ServerState | None = None,
-               precision: str = "auto") -> FastAPI:
-    """The app over the index at ``index_dir``; models load now (once), not on the first request."""
+               precision: str = "auto", host: str = "127.0.0.1", allow_hosts: tuple[str, ...] = (),
+               tokens: dict[str, str] | None = None) -> FastAPI:
+    """The app over the index at ``index_dir``; models load now (once), not on the first request.
+
+    ``host``, ``allow_hosts``: the address it is bound to and other names it answers to; ``tokens``: {secret: name}
+    of the access tokens, none: no login (server/access.py)."""
     state = state or ServerState(index_dir, checkpoint=checkpoint, device=device, precision=precision)
     thumbs = ThumbnailCache(state.index_dir)
     state.on_catalogue_change.append(thumbs.sweep)
@@ -160,6 +170,17 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
     @app.get("/", include_in_schema=False)
     def page():
         return FileResponse(os.path.join(STATIC_DIR, "index.html"), headers={"Cache-Control": "no-cache"})
+
+    @app.post("/api/login", summary="Exchange the access token for the page's cookie (a server started with tokens)")
+    def login(body: LoginIn):
+        user = user_of(tokens or {}, body.token)
+        if tokens and user is None:
+            raise HTTPException(401, "that is not this server's access token (it is printed when `vmr serve` "
+                                     "starts, or given with --token)")
+        response = JSONResponse({"user": user})
+        if tokens:
+            response.set_cookie(COOKIE, body.token, max_age=COOKIE_SECONDS, httponly=True, samesite="strict")
+        return response
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon():
@@ -300,6 +321,9 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodyLimit)
+    if tokens:
+        app.add_middleware(TokenCheck, tokens=tokens)
+    app.add_middleware(HostCheck, hosts=allowed_hosts(host, allow_hosts))  # outermost: before anything is read
     return app
 
 
@@ -336,19 +360,27 @@ def _media_type(path: str) -> str:
             ".mkv": "video/x-matroska", ".avi": "video/x-msvideo"}.get(ext, "application/octet-stream")
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def serve(index_dir: str, checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          device: str = "auto", log_level: str = "info", precision: str = "auto") -> None:
-    """`vmr serve`: load the index and models once, serve until Ctrl-C (uvicorn then shuts down cleanly)."""
+          device: str = "auto", log_level: str = "info", precision: str = "auto", tokens: dict[str, str] | None = None,
+          allow_hosts: tuple[str, ...] = ()) -> None:
+    """`vmr serve`: load the index and models once, serve until Ctrl-C (uvicorn then shuts down cleanly).
+
+    Bound to anything but localhost it needs access tokens: without ``tokens`` it makes one and prints it."""
     import click
     import uvicorn
 
-    app = create_app(index_dir, checkpoint=checkpoint, device=device, precision=precision)
-    if host not in LOOPBACK:
-        click.echo(f"warning: serving on {host}: anyone who can reach this port can watch the indexed videos and "
-                   "write labels (there is no login)", err=True)
+    tokens = dict(tokens or {})
+    made = None
+    if host not in LOOPBACK and not tokens:
+        made = new_token()
+        tokens[made] = "user"
+    app = create_app(index_dir, checkpoint=checkpoint, device=device, precision=precision, host=host,
+                     allow_hosts=allow_hosts, tokens=tokens or None)
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"vmr: serving {index_dir} at http://{shown}:{port}/  (API docs: /docs; Ctrl-C stops)")
+    if made:
+        click.echo(f"vmr: access token (the page asks for it once; keep it across restarts with --token or "
+                   f"$VMR_TOKEN): {made}\n     or open http://{shown}:{port}/?token={made}")
+    elif tokens:
+        click.echo(f"vmr: {len(tokens)} access token(s): {', '.join(sorted(set(tokens.values())))}")
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -83,8 +83,8 @@ def request(port: int, method: str, path: str, body: bytes | str | None = None, 
     """One raw HTTP request (the path goes out exactly as given): (status, headers, body bytes)."""
     con = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
-        con.putrequest(method, path, skip_accept_encoding=True)
         headers = dict(headers or {})
+        con.putrequest(method, path, skip_accept_encoding=True, skip_host="Host" in headers)
         if isinstance(body, str):
             body = body.encode()
         if body is not None and "Content-Length" not in headers and "Transfer-Encoding" not in headers:
@@ -451,3 +451,72 @@ def test_stale_writes_get_409_and_deletes_undo(port):
     assert made["id"] in [lab["id"] for lab in get_json(port, "/api/labels")["labels"]]
     assert request(port, "PATCH", f"/api/labels/{made['id']}", "{}",
                    {"Content-Type": "application/json", "If-Match": "soon"})[0] == 400
+
+
+def _every_route(app, video_id: int) -> list[tuple[str, str]]:
+    """(method, path) of every route of the app, path parameters filled in, plus a static file."""
+    out = [("GET", "/static/app.js")]
+    for route in app.routes:
+        methods = sorted(getattr(route, "methods", None) or [])
+        if not methods or "{path" in route.path:
+            continue
+        path = route.path.replace("{video_id}", str(video_id)).replace("{label_id}", "1")
+        out.append((methods[0] if methods[0] != "HEAD" else methods[-1], path))
+    return out
+
+
+def test_a_foreign_host_header_gets_400_on_every_route(port, app):
+    """DNS rebinding: a page on evil.example.com whose name points at 127.0.0.1 reads nothing."""
+    vid = min(video_ids(port).values())
+    routes = _every_route(app, vid)
+    assert len(routes) >= 12
+    for method, path in routes:
+        status, headers, body = request(port, method, path, headers={"Host": "evil.example.com"})
+        assert status == 400, (method, path, status)
+        assert "does not answer to Host 'evil.example.com'" in json.loads(body)["error"]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST"):
+        assert request(port, "GET", "/api/videos", headers={"Host": host})[0] == 200, host
+
+
+def test_a_server_with_tokens_answers_only_with_one(world):
+    """Bound beyond localhost: every route but the page and its login gets 401 without a token; a Bearer header or
+    the cookie POST /api/login sets lets one in; a label made with a token records the token's name; a name given
+    with --allow-host (a reverse proxy's) is answered, others are not."""
+    from server.app import create_app
+    from server.access import allowed_hosts, host_of, parse_tokens
+
+    assert parse_tokens(["ana=0123456789", "abcdefghij"]) == {"0123456789": "ana", "abcdefghij": "user"}
+    with pytest.raises(ValueError, match="too short"):
+        parse_tokens(["ana=short"])
+    assert host_of("[::1]:8000") == "::1" and host_of("Videos.Example.com:443") == "videos.example.com"
+    assert {"10.1.2.3", "localhost"} <= allowed_hosts("10.1.2.3")
+    secured = create_app(str(world[1]), checkpoint=str(WORLD_RERANKER), device="cpu", host="10.1.2.3",
+                         allow_hosts=("videos.example.com",), tokens={"s3cret-token": "ana"})
+    with running_server(secured) as p:
+        vid = min(v["id"] for v in json.loads(request(p, "GET", "/api/videos", headers={
+            "Authorization": "Bearer s3cret-token"})[2])["videos"] if v["playable"])
+        for method, path in _every_route(secured, vid):
+            status, _, body = request(p, method, path)
+            if path in ("/", "/static/app.js", "/favicon.ico"):
+                assert status in (200, 204), path
+            elif path == "/api/login":
+                assert status == 422  # no body: the login form's own error, not 401
+            else:
+                assert status == 401 and "access token" in json.loads(body)["error"], (method, path, status)
+        assert request(p, "GET", "/api/status", headers={"Authorization": "Bearer wrong-token"})[0] == 401
+        status, _, body = request(p, "POST", "/api/login", json.dumps({"token": "wrong-token"}),
+                                  {"Content-Type": "application/json"})
+        assert status == 401
+        status, headers, body = request(p, "POST", "/api/login", json.dumps({"token": "s3cret-token"}),
+                                        {"Content-Type": "application/json"})
+        assert status == 200 and json.loads(body) == {"user": "ana"}
+        cookie = headers["set-cookie"].split(";")[0]
+        assert "httponly" in headers["set-cookie"].lower() and "samesite=strict" in headers["set-cookie"].lower()
+        assert request(p, "GET", f"/api/videos/{vid}/file", headers={"Cookie": cookie, "Range": "bytes=0-9"})[0] == 206
+        status, _, body = request(p, "POST", "/api/labels", json.dumps(
+            {"video_id": vid, "query": "with a token", "start": 1.0, "end": 2.0, "source": "mark"}),
+            {"Content-Type": "application/json", "Cookie": cookie})
+        assert status == 201 and json.loads(body)["author"] == "ana"
+        assert request(p, "GET", "/api/status", headers={"Cookie": cookie, "Host": "videos.example.com"})[0] == 200
+        assert request(p, "GET", "/api/status", headers={"Cookie": cookie, "Host": "10.1.2.3:8000"})[0] == 200
+        assert request(p, "GET", "/api/status", headers={"Cookie": cookie, "Host": "evil.example.com"})[0] == 400

@@ -25,6 +25,7 @@ async function api(method, url, body, headers = {}) {
     throw Object.assign(new Error("cannot reach the vmr server (is `vmr serve` still running?)"), { status: 0 });
   }
   const data = res.status === 204 ? null : await res.json().catch(() => ({ error: res.statusText }));
+  if (res.status === 401 && url !== "/api/login") showLogin();
   if (!res.ok) throw Object.assign(new Error((data && data.error) || `${res.status}`), { status: res.status, data });
   return data;
 }
@@ -34,6 +35,28 @@ const clock = (s) => {
   return `${m}:${r.toFixed(1).padStart(4, "0")}`;
 };
 const hitKey = (h) => `${h.video_id}:${h.start}:${h.end}`;
+
+// ---- access token: a server bound to anything but localhost asks for it once (kept as a cookie) -------------------
+function showLogin() {
+  if (!$("login").hidden) return;
+  $("login").hidden = false;
+  $("token").focus();
+}
+
+async function login(token) {
+  try {
+    const who = await api("POST", "/api/login", { token });
+    $("login").hidden = true;
+    $("login-state").textContent = "";
+    $("user").textContent = who.user ? `· ${who.user}` : "";
+    pollStatus();
+    if (view.query) search(view.query);
+  } catch (err) {
+    showLogin();
+    $("login-state").innerHTML = `<span class="error">${escapeHtml(err.message)}</span>`;
+  }
+}
+$("login").addEventListener("submit", (e) => { e.preventDefault(); login($("token").value.trim()); });
 
 // ---- status (polled: an ingest may be running) ---------------------------------------------------------------
 async function pollStatus() {
@@ -434,7 +457,17 @@ function escapeHtml(s) {
   return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 }
 
-pollStatus();
-setInterval(pollStatus, 3000);
-const initial = new URLSearchParams(location.search).get("q");
-if (initial) { $("q").value = initial; search(initial); }
+async function start() {
+  const params = new URLSearchParams(location.search);
+  const token = params.get("token");
+  if (token) {  // a link with the token (printed by `vmr serve`): log in, then keep it out of the address bar
+    params.delete("token");
+    history.replaceState(null, "", location.pathname + (params.toString() ? `?${params}` : ""));
+    await login(token);
+  }
+  pollStatus();
+  setInterval(pollStatus, 3000);
+  const initial = params.get("q");
+  if (initial) { $("q").value = initial; search(initial); }
+}
+start();
