@@ -22,10 +22,12 @@ from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from swagger_ui_bundle import swagger_ui_path
 
 from model.spans import clip_at
 from server.access import COOKIE, COOKIE_SECONDS, LOOPBACK, HostCheck, TokenCheck, allowed_hosts, new_token, user_of
@@ -36,6 +38,7 @@ from store import labels as label_store
 from store.errors import VmrError
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+DOCS_ASSETS = "/static/docs"  # Swagger UI's files; under /static/: the page's files, open without a token
 MAX_BODY_BYTES = 16 * 1024  # a label is ~300 bytes
 MAX_QUERY_CHARS = label_store.MAX_QUERY_CHARS
 MAX_TOP_K = 100
@@ -128,7 +131,7 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
         yield
         state.close()
 
-    app = FastAPI(title="vmr", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="vmr", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Search a video library for moments, watch them, label them for retraining.")
     app.state.vmr = state
 
@@ -181,6 +184,14 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
         if tokens:
             response.set_cookie(COOKIE, body.token, max_age=COOKIE_SECONDS, httponly=True, samesite="strict")
         return response
+
+    @app.get("/docs", include_in_schema=False)
+    def docs():  # Swagger UI from the swagger-ui-bundle package, not a CDN: the docs work offline
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="vmr API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+                                   swagger_ui_parameters={"validatorUrl": None})  # its default asks swagger.io
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon():
@@ -319,6 +330,7 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
     def restore_label(label_id: int):
         return written(lambda con: label_store.restore_label(con, label_id))
 
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")  # before /static: first match
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodyLimit)
     if tokens:

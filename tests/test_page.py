@@ -247,6 +247,30 @@ def test_space_after_a_click_plays_and_labels_undo(served, page):
     shot(page, "labels_panel")
 
 
+def test_api_docs_render_offline(served, page):
+    """/docs with every request that leaves localhost aborted (no internet): Swagger UI renders the API from files
+    the server itself serves, and asks nothing of any other host."""
+    base, index, rows, proc, log = served
+    foreign = []
+
+    def only_local(route):
+        host = urllib.parse.urlsplit(route.request.url).hostname
+        if host in ("127.0.0.1", "localhost"):
+            route.continue_()
+        else:
+            foreign.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(base + "/docs")
+    page.wait_for_selector(".swagger-ui .opblock-summary-path", timeout=30_000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert "/api/search" in paths and "/api/labels/{label_id}" in paths
+    assert "vmr" in page.locator(".swagger-ui .info .title").inner_text()
+    assert foreign == []
+    shot(page, "docs_offline")
+
+
 @pytest.mark.slow
 def test_search_watch_label_in_the_browser(served, page):
     base, index, rows, proc, log = served
