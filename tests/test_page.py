@@ -4,7 +4,10 @@
 query, clicks the first hit and checks the player starts within 1 s of the hit's start and pauses by its end;
 j moves to the next hit; a hit whose file is outside the indexed folder shows why instead of a broken
 thumbnail; a label accepted and a moment marked in the page come out of `vmr labels export`; Ctrl-C
-(SIGINT) stops the server cleanly. Screenshots go to tests/artifacts/ (or $VMR_TEST_ARTIFACTS).
+(SIGINT) stops the server cleanly. Labels bound to what the person saw: Enter + `a` during a search and after a
+failed one label nothing under the new sentence; two tabs on one hit (409 shown, one label); Space after a click
+on Reject plays/pauses only; delete, undo and the Labels panel. /docs renders with the network blocked; a server
+with tokens asks for one once. Screenshots go to tests/artifacts/ (or $VMR_TEST_ARTIFACTS).
 
 Skipped only when Chromium or Playwright is missing AND $CI is not set; under CI they must be there.
 """
@@ -269,6 +272,38 @@ def test_api_docs_render_offline(served, page):
     assert "vmr" in page.locator(".swagger-ui .info .title").inner_text()
     assert foreign == []
     shot(page, "docs_offline")
+
+
+def test_the_page_asks_for_the_access_token_once(served, page):
+    """A server with tokens (as `vmr serve --host 0.0.0.0` makes): the page asks for the token, refuses a wrong
+    one, and after the right one searches; a reload does not ask again (the cookie); the printed ?token= link logs
+    a fresh browser in and leaves the token out of the address bar."""
+    from server.app import create_app
+    from tests.test_server_api import running_server
+
+    base, index, rows, proc, log = served
+    app = create_app(str(index), checkpoint=str(WORLD_RERANKER), device="cpu", tokens={"page-token-123": "ana"})
+    with running_server(app) as port:
+        local = f"http://127.0.0.1:{port}"
+        page.goto(local + "/")
+        page.wait_for_selector("#login:not([hidden])")
+        page.fill("#token", "not-the-token")
+        page.press("#token", "Enter")
+        page.wait_for_function("document.getElementById('login-state').textContent.includes('not this server')")
+        page.fill("#token", "page-token-123")
+        page.press("#token", "Enter")
+        page.wait_for_function("document.getElementById('login').hidden")
+        assert page.locator("#user").inner_text() == "· ana"
+        run_search(page, rows[0]["query"])
+        assert page.locator(".hit").count() > 0
+        page.reload()
+        page.wait_for_function("document.getElementById('status').textContent.includes('videos')")
+        assert page.locator("#login").is_hidden()
+        fresh = page.context.browser.new_page()
+        fresh.goto(local + "/?token=page-token-123&q=" + urllib.parse.quote(rows[0]["query"]))
+        fresh.wait_for_function("document.getElementById('results-info').textContent.includes('moments for')")
+        assert "token" not in fresh.url and fresh.locator("#login").is_hidden()
+        fresh.close()
 
 
 @pytest.mark.slow

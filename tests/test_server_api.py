@@ -4,7 +4,9 @@ Covers: search fields (== in-process search), status (the note of an ingest stop
 process holds the file), video metadata, Range requests (exact bytes), thumbnails (cache in the index), traversal
 attempts (.., encoded, absolute, a symlink planted in the video folder pointing outside; its hits say "not playable"
 and why), oversized / malformed bodies and unknown ids (4xx with a JSON error), parallel label writes + searches
-(counts consistent), `vmr labels export` (the format `vmr train --index` reads).
+(counts consistent), `vmr labels export` (the format `vmr train --index` reads), a hit's label bound to its
+search's sentence, stale writes (If-Match -> 409), delete + restore, a foreign Host (400 on every route), and a
+server with tokens (401 on every route but the page and its login; labels record the token's name).
 """
 from __future__ import annotations
 
