@@ -1,5 +1,8 @@
 """`vmr serve`: the JSON API (OpenAPI at /docs) and the page (server/static) over one index.
 
+    GET  /, /static/...                   the page (open without a token: it asks for one)
+    POST /api/login                       {"token"} -> the page's cookie (a server with access tokens)
+    GET  /docs, /openapi.json             API docs (Swagger UI from the swagger-ui-bundle-v2 package: offline)
     GET  /api/status                      index counts, ingest progress (+ the incomplete-ingest note), labels, model
     GET  /api/search?q=...&top_k=10       search_id + moments as `vmr search --json` + rank, duration, thumbnail_url,
                                           video_url, playable (false + unplayable_reason, URLs null: not served)
@@ -11,6 +14,7 @@
                                           (store/labels.py; a hit's label names its search_id; versions as ETag,
                                           If-Match -> 409 with the stored label when a tab was stale)
 
+Who may ask (server/access.py): a Host the server is not bound to gets 400; with tokens, a request without one 401.
 Every error is a 4xx/5xx with a JSON body {"error": "..."}; request bodies over MAX_BODY_BYTES get 413; a request
 that waited the server's lock_wait for a running ingest to let go of the index gets 503 with Retry-After.
 """
@@ -330,7 +334,8 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
     def restore_label(label_id: int):
         return written(lambda con: label_store.restore_label(con, label_id))
 
-    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")  # before /static: first match
+    # before /static, which would match first
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodyLimit)
     if tokens:
