@@ -8,7 +8,7 @@ import sys
 import click
 import duckdb
 
-from model.errors import ModelError
+from model.errors import ModelError, WeightsNotFound
 from store.errors import VmrError
 
 # duckdb.IOException: a damaged index file found mid-query (a truncated one opens, then fails on its first read).
@@ -19,11 +19,12 @@ EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 
 def _fail(err: Exception) -> None:
+    """One line on stderr; exit 2 for a weights file the user must supply (a usage problem), else 1."""
     if isinstance(err, duckdb.IOException):
         err = (f"cannot read/write the index's DuckDB file: {str(err).splitlines()[0]} (a damaged index: build a new "
                "one with `vmr index VIDEOS --index NEW_FOLDER`)")
     click.echo(f"error: {err}", err=True)
-    sys.exit(EXIT_FATAL)
+    sys.exit(EXIT_USAGE if isinstance(err, WeightsNotFound) else EXIT_FATAL)
 
 
 def _index_provider(index_dir, device):
@@ -82,7 +83,10 @@ def main() -> None:
 @click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting a local one.")
 @click.option("--workers", type=int, default=None, help="Decode tasks in flight (default: CPUs available to Ray).")
 @click.option("--rebuild-faiss", is_flag=True, help="Only rebuild the FAISS files from DuckDB, then exit.")
-def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, ray_address, workers, rebuild_faiss):
+@click.option("--features", default=None, metavar="KINDS", help="Feature kinds to compute, comma-separated: clip (always: the search key), slowfast (SlowFast-R50 8x8, 2304-d, the public features' recipe, for the authors' checkpoints). Default: the kinds the index holds (clip for a new one). Adding a kind to an indexed library computes only that kind.")
+@click.option("--slowfast-weights", default=None, type=click.Path(path_type=str), help="SlowFast-R50 8x8 weights: PySlowFast's SLOWFAST_8x8_R50.pkl (the public features') or a pytorchvideo {model_state} file (other features). Default: the file the index records, else $VMR_CACHE/slowfast/ (~/.cache/vmr/slowfast/).")
+def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, ray_address, workers, rebuild_faiss,
+          features, slowfast_weights):
     """Index every video under VIDEO_DIR (recursively) into the index at --index.
 
     Re-running skips unchanged files, re-indexes changed ones and drops deleted ones.
@@ -90,11 +94,16 @@ def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, r
     video files found, interrupted - the next run resumes).
     """
     from indexer.ingest import run_ingest  # lazy: Ray, PyAV, FAISS: not for --help
+    from store.kinds import KINDS
 
+    kinds = [k.strip() for k in features.split(",") if k.strip()] if features else None
+    if kinds and any(k not in KINDS for k in kinds):
+        raise click.BadParameter(f"{features}: known kinds are {', '.join(KINDS)}", param_hint="--features")
     try:
         summary = run_ingest(video_dir, index_dir, clip_model=clip_model, clip_pretrained=clip_pretrained,
                              device=device, ray_address=ray_address, workers=workers, rebuild_faiss=rebuild_faiss,
-                             reranker=reranker, progress=sys.stderr.isatty())
+                             reranker=reranker, progress=sys.stderr.isatty(),
+                             features=kinds, slowfast_weights=slowfast_weights)
     except USER_ERRORS as err:
         _fail(err)
     click.echo(summary.describe())
