@@ -93,6 +93,10 @@ def export_public_features(index_dir, out_dir, kinds_wanted: list[str] | None = 
     with Library(index_dir, read_only=True) as lib:
         meta = lib.meta()
         wanted = list(kinds_wanted or default_kinds(meta))
+        unknown = [k for k in wanted if k not in kinds.feature_kinds(meta) and k not in kinds.HOW_TO_ADD]
+        if unknown:
+            raise VmrError(f"--kinds {unknown[0]}: the index {index_dir} holds no such feature kind (it holds: "
+                           f"{', '.join(default_kinds(meta))})")
         kinds.check_kinds(meta, wanted, None, "`vmr features export`")
         held_by = lib.kinds_by_video()
         indexed = [v for v in lib.videos(status="indexed") if int(v["id"]) in held_by]

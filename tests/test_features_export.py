@@ -151,6 +151,9 @@ def test_export_refuses_a_missing_kind_a_full_folder_and_a_shared_name(library, 
                                  tmp_path / "x"))
     assert "'slowfast'" in line and "`vmr index DIR --index IDX --features clip,slowfast`" in line
     assert not (tmp_path / "x").exists()
+    line = one_error_line(invoke("features", "export", "--index", index, "--kinds", "clip,audio", "--out",
+                                 tmp_path / "x"))
+    assert "--kinds audio" in line and "holds: slowfast, clip" in line
 
     copy = tmp_path / "again"
     shutil.copytree(exported, copy)
