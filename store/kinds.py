@@ -17,8 +17,9 @@ from store.errors import VmrError
 
 CLIP_KIND = "clip"
 CLIP_FRAMES = "one frame a clip, at its middle, resized and centre-cropped by the CLIP model's own preprocessing"
-# How each kind that vmr cannot compute yet would be added; named by the refusal below.
-HOW_TO_ADD = {CLIP_KIND: "re-run `vmr index DIR --index IDX`"}
+# How a kind an index lacks is added; named by the refusal below (any other: vmr cannot compute it).
+HOW_TO_ADD = {CLIP_KIND: "re-run `vmr index DIR --index IDX`",
+              "slowfast": "add them with `vmr index DIR --index IDX --features clip,slowfast`"}
 
 
 def clip_kind_record(clip_model: str, embed_dim: int, meta: dict) -> dict:
