@@ -272,12 +272,13 @@ def eval_(submission, gt, as_json):
 @click.argument("src", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--llm-blocks", type=click.Choice(["reference", "copy"]), default="reference", show_default=True, help="The frozen LLaMA blocks: reference = OUT names SRC (absolute path) and a SHA-256 of its blocks, read and checked at every load (OUT ~3% of SRC at the paper's shape; SRC must stay where it is, unchanged; hashing adds seconds per load); copy = embedded in OUT in their narrowest lossless dtype (self-contained, ~half of SRC).")
-def convert_checkpoint(src, out, llm_blocks):
+@click.option("--clip-model", default="ViT-B-32:openai", show_default=True, help="The CLIP (\"<model>:<weights>\") whose features SRC was trained on: the public features' by default; for a model trained on `vmr features export` files, the clip_model of their feature_spec.json (the index's CLIP), so that search and predict accept it on that index.")
+def convert_checkpoint(src, out, llm_blocks, clip_model):
     """Convert the authors' LLMEPET checkpoint ({"model", "opt"}) into a vmr checkpoint."""
     from model.inference.convert import convert_authors_checkpoint  # lazy: torch: not for --help
 
     try:
-        convert_authors_checkpoint(src, out, llm_blocks=llm_blocks)
+        convert_authors_checkpoint(src, out, llm_blocks=llm_blocks, clip_model=clip_model)
     except USER_ERRORS as err:
         _fail(err)
     click.echo(f"wrote {out}")
@@ -320,6 +321,44 @@ def labels_export(index_dir, out_path):
                + (f" ({report['stale']} stale: video deleted or re-indexed with other content)" if report["stale"] else "")
                + (f" ({report['negative_only']} query/video pairs with rejections only: left out)"
                   if report["negative_only"] else ""))
+
+
+@main.group()
+def features():
+    """Per-clip feature files of an index."""
+
+
+@features.command(name="export")
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str), help="Index directory (read only: nothing in it changes).")
+@click.option("--kinds", "kinds_csv", default=None, metavar="KIND,KIND", help="Feature kinds to write, e.g. slowfast,clip (default: every kind the index holds; `vmr status` lists them).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="Folder to write (new or empty, unless --overwrite).")
+@click.option("--annotations", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=str), help="Annotation jsonl (repeatable): also write its queries' text features (the index's CLIP) and a copy of it under --out whose vids are the exported names.")
+@click.option("--overwrite", is_flag=True, help="Export into a non-empty --out: replace the files written, and remove the .npz files of its *_features folders that this export does not write.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where CLIP encodes the --annotations' queries.")
+def features_export(index_dir, kinds_csv, out_dir, annotations, overwrite, device):
+    """Write the index's features in the public release layout (QVHighlights, Charades-STA).
+
+    \b
+      OUT/<kind>_features/<vid>.npz   key "features": float32 [clips, dim],
+                                      as stored, unnormalised (slowfast_features,
+                                      clip_features, ...)
+      OUT/clip_text_features/qid<qid>.npz   key "last_hidden_state" (with
+                                      --annotations)
+      OUT/videos.jsonl                vid, video_id, path, duration, n_clips
+      OUT/feature_spec.json           the index's CLIP, clip length, kinds, dims
+
+    A video's vid is its file name without extension (two indexed videos of one name are refused). `vmr train
+    --features OUT`, `vmr predict --features OUT`, the authors' code and lighthouse read these files.
+    """
+    from retriever.public_features import export_public_features  # lazy: FAISS, torch: not for --help
+
+    wanted = [k.strip() for k in kinds_csv.split(",") if k.strip()] if kinds_csv else None
+    try:
+        report = export_public_features(index_dir, out_dir, wanted, annotations, overwrite=overwrite, device=device,
+                                        progress=sys.stderr.isatty())
+    except USER_ERRORS as err:
+        _fail(err)
+    click.echo(report.describe())
 
 
 @main.command()

@@ -29,7 +29,8 @@ SLOWFAST_FRAMES = ("HERO's extractor: 30 fps, 32 frames per {clip}-s clip at lin
 KINDS = (CLIP_KIND, SLOWFAST_KIND)  # what `vmr index --features` computes
 # How each kind is added to an index; named by the refusal below.
 HOW_TO_ADD = {CLIP_KIND: "re-run `vmr index DIR --index IDX`",
-              SLOWFAST_KIND: "run `vmr index DIR --index IDX --features clip,slowfast --slowfast-weights FILE`"}
+              SLOWFAST_KIND: "add them with `vmr index DIR --index IDX --features clip,slowfast` (the first time with "
+                             "--slowfast-weights FILE)"}
 
 
 def clip_kind_record(clip_model: str, embed_dim: int, meta: dict) -> dict:
