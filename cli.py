@@ -8,7 +8,7 @@ import sys
 import click
 import duckdb
 
-from model.errors import ModelError
+from model.errors import ModelError, WeightsNotFound
 from store.errors import VmrError
 
 # duckdb.IOException: a damaged index file found mid-query (a truncated one opens, then fails on its first read).
@@ -19,11 +19,12 @@ EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 
 def _fail(err: Exception) -> None:
+    """One line on stderr; exit 2 for a weights file the user must supply (a usage problem), else 1."""
     if isinstance(err, duckdb.IOException):
         err = (f"cannot read/write the index's DuckDB file: {str(err).splitlines()[0]} (a damaged index: build a new "
                "one with `vmr index VIDEOS --index NEW_FOLDER`)")
     click.echo(f"error: {err}", err=True)
-    sys.exit(EXIT_FATAL)
+    sys.exit(EXIT_USAGE if isinstance(err, WeightsNotFound) else EXIT_FATAL)
 
 
 def _index_provider(index_dir, device):
@@ -82,7 +83,10 @@ def main() -> None:
 @click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting a local one.")
 @click.option("--workers", type=int, default=None, help="Decode tasks in flight (default: CPUs available to Ray).")
 @click.option("--rebuild-faiss", is_flag=True, help="Only rebuild the FAISS files from DuckDB, then exit.")
-def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, ray_address, workers, rebuild_faiss):
+@click.option("--features", default=None, metavar="KINDS", help="Feature kinds to compute, comma-separated: clip (always: the search key), slowfast (SlowFast-R50 8x8, 2304-d, the public features' recipe, for the authors' checkpoints). Default: the kinds the index holds (clip for a new one). Adding a kind to an indexed library computes only that kind.")
+@click.option("--slowfast-weights", default=None, type=click.Path(path_type=str), help="SlowFast-R50 8x8 weights: PySlowFast's SLOWFAST_8x8_R50.pkl (the public features') or a pytorchvideo {model_state} file (other features). Default: the file the index records, else $VMR_CACHE/slowfast/ (~/.cache/vmr/slowfast/).")
+def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, ray_address, workers, rebuild_faiss,
+          features, slowfast_weights):
     """Index every video under VIDEO_DIR (recursively) into the index at --index.
 
     Re-running skips unchanged files, re-indexes changed ones and drops deleted ones.
@@ -90,11 +94,16 @@ def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, r
     video files found, interrupted - the next run resumes).
     """
     from indexer.ingest import run_ingest  # lazy: Ray, PyAV, FAISS: not for --help
+    from store.kinds import KINDS
 
+    kinds = [k.strip() for k in features.split(",") if k.strip()] if features else None
+    if kinds and any(k not in KINDS for k in kinds):
+        raise click.BadParameter(f"{features}: known kinds are {', '.join(KINDS)}", param_hint="--features")
     try:
         summary = run_ingest(video_dir, index_dir, clip_model=clip_model, clip_pretrained=clip_pretrained,
                              device=device, ray_address=ray_address, workers=workers, rebuild_faiss=rebuild_faiss,
-                             reranker=reranker, progress=sys.stderr.isatty())
+                             reranker=reranker, progress=sys.stderr.isatty(),
+                             features=kinds, slowfast_weights=slowfast_weights)
     except USER_ERRORS as err:
         _fail(err)
     click.echo(summary.describe())
@@ -263,12 +272,13 @@ def eval_(submission, gt, as_json):
 @click.argument("src", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--llm-blocks", type=click.Choice(["reference", "copy"]), default="reference", show_default=True, help="The frozen LLaMA blocks: reference = OUT names SRC (absolute path) and a SHA-256 of its blocks, read and checked at every load (OUT ~3% of SRC at the paper's shape; SRC must stay where it is, unchanged; hashing adds seconds per load); copy = embedded in OUT in their narrowest lossless dtype (self-contained, ~half of SRC).")
-def convert_checkpoint(src, out, llm_blocks):
+@click.option("--clip-model", default="ViT-B-32:openai", show_default=True, help="The CLIP (\"<model>:<weights>\") whose features SRC was trained on: the public features' by default; for a model trained on `vmr features export` files, the clip_model of their feature_spec.json (the index's CLIP), so that search and predict accept it on that index.")
+def convert_checkpoint(src, out, llm_blocks, clip_model):
     """Convert the authors' LLMEPET checkpoint ({"model", "opt"}) into a vmr checkpoint."""
     from model.inference.convert import convert_authors_checkpoint  # lazy: torch: not for --help
 
     try:
-        convert_authors_checkpoint(src, out, llm_blocks=llm_blocks)
+        convert_authors_checkpoint(src, out, llm_blocks=llm_blocks, clip_model=clip_model)
     except USER_ERRORS as err:
         _fail(err)
     click.echo(f"wrote {out}")
@@ -325,6 +335,44 @@ def labels_export(index_dir, out_path, drop_contradictions):
                   if report["negative_only"] else "")
                + (f" ({len(report['contradictions'])} contradicting window(s) left out)"
                   if report["contradictions"] else ""))
+
+
+@main.group()
+def features():
+    """Per-clip feature files of an index."""
+
+
+@features.command(name="export")
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str), help="Index directory (read only: nothing in it changes).")
+@click.option("--kinds", "kinds_csv", default=None, metavar="KIND,KIND", help="Feature kinds to write, e.g. slowfast,clip (default: every kind the index holds; `vmr status` lists them).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="Folder to write (new or empty, unless --overwrite).")
+@click.option("--annotations", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=str), help="Annotation jsonl (repeatable): also write its queries' text features (the index's CLIP) and a copy of it under --out whose vids are the exported names.")
+@click.option("--overwrite", is_flag=True, help="Export into a non-empty --out: replace the files written, and remove the .npz files of its *_features folders that this export does not write.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where CLIP encodes the --annotations' queries.")
+def features_export(index_dir, kinds_csv, out_dir, annotations, overwrite, device):
+    """Write the index's features in the public release layout (QVHighlights, Charades-STA).
+
+    \b
+      OUT/<kind>_features/<vid>.npz   key "features": float32 [clips, dim],
+                                      as stored, unnormalised (slowfast_features,
+                                      clip_features, ...)
+      OUT/clip_text_features/qid<qid>.npz   key "last_hidden_state" (with
+                                      --annotations)
+      OUT/videos.jsonl                vid, video_id, path, duration, n_clips
+      OUT/feature_spec.json           the index's CLIP, clip length, kinds, dims
+
+    A video's vid is its file name without extension (two indexed videos of one name are refused). `vmr train
+    --features OUT`, `vmr predict --features OUT`, the authors' code and lighthouse read these files.
+    """
+    from retriever.public_features import export_public_features  # lazy: FAISS, torch: not for --help
+
+    wanted = [k.strip() for k in kinds_csv.split(",") if k.strip()] if kinds_csv else None
+    try:
+        report = export_public_features(index_dir, out_dir, wanted, annotations, overwrite=overwrite, device=device,
+                                        progress=sys.stderr.isatty())
+    except USER_ERRORS as err:
+        _fail(err)
+    click.echo(report.describe())
 
 
 @main.command()

@@ -20,6 +20,7 @@ crop 224 at ``int()`` offsets (``resize_crop``), then /255, mean 0.45, std 0.225
 
     clip_window(fps_floor, clip_len) -> int64 [32]                        indices into a clip's 30 * clip_len frames
     clip_frame_ticks(n_ticks, fps_floor, clip_len, stream_duration) -> int64 [clips, 32]   30-fps output frames
+    output_tick(t) -> int                                                   the 30-fps frame a time t rounds to
     resampled_source_frames(frame_times, end_time) -> int64 [n_ticks]     source frame of each 30-fps frame
     cfr_clip_source_frames(avg_fps, n_frames, stream_duration, clip_len) -> int64 [clips, 32]   source frames
     resize_crop(frames uint8 [..., H, W, 3]) -> uint8 [..., 224, 224, 3]
@@ -89,7 +90,7 @@ def clip_frame_ticks(n_ticks: int, fps_floor: int, clip_len: int = 2,
     return np.minimum(p, n_ticks - 1).astype(np.int64)
 
 
-def _tick(t) -> int:
+def output_tick(t) -> int:
     """The 30-fps output tick a frame at t seconds (from the first frame) rounds to: nearest, halves up."""
     return math.floor(t * TARGET_FPS + Fraction(1, 2) if isinstance(t, Fraction) else t * TARGET_FPS + 0.5)
 
@@ -101,8 +102,8 @@ def resampled_source_frames(frame_times: Sequence, end_time) -> np.ndarray:
     exact rounding); end_time: the end of the last frame. Output frame n is the last source frame whose tick is
     <= n; past the last frame it is repeated (eof_action=round).
     """
-    n_ticks = _tick(end_time)
-    ticks = np.array([_tick(t) for t in frame_times], dtype=np.int64)
+    n_ticks = output_tick(end_time)
+    ticks = np.array([output_tick(t) for t in frame_times], dtype=np.int64)
     # the last frame k with ticks[k] <= n, for each n (ticks is non-decreasing)
     out = np.searchsorted(ticks, np.arange(n_ticks), side="right") - 1
     return np.maximum(out, 0).astype(np.int64)

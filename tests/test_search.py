@@ -106,6 +106,7 @@ def test_rerank_time_estimate_is_an_upper_bound_from_measured_forwards():
     assert [reranker.estimate_seconds(n) for n in (1, 2, 3, 4, 8)] == [1.2, 2.0, 2.0, 2.0, 4.0]
 
 
+@pytest.mark.slow
 def test_bench_pruned_baseline_equals_full_baseline(world_index, tmp_path):
     """The benchmark's pruned exhaustive baseline returns exactly the full one's top-10 while reranking fewer
     windows (checked by bench itself, as a separate program: tests never import bench)."""
@@ -193,6 +194,7 @@ def test_no_checkpoint_falls_back_to_coarse_flagged(world_index, caplog):
     assert any("coarse moments only" in m for m in caplog.messages)
 
 
+@pytest.mark.slow
 def test_query_during_ingest(world_index, tmp_path, ray_session):
     """A search against an index that a separate `vmr index` process is writing answers (or says the index is
     not ready yet) and never crashes; after the ingest it finds the right video. The ingest joins this session's

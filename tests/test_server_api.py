@@ -197,6 +197,7 @@ def test_status_says_when_an_ingest_stopped_early(port, app, world):
     assert ingest["running"] is False and ingest["note"] is None and ingest["total"] == 6
 
 
+@pytest.mark.slow
 def test_status_answers_while_another_process_holds_the_index(port, app, world):
     """A writer (an ingest's commit batch, a FAISS rebuild) holding the DuckDB file: status still answers, with
     the last counts read and writer_active set; other requests wait, then say 503 (busy, retry), not 4xx/500;
@@ -338,6 +339,7 @@ def test_bad_bodies_and_unknown_ids(port):
     assert request(port, "GET", "/api/nothing-here")[0] == 404
 
 
+@pytest.mark.slow
 def test_parallel_label_writes_and_searches_stay_consistent(port, world):
     ids = sorted(v for p, v in video_ids(port).items() if p.startswith("world"))
     before = len(get_json(port, "/api/labels")["labels"])

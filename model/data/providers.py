@@ -18,9 +18,17 @@ import numpy as np
 from model.errors import ModelError
 from model.data.sample import DataConfig
 
+# Kind of video feature -> its public sub-directory; any other kind K lives in K_features (video_feature_dir).
+VIDEO_FEATURE_DIRS = {"slowfast": "slowfast_features", "clip": "clip_features"}
+TEXT_FEATURE_DIR = "clip_text_features"  # per-token CLIP text features, qid<qid>.npz
 # Public feature sub-directory -> kind of feature (what a checkpoint's feature spec compares).
-FEATURE_KINDS = {"clip_features": "clip", "slowfast_features": "slowfast", "clip_text_features": "clip"}
+FEATURE_KINDS = {**{d: kind for kind, d in VIDEO_FEATURE_DIRS.items()}, TEXT_FEATURE_DIR: "clip"}
 DEFAULT_PUBLIC_CLIP_MODEL = "ViT-B-32:openai"  # what produced the public QVHighlights / Charades CLIP features
+
+
+def video_feature_dir(kind: str) -> str:
+    """The public layout's sub-directory of a video feature kind."""
+    return VIDEO_FEATURE_DIRS.get(kind, f"{kind}_features")
 
 
 @runtime_checkable
@@ -49,7 +57,7 @@ class PublicFeatureDir:
     separately through :meth:`video_sources`.
     """
 
-    def __init__(self, root: str, v_feat_dirs: list[str] | None = None, t_feat_dir: str = "clip_text_features",
+    def __init__(self, root: str, v_feat_dirs: list[str] | None = None, t_feat_dir: str = TEXT_FEATURE_DIR,
                  clip_model: str = DEFAULT_PUBLIC_CLIP_MODEL, clip_seconds: float = 2.0):
         self.root = str(root)
         if not os.path.isdir(self.root):

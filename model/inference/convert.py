@@ -17,6 +17,7 @@ import re
 import torch
 
 from model.config import ModelConfig
+from model.data.providers import DEFAULT_PUBLIC_CLIP_MODEL as PUBLIC_CLIP_MODEL, FEATURE_KINDS
 from model.data.sample import DataConfig
 from model.errors import ModelError
 from model.inference.checkpoint import LLM_BLOCK_PREFIX, load_weights_only, save_checkpoint, tensors_sha256
@@ -172,11 +173,15 @@ LLM_BLOCKS_MODES = ("reference", "copy")
 AUTHORS_BLOCK_PREFIX = "transformer.llama.layers."
 
 
-def convert_authors_checkpoint(src: str, out: str, llm_blocks: str = "reference") -> ModelConfig:
+def convert_authors_checkpoint(src: str, out: str, llm_blocks: str = "reference",
+                               clip_model: str = PUBLIC_CLIP_MODEL) -> ModelConfig:
     """Read ``src`` (theirs), check that our model accepts every tensor, write ``out`` (ours).
 
     llm_blocks: "reference": ``out`` names ``src`` (absolute path) and the SHA-256 of its frozen LLM blocks, which
         are read from it at every load; "copy": the blocks are embedded (self-contained, about half of ``src``).
+    clip_model: the CLIP (model id, "<model>:<weights>") whose features it was trained on; their options do not
+        say. The public features' by default; another for a model trained on features `vmr features export` wrote
+        from an index (its feature_spec.json names the index's CLIP), so that search and predict accept it there.
     """
     if llm_blocks not in LLM_BLOCKS_MODES:
         raise ModelError(f"llm_blocks must be one of {LLM_BLOCKS_MODES}, not {llm_blocks!r}")
@@ -192,7 +197,7 @@ def convert_authors_checkpoint(src: str, out: str, llm_blocks: str = "reference"
     llm_file = None
     if llm_blocks == "reference" and blocks:  # no blocks (the paper's ablation): nothing to reference
         llm_file = {"path": os.path.abspath(src), "prefix": AUTHORS_BLOCK_PREFIX, "sha256": tensors_sha256(blocks)}
-    _save(model, cfg, ckpt.get("opt"), out, llm_file)
+    _save(model, cfg, ckpt.get("opt"), out, llm_file, clip_model)
     return cfg
 
 
@@ -200,12 +205,12 @@ KNOWN_FEATURE_DIMS = {"slowfast": 2304, "clip": 512}  # the public releases' per
 DATASET_NAMES = {"hl": "qvhighlights", "charadesSTA": "charades", "tacos": "tacos"}
 
 
-def data_settings_from_authors(cfg: ModelConfig, opt) -> tuple[dict, dict, str]:
+def data_settings_from_authors(cfg: ModelConfig, opt, clip_model: str = PUBLIC_CLIP_MODEL) -> tuple[dict, dict, str]:
     """(DataConfig fields, feature spec, dataset) their options describe."""
     o = vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt or {})
     use_tef = "tef" in o.get("ctx_mode", "video_tef")
     dirs = [os.path.basename(os.path.normpath(d)) for d in (o.get("v_feat_dirs") or [])] or ["clip_features"]
-    kinds = [{"clip_features": "clip", "slowfast_features": "slowfast"}.get(d, d) for d in dirs]
+    kinds = [FEATURE_KINDS.get(d, d) for d in dirs]
     video_dim = cfg.vid_dim - (2 if use_tef else 0)
     dims = [KNOWN_FEATURE_DIMS.get(k) for k in kinds]
     if None in dims or sum(dims) != video_dim:
@@ -215,12 +220,12 @@ def data_settings_from_authors(cfg: ModelConfig, opt) -> tuple[dict, dict, str]:
                 normalize_v=not o.get("no_norm_vfeat", False), normalize_t=not o.get("no_norm_tfeat", False),
                 use_tef=use_tef, v_feat_dirs=dirs,
                 t_feat_dir=os.path.basename(os.path.normpath(o.get("t_feat_dir") or "clip_text_features")))
-    spec = {"clip_model": "ViT-B-32:openai", "video_kinds": kinds, "video_dims": dims, "text_dim": cfg.txt_dim,
+    spec = {"clip_model": clip_model, "video_kinds": kinds, "video_dims": dims, "text_dim": cfg.txt_dim,
             "clip_seconds": data["clip_length"]}
     return data, spec, DATASET_NAMES.get(o.get("dset_name", "hl"), "custom")
 
 
-def _save(model, cfg: ModelConfig, opt, out: str, llm_file: dict | None):
+def _save(model, cfg: ModelConfig, opt, out: str, llm_file: dict | None, clip_model: str):
     """Write in the project's checkpoint format, the LLM blocks embedded unless ``llm_file`` references them."""
-    data, spec, dataset = data_settings_from_authors(cfg, opt)
+    data, spec, dataset = data_settings_from_authors(cfg, opt, clip_model)
     save_checkpoint(out, model, DataConfig.from_dict(data), spec, dataset, embed_llm=True, llm_file=llm_file)
