@@ -295,13 +295,8 @@ def convert_checkpoint(src, out, llm_blocks, clip_model):
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True, help="Numeric precision of the reranker's frozen LLM blocks: auto = the fastest this CPU/GPU runs natively (printed; int8/bf16 can move a moment's edges by a clip and its score by ~0.02 against fp32 at the paper's shape, bench/results/precision.md); fp32 = the authors' numbers (parity).")
 def serve(index_dir, checkpoint, host, port, device, precision, tokens, allow_hosts):
     """Web page + JSON API over an index: search, watch each moment, label moments (Ctrl-C stops)."""
-    from server.access import parse_tokens
     from server.app import serve as run_server  # lazy: FastAPI, FAISS: not for --help
 
-    try:
-        tokens = parse_tokens(tokens)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--token") from None
     try:
         run_server(index_dir, checkpoint=checkpoint, host=host, port=port, device=device, precision=precision,
                    tokens=tokens, allow_hosts=allow_hosts)
@@ -319,22 +314,14 @@ def labels():
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=str), help="Annotation jsonl to write (`vmr train --index` reads it).")
 @click.option("--drop-contradictions", is_flag=True, help="Leave out windows both accepted and rejected for one sentence (default: refuse, naming their labels).")
 def labels_export(index_dir, out_path, drop_contradictions):
-    """Write the labels as training annotations: accepted windows -> relevant_windows, rejected -> negative_windows.
-
-    Exit 1 when a window is both accepted and rejected for one sentence (the labels are named: delete the wrong one
-    in the page's Labels panel), unless --drop-contradictions."""
-    from store.labels import export_labels  # lazy: numpy: not for --help
+    """Write the labels as training annotations: accepted -> relevant_windows, rejected -> negative_windows (exit 1 on a window both)."""
+    from store.labels import describe_export, export_labels  # lazy: numpy: not for --help
 
     try:
         report = export_labels(index_dir, out_path, drop_contradictions=drop_contradictions)
     except USER_ERRORS as err:
         _fail(err)
-    click.echo(f"wrote {report['records']} records from {report['labels']} labels -> {out_path}"
-               + (f" ({report['stale']} stale: video deleted or re-indexed with other content)" if report["stale"] else "")
-               + (f" ({report['negative_only']} query/video pairs with rejections only: left out)"
-                  if report["negative_only"] else "")
-               + (f" ({len(report['contradictions'])} contradicting window(s) left out)"
-                  if report["contradictions"] else ""))
+    click.echo(describe_export(report, out_path))
 
 
 @main.group()

@@ -15,7 +15,7 @@
                                           If-Match -> 409 with the stored label when a tab was stale)
 
 Who may ask (server/access.py): a Host the server is not bound to gets 400; with tokens, a request without one 401.
-Every error is a 4xx/5xx with a JSON body {"error": "..."}; request bodies over MAX_BODY_BYTES get 413; a request
+Every error is a 4xx/5xx with a JSON body {"error": "..."}; request bodies over limits.MAX_BODY_BYTES get 413; a request
 that waited the server's lock_wait for a running ingest to let go of the index gets 503 with Retry-After.
 """
 from __future__ import annotations
@@ -34,7 +34,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from swagger_ui_bundle import swagger_ui_path
 
 from model.spans import clip_at
-from server.access import COOKIE, COOKIE_SECONDS, LOOPBACK, HostCheck, TokenCheck, allowed_hosts, new_token, user_of
+from server.access import (COOKIE, COOKIE_SECONDS, LOOPBACK, HostCheck, TokenCheck, allowed_hosts, new_token,
+                           parse_tokens, user_of)
+from server.limits import BodyLimit
 from server.media import Forbidden, ThumbnailCache, unplayable_reason, video_file
 from server.state import Busy, ServerState, hit_key
 from store import db
@@ -43,7 +45,6 @@ from store.errors import VmrError
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 DOCS_ASSETS = "/static/docs"  # Swagger UI's files; under /static/: the page's files, open without a token
-MAX_BODY_BYTES = 16 * 1024  # a label is ~300 bytes
 MAX_QUERY_CHARS = label_store.MAX_QUERY_CHARS
 MAX_TOP_K = 100
 
@@ -75,48 +76,6 @@ class LabelPatch(BaseModel):
 class LoginIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     token: str = Field(min_length=1, max_length=200)
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for request bodies over ``limit`` bytes (declared or streamed)."""
-
-    def __init__(self, app, limit: int = MAX_BODY_BYTES):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await _error(413 if declared.isdigit() else 400, f"request body over {self.limit} bytes"
-                                if declared.isdigit() else "bad Content-Length")(scope, receive, send)
-        if declared is not None:
-            return await self.app(scope, receive, send)
-        # No declared length (chunked): read at most limit + 1 bytes, then replay them to the app.
-        chunks, seen, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            chunks.append(message.get("body", b""))
-            seen += len(chunks[-1])
-            more = message.get("more_body", False)
-            if seen > self.limit:
-                return await _error(413, f"request body over {self.limit} bytes")(scope, receive, send)
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
 
 
 def create_app(index_dir: str, checkpoint: str | None = None, device: str = "auto", state: ServerState | None = None,
@@ -378,15 +337,19 @@ def _media_type(path: str) -> str:
 
 
 def serve(index_dir: str, checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          device: str = "auto", log_level: str = "info", precision: str = "auto", tokens: dict[str, str] | None = None,
+          device: str = "auto", log_level: str = "info", precision: str = "auto", tokens: tuple[str, ...] = (),
           allow_hosts: tuple[str, ...] = ()) -> None:
     """`vmr serve`: load the index and models once, serve until Ctrl-C (uvicorn then shuts down cleanly).
 
-    Bound to anything but localhost it needs access tokens: without ``tokens`` it makes one and prints it."""
+    ``tokens``: '[NAME=]SECRET' strings (access.parse_tokens). Bound to anything but localhost it needs access
+    tokens: without any it makes one and prints it."""
     import click
     import uvicorn
 
-    tokens = dict(tokens or {})
+    try:
+        tokens = parse_tokens(tokens or ())
+    except ValueError as err:
+        raise VmrError(f"--token: {err}") from None
     made = None
     if host not in LOOPBACK and not tokens:
         made = new_token()

@@ -339,5 +339,15 @@ def export_labels(index_dir, out_path, drop_contradictions: bool = False) -> dic
     return report
 
 
+def describe_export(report: dict, out_path) -> str:
+    """`vmr labels export`'s line for the report of export_labels."""
+    return (f"wrote {report['records']} records from {report['labels']} labels -> {out_path}"
+            + (f" ({report['stale']} stale: video deleted or re-indexed with other content)" if report["stale"] else "")
+            + (f" ({report['negative_only']} query/video pairs with rejections only: left out)"
+               if report["negative_only"] else "")
+            + (f" ({len(report['contradictions'])} contradicting window(s) left out)"
+               if report["contradictions"] else ""))
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
