@@ -6,8 +6,9 @@
   batches of SLOWFAST_BATCH, in this process with every core: the ceiling for the pipeline.
 - ingest_clips_per_s: `run_ingest --features clip,slowfast` on the same videos into a fresh index, Ray up and the
   actors warm (a one-video run first); SlowFast clips stored / wall time. ratio = ingest / encoder (target >= 0.8).
-- decode_s_per_video_minute: the one pass that feeds both kinds (indexer/frame_stream.py, every frame at 30 fps,
-  the SlowFast windows resized), and for scale CLIP's seeking decode alone (indexer/decode.py).
+- decode_s_per_video_minute: the one pass that feeds both kinds (indexer/frame_stream.py: every frame decoded, the
+  SlowFast windows' frames scaled and cropped by the extractor's libavfilter chain, CLIP's frames by the tiny CLIP's
+  resize), and for scale CLIP's seeking decode alone (indexer/decode.py).
 - peak_rss_mb_{1,4}x: the ingest driver's peak RSS (a fresh process each) for one video of long_seconds and one 4x
   as long: flat when the segments stream.
 Machine facts are detected at run time.
@@ -81,16 +82,17 @@ def _encoder_rate(paths: list[Path], weights: str) -> tuple[float, int]:
 def _decode_rates(paths: list[Path], seconds: float) -> dict:
     from indexer.decode import sample_clip_frames
     from indexer.frame_stream import decode_kinds
-    from indexer.slowfast_frames import resize_crop
+    from model.inference.features import ClipEncoder, frame_resizer
 
+    clip_resize = frame_resizer(ClipEncoder.load(TINY, None, device="cpu", allow_random=True).preprocess_cfg)
     minutes = len(paths) * seconds / 60.0
     start = time.perf_counter()
     for p in paths:
-        decode_kinds(str(p), None)
+        decode_kinds(str(p), clip_resize)
     one_pass = time.perf_counter() - start
     start = time.perf_counter()
     for p in paths:
-        sample_clip_frames(str(p), resize_crop)
+        sample_clip_frames(str(p), clip_resize)
     clip_only = time.perf_counter() - start
     return {"decode_s_per_video_minute": one_pass / minutes, "clip_decode_s_per_video_minute": clip_only / minutes}
 

@@ -8,11 +8,12 @@ take their frames from that pass:
   frames; tests/test_slowfast_ingest.py checks it), resized by the CLIP model's preprocessing;
 - SlowFast: 30-fps tick n shows the last frame whose time from the stream start rounds to a tick <= n
   (slowfast_frames.resampled_source_frames); clip k's 32 frames are its ticks by slowfast_frames.clip_frame_ticks,
-  turned to the display orientation and resized by slowfast_frames.resize_crop. A clip is emitted as soon as its
+  turned to the display orientation, scaled and cropped from the decoded (yuv) frame by the extractor's own
+  libavfilter chain (slowfast_frames.ExtractorScaler: one swscale pass, no full-size rgb picture). A clip is emitted as soon as its
   last tick is settled, so a segment holds about one clip of frames besides what it returns; at the end of the video
   the padding rule (which needs the number of ticks, known only then) gives the last clips.
 
-Only the frames some tick or clip uses are converted to RGB: per clip, the window's offsets and the ones the end
+Only the frames some tick or clip uses are converted: per clip, the window's offsets and the ones the end
 padding can reach (``_padding_offsets``).
 
     decode_kinds(path, clip_resize | None, first_clip, stop_clip, clip_len)
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from indexer import slowfast_frames as sf
-from indexer.decode import DecodeError, Sampled, _converted, _decode_iter, _open
+from indexer.decode import DecodeError, Sampled, _converted, _decode_iter, _open, display_rgb
 from model.spans import num_clips
 
 SEEK_MARGIN_SECONDS = 1.0  # a later segment seeks this much before its first clip (decode.py does the same)
@@ -90,6 +91,7 @@ class _Stream:
         self.state = {"decoded": 0, "seeks": 0, "width": 0, "height": 0, "rotation": 0}
         self.clip_out, self.sf_out = [], []
         self.clip_cache, self.sf_cache = {}, {}
+        self.slowfast_pixels = sf.ExtractorScaler()
         self.held = {}  # tick -> uint8 [224, 224, 3] of clips not yet emitted
         self.next_tick = first * self.clip_frames  # first tick not yet settled
         self.last_settled = None  # (tick, frame) of the latest settled tick
@@ -141,9 +143,12 @@ class _Stream:
                 t >= self.start + self.k_clip * self.clip_len + self.clip_len / 2:
             self._take_clip_frame(shown)
 
+    def _clip_pixels(self, frame) -> np.ndarray:
+        return self.clip_resize(display_rgb(frame))
+
     def _take_clip_frame(self, frame) -> None:
         if self.clip_resize is not None:
-            self.clip_out.append(_converted(frame, self.clip_resize, self.clip_cache, self.state))
+            self.clip_out.append(_converted(frame, self._clip_pixels, self.clip_cache, self.state))
         self.k_clip += 1
 
     # ---- SlowFast: HERO's rule ---------------------------------------------------------------------------------
@@ -151,7 +156,7 @@ class _Stream:
         """Ticks next_tick .. upto - 1 show ``shown``; hold the ones a window can use (``every``: all of them)."""
         for n in range(self.next_tick, upto):
             if every or n % self.clip_frames in self.keep:
-                self.held[n] = _converted(shown, sf.resize_crop, self.sf_cache, self.state)
+                self.held[n] = _converted(shown, self.slowfast_pixels, self.sf_cache, self.state)
             self.last_settled = (n, shown)
         self.next_tick = max(self.next_tick, upto)
         while (self.stop is None or self.k_sf < self.stop) and \
@@ -176,7 +181,7 @@ class _Stream:
         n_ticks = max(1, sf.output_tick(exact_end))
         self._settle_ticks(n_ticks, last, every=True)
         if n_ticks - 1 not in self.held and self.last_settled and self.last_settled[0] == n_ticks - 1:
-            self.held[n_ticks - 1] = _converted(self.last_settled[1], sf.resize_crop, self.sf_cache, self.state)
+            self.held[n_ticks - 1] = _converted(self.last_settled[1], self.slowfast_pixels, self.sf_cache, self.state)
         sf_total = sf.num_slowfast_clips(n_ticks, self.clip_len, self.duration)
         rows = sf.clip_frame_ticks(n_ticks, self.fps_floor, self.clip_len, self.duration)
         while self.k_sf < sf_total:

@@ -74,7 +74,7 @@ def decode_segment(abspath: str, video_id: int, first_clip: int, stop_clip: int 
             meta = probe(abspath)
             info.update(est_duration=meta.duration, fps=meta.fps)
         if "slowfast" in kinds:
-            from indexer.frame_stream import decode_kinds  # lazy: torch (SlowFast's resize), for SlowFast runs only
+            from indexer.frame_stream import decode_kinds  # lazy: torch (the window's linspace), for SlowFast runs only
 
             resize = _resizer(preprocess_json) if "clip" in kinds else None
             frames, windows, sampled = decode_kinds(abspath, resize, first_clip, stop_clip, clip_len)

@@ -1,18 +1,19 @@
 """`vmr index --features clip,slowfast`: SlowFast computed at ingest beside CLIP, from one decode, on the session's Ray.
 
 The SlowFast weights are random (world.slowfast_random), saved as a pytorchvideo-layout file that the CLI is given
-as a user's would be. Every stored vector is checked against an independent path: the frames chosen by
-indexer/slowfast_frames' rule from a plain PyAV decode of the whole video, through the network directly.
+as a user's would be. Windows and stored vectors are checked against an independent path: the extractor's whole
+ffmpeg chain (fps, scale, crop, rgb24) as one libavfilter graph over the whole video, HERO's frame indices on its
+30-fps output, through the network directly.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -33,22 +34,58 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(CLIP_TINY_CONFIG)
 
 
+# the ffmpeg CLI's autorotate: the filters it puts before the chain for a picture shown turned counter-clockwise
+AUTOROTATE = {0: [], 90: [("transpose", "cclock")], 180: [("hflip", None), ("vflip", None)],
+              270: [("transpose", "clock")]}
+
+
 def _hero_windows(path) -> np.ndarray:
-    """uint8 [clips, 32, 224, 224, 3]: every frame decoded, HERO's rule applied to the whole video at once."""
+    """uint8 [clips, 32, 224, 224, 3]: the extractor's whole chain as one libavfilter graph over every decoded frame,
+    ``fps=fps=30, scale=W:H:flags=bilinear, crop=224:224:x:y, format=rgb24`` (W, H from the displayed picture, after
+    the CLI's autorotate), timestamps counted from the stream start as the ffmpeg CLI counts them, then HERO's
+    padding and frame indices on that 30-fps output."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        frames, times, last = [], [], None
-        for frame in container.decode(stream):
-            rgb = frame.to_ndarray(format="rgb24")
-            rotation = getattr(frame, "rotation", 0) or 0
-            frames.append(sf.resize_crop(np.rot90(rgb, k=(rotation // 90) % 4) if rotation % 360 else rgb))
-            times.append(Fraction(frame.pts - stream.start_time) * stream.time_base)
-            last = frame
-        end = Fraction(last.pts - stream.start_time + last.duration) * stream.time_base
-        duration = float(stream.duration * stream.time_base) if stream.duration else None
-        fps = sf.extractor_fps(stream.average_rate)
-    source = sf.resampled_source_frames(times, end)
-    return np.stack(frames)[source[sf.clip_frame_ticks(len(source), fps, 2, duration)]]
+        frames = list(container.decode(stream))
+        start, time_base = stream.start_time, stream.time_base
+        duration = float(stream.duration * time_base) if stream.duration else None
+        fps = math.floor(stream.average_rate)
+    first = frames[0]
+    rotation = round(first.rotation / 90) % 4 * 90
+    h, w = (first.width, first.height) if rotation % 180 else (first.height, first.width)
+    out_h, out_w = (int(h * 224 / w), 224) if h >= w else (224, int(w * 224 / h))  # HERO's video_dataflow sizes
+    graph = av.filter.Graph()
+    node = source = graph.add_buffer(width=first.width, height=first.height, format=first.format,
+                                     time_base=time_base)
+    for name, args in [*AUTOROTATE[rotation], ("fps", "fps=30"), ("scale", f"{out_w}:{out_h}:flags=bilinear"),
+                       ("crop", f"224:224:{int((out_w - 224) / 2)}:{int((out_h - 224) / 2)}"), ("format", "rgb24"),
+                       ("buffersink", None)]:
+        following = graph.add(name, args) if args else graph.add(name)
+        node.link_to(following)
+        node = following
+    graph.configure()
+    ticks = []
+
+    def drain():
+        while True:
+            try:
+                ticks.append(node.pull().to_ndarray())
+            except (av.BlockingIOError, av.EOFError):
+                return
+
+    for frame in frames:
+        frame.pts -= start
+        source.push(frame)
+        drain()
+    source.push(None)
+    drain()
+    return np.stack(ticks)[sf.clip_frame_ticks(len(ticks), fps, 2, duration)]
+
+
+def _clip_stand_in(rgb: np.ndarray) -> np.ndarray:
+    """A CLIP resize stand-in, rgb uint8 [H, W, 3] -> uint8 [H / 4, W / 4, 3]: any fixed function of the pixels
+    shows whether both decoders picked the same frame."""
+    return np.ascontiguousarray(rgb[::4, ::4])
 
 
 STREAM_CASES = {  # name -> make_video arguments: constant rates, odd sizes, a rotated phone video, VFR + late start
@@ -65,19 +102,39 @@ def test_one_decode_gives_decode_py_clip_frames_and_hero_windows(tmp_path, case)
     oracle's, and decoding in segments (seeking) gives the same as one pass."""
     path = str(videos.make_video(tmp_path / "v.mp4", **STREAM_CASES[case]).path)
 
-    def resize(rgb):
-        return sf.resize_crop(rgb, 24)
-
-    clips, windows, info = decode_kinds(path, resize)
+    clips, windows, info = decode_kinds(path, _clip_stand_in)
     expected = _hero_windows(path)
     assert windows.shape == expected.shape and info.slowfast_total == len(expected)
     np.testing.assert_array_equal(windows, expected)
-    np.testing.assert_array_equal(clips, sample_clip_frames(path, resize)[0])
+    np.testing.assert_array_equal(clips, sample_clip_frames(path, _clip_stand_in)[0])
     parts = [decode_kinds(path, None, first, stop) for first, stop in ((0, 1), (1, None))]
     assert all(len(c) == 0 for c, _, _ in parts)  # no CLIP frames asked for
     by_clip = {i.slowfast_first + j: w for _, ws, i in parts for j, w in enumerate(ws)}
     assert sorted(by_clip) == list(range(len(expected)))
     np.testing.assert_array_equal(np.stack([by_clip[k] for k in sorted(by_clip)]), expected)
+
+
+PIXEL_CASES = {  # more sizes (odd, or an odd crop offset), rates and rotations than STREAM_CASES, SlowFast only
+    "24fps_odd_size": dict(duration=2.1, fps=24, size=(241, 317), codec="libx264rgb"),  # 4:4:4 takes odd sizes
+    "30fps_odd_offset": dict(duration=2.1, fps=30, size=(64, 48)),  # scaled to 298 x 224: crop x = 37
+    "60fps_rotated_270": dict(duration=2.1, fps=60, size=(50, 38), rotation=270),
+    "29.97fps_rotated_180": dict(duration=2.3, fps=29.97, size=(66, 50), rotation=180),
+    "50fps_webm_no_stream_duration": dict(duration=2.1, fps=50, codec="libvpx-vp9"),
+    "vfr_late_start_off_grid": dict(frame_times=[0.55, 0.6, 0.71, 0.9, 1.6, 1.65, 2.3, 2.4]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PIXEL_CASES))
+def test_slowfast_windows_are_the_extractor_chain_bit_exact(tmp_path, case):
+    """The windows the stream hands to SlowFast equal, bit for bit, the extractor's fps/scale/crop/rgb24 chain run
+    by libavfilter over the whole video: the same frames, the same swscale pass (matrix, chroma siting, rounding)."""
+    suffix = ".webm" if PIXEL_CASES[case].get("codec") == "libvpx-vp9" else ".mp4"
+    path = str(videos.make_video(tmp_path / f"v{suffix}", **PIXEL_CASES[case]).path)
+    _, windows, info = decode_kinds(path, None)
+    expected = _hero_windows(path)
+    assert windows.shape == expected.shape == (info.slowfast_total, 32, 224, 224, 3)
+    assert (expected != expected[:1, :1]).any()  # the picture moves: a wrong frame would show
+    np.testing.assert_array_equal(windows, expected)
 
 
 @pytest.fixture(scope="module")
