@@ -50,6 +50,7 @@ pytestmark = [
     pytest.mark.skipif(bool(_MISSING) and not os.environ.get("CI"), reason=f"no browser: {_MISSING}"),
     pytest.mark.skipif(not WORLD_RERANKER.is_file(), reason="world reranker not trained"),
     pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.slow,  # a server child, a Chromium and a fresh index: the whole suite runs the page, the fast subset does not
 ]
 
 
@@ -306,7 +307,6 @@ def test_the_page_asks_for_the_access_token_once(served, page):
         fresh.close()
 
 
-@pytest.mark.slow
 def test_search_watch_label_in_the_browser(served, page):
     base, index, rows, proc, log = served
     row = rows[0]
