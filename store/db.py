@@ -12,6 +12,7 @@ Tables (embedding dims fixed at creation from the CLIP model):
   clips   (video_id, idx) PK, start, end (seconds), embedding FLOAT[D]      row idx = clip sampled at ~2*idx s
   events  (video_id, idx) PK, start, end (seconds), clip_start, clip_end, embedding FLOAT[D]
   features  (video_id, kind) PK: every feature kind besides the coarse one (store.features)
+  text_segments, channel_runs: the text channels' time-coded text and per-video outcome (store.transcripts)
 Indexes made before ids carried a library id have INTEGER id columns; their ids fit them (store.ids).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 import duckdb
 import numpy as np
 
-from store import features
+from store import features, transcripts
 from store.errors import VmrError
 
 SCHEMA_VERSION = 1
@@ -49,6 +50,7 @@ def schema_sql(dim: int) -> list[str]:
             video_id BIGINT NOT NULL, idx INTEGER NOT NULL, start DOUBLE, "end" DOUBLE, clip_start INTEGER,
             clip_end INTEGER, embedding FLOAT[{dim}] NOT NULL, PRIMARY KEY (video_id, idx))""",
         features.TABLE_SQL,
+        *transcripts.TABLES_SQL,
     ]
 
 

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from store import db, faiss_index, features, ids, kinds, vectors
+from store import db, faiss_index, features, ids, kinds, transcripts, vectors
 from store.errors import VmrError
 
 
@@ -249,6 +249,7 @@ class Library:
                     db.write_meta(con, {"clip_source": clip_source})
                     meta["clip_source"] = clip_source
                 features.ensure_table(con)  # an index made before other kinds existed gains their table
+                transcripts.ensure_tables(con)  # ... and one made before the text channels, theirs
                 update = kinds.record_update(meta, clip_model, embed_dim)
                 if update:
                     db.write_meta(con, update)
@@ -359,6 +360,7 @@ class Library:
         for table in ("clips", "events"):
             con.execute(f"DELETE FROM {table} WHERE video_id = ?", [int(video_id)])
         features.delete(con, video_id)
+        transcripts.delete(con, video_id)  # the text channels' segments and runs (store.transcripts)
 
     def generation(self) -> int:
         with self._connection() as con:
