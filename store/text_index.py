@@ -24,7 +24,10 @@ import os
 import re
 import shutil
 
-import tantivy
+try:
+    import tantivy  # the speech extra (pyproject.toml): an index without text channels never needs it
+except ImportError:
+    tantivy = None
 
 from store import transcripts
 
@@ -33,6 +36,11 @@ STATE_FILE = "state.json"
 WRITER_HEAP = 15_000_000
 _TOKEN = re.compile(r"[^\W_]+")  # tantivy's SimpleTokenizer: runs of alphanumeric characters
 _PHRASE = re.compile(r'"([^"]*)"')
+
+
+def available() -> bool:
+    """Whether the tantivy package is installed."""
+    return tantivy is not None
 
 
 def tokens(text: str) -> list[str]:
@@ -99,6 +107,8 @@ class TextIndex:
         the same time (tantivy's writer lock): nothing is done here, {"busy": True}."""
         want = {_key(v, c): r["run_id"] for (v, c), r in transcripts.runs(con).items() if r["n_segments"]}
         state = self._read_state()
+        if not want and state is None and not os.path.isdir(self.path):
+            return {"added": 0, "deleted": 0, "rebuilt": False}  # an index without text: no folder made
         rebuilt = state is None
         if state is not None:
             try:
@@ -166,4 +176,4 @@ class TextIndex:
         return out
 
 
-__all__ = ["FOLDER", "TextIndex", "tokens", "parse_query"]
+__all__ = ["FOLDER", "TextIndex", "available", "tokens", "parse_query"]
