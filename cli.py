@@ -133,8 +133,9 @@ def status(index_dir, as_json):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True, help="Numeric precision of the reranker's frozen LLM blocks: auto = the fastest this CPU/GPU runs natively (printed; int8/bf16 can move a moment's edges by a clip and its score by ~0.02 against fp32 at the paper's shape, bench/results/precision.md); fp32 = the authors' numbers (parity).")
 @click.option("--rerank-budget", "rerank_budget", type=click.FloatRange(min=0), default=None, metavar="SECONDS", help="Seconds the reranker may take: it scores the best coarse windows until they are spent, the rest keep their coarse moments (default 1.5; 0 = rerank every candidate window).")
+@click.option("--channel", "channels", multiple=True, type=click.Choice(["visual", "speech"]), help="Only these channels propose moments (repeatable; default: every channel the index holds, fused).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (list of moments, best first).")
-def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, rerank_budget, as_json):
+def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, rerank_budget, channels, as_json):
     """Find the moments matching QUERY across the whole library.
 
     \b
@@ -154,6 +155,12 @@ def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, re
                      clips, -1..1 (without rerank: the window's score)
       saliency       per clip of the candidate `window`: the reranker's
                      relevance probability 0..1 (without rerank: cosine)
+      channels       the channels that found it: visual, speech
+      matched_text   the spoken words it matched (null: none)
+      fusion_score   with a speech channel: the weighted reciprocal-rank
+                     fusion of the channels' ranks, the order of the list
+    Speech (an index made with --channels visual,speech) matches words
+    anywhere and "quoted phrases" exactly as said.
     A reranker trained with negative windows (`vmr train --index`) gives
     scores comparable across videos; see docs/guide.md, "Ranking".
     """
@@ -165,7 +172,8 @@ def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, re
     try:
         indexes = index_dir[0] if len(index_dir) == 1 else list(index_dir)
         results = search_library(query, indexes, top_k=top_k, checkpoint=checkpoint, rerank=not no_rerank,
-                                 device=device, precision=precision, **budget).moments
+                                 device=device, precision=precision, channels=list(channels) or None,
+                                 **budget).moments
     except USER_ERRORS as err:
         _fail(err)
     if as_json:

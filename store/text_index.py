@@ -164,7 +164,9 @@ class TextIndex:
         schema = self.schema
         clauses = [(tantivy.Occur.Must, tantivy.Query.phrase_query(schema, "text", p) if len(p) > 1
                     else tantivy.Query.term_query(schema, "text", p[0])) for p in phrases]
-        clauses += [(tantivy.Occur.Should, tantivy.Query.term_query(schema, "text", w)) for w in dict.fromkeys(words)]
+        if words:  # at least one of the words (beside any phrase): a Should clause next to a Must is optional
+            clauses.append((tantivy.Occur.Must, tantivy.Query.boolean_query(
+                [(tantivy.Occur.Should, tantivy.Query.term_query(schema, "text", w)) for w in dict.fromkeys(words)])))
         if channels:
             clauses.append((tantivy.Occur.Must, tantivy.Query.term_set_query(schema, "channel", list(channels))))
         searcher = self._index.searcher()
@@ -173,6 +175,19 @@ class TextIndex:
             doc = searcher.doc(address)
             out.append({"video_id": int(doc["video_id"][0]), "channel": doc["channel"][0], "idx": int(doc["idx"][0]),
                         "run_id": doc["run_id"][0], "score": float(score)})
+        return out
+
+
+    def matching_segments(self, con, query: str, limit: int, channels: list[str] | None = None) -> list[dict]:
+        """The stored segments (store.transcripts.all_segments' dicts, plus ``score``) of the best ``limit`` hits,
+        best first; a hit whose document DuckDB no longer holds (a stale index) is dropped."""
+        hits = self.search(query, limit, channels)
+        rows = transcripts.segments_of(con, [(h["video_id"], h["channel"], h["idx"]) for h in hits])
+        out = []
+        for hit in hits:
+            row = rows.get((hit["video_id"], hit["channel"], hit["idx"]))
+            if row is not None and row["run_id"] == hit["run_id"]:
+                out.append({**row, "score": hit["score"]})
         return out
 
 
