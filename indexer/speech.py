@@ -27,8 +27,9 @@ from store import db, text_index, transcripts
 from store.errors import VmrError
 
 CHANNEL = "speech"
-# Greedy decoding: on the 2-core EPYC beam 5 costs ~2x the time of beam 1 for tiny.en (bench/results/speech.md);
-# the text index matches words, and a missed word costs less than doubling the ingest. VAD skips silences.
+# Greedy decoding: beam 5 measured no better (WER 26.3 vs 26.8% on 8 noisy talking-world videos) at the same time
+# (bench/results/speech.md); VAD skips the silences, condition_on_previous_text off keeps a misheard sentence
+# from steering the next.
 DECODE_OPTIONS = {"beam_size": 1, "word_timestamps": True, "vad_filter": True, "condition_on_previous_text": False}
 ACTOR_QUEUE = 2  # videos in flight per speech actor
 SYNC_SECONDS = 2.0  # the text index follows DuckDB at most this often during a run

@@ -8,7 +8,8 @@ Each channel proposes moments, best first:
 
 Weighted reciprocal-rank fusion: a moment's ``fusion_score`` = sum over the channels that propose it of
 weight[channel] / (k + rank in that channel). Two channels propose the same moment when their spans, in one
-video, overlap by IoU >= ``same_moment_iou`` or one holds most (>= half) of the other. Its boundaries are the
+video, overlap by IoU >= ``same_moment_iou`` (not mere containment: a coarse visual moment is a whole pseudo-event,
+often 5x a spoken sentence, and would vote for every sentence said during it). Its boundaries are the
 reranked visual moment's where one overlaps (the reranker localises), else the speech span (a coarse visual
 moment is a whole pseudo-event, which the spoken words place better). k, the weights and the overlap
 rule are data (fusion.json beside this file, ``FusionConfig.load``), not code.
@@ -28,9 +29,6 @@ from store.text_index import parse_query, tokens
 FUSION_FILE = Path(__file__).with_name("fusion.json")
 TEXT_CHANNELS = ("speech",)
 CHANNELS = ("visual", *TEXT_CHANNELS)
-# Function words that do not place a span on their own: "the coach says" places the span on "coach says".
-FUNCTION_WORDS = frozenset("a an the and or but of to in on at for with by from is are was were be been it this "
-                           "that these those i you he she we they me my your our his her its their so as if".split())
 RUN_GAP_WORDS = 3  # matched words further apart than this start a new run
 
 
@@ -39,7 +37,7 @@ class FusionConfig:
     """k and weights of the reciprocal-rank fusion; depth: moments each channel contributes; seed_windows: text
     hits that also seed a candidate window of the reranker (retriever.coarse); same_moment_iou: see module."""
     k: float = 60.0
-    weights: dict = field(default_factory=lambda: {"visual": 1.0, "speech": 1.0})
+    weights: dict = field(default_factory=lambda: {"visual": 1.0, "speech": 2.0})
     depth: int = 50
     seed_windows: int = 6
     same_moment_iou: float = 0.3
@@ -54,22 +52,21 @@ class FusionConfig:
         return asdict(self)
 
 
-def matched_span(words: list[str], query: str) -> tuple[int, int] | None:
-    """(first, last) index of the words of a segment that the query matched, or None.
+def matched_span(words: list[str], query: str) -> tuple[int, int, float] | None:
+    """(first, last) index of the words of a segment that the query matched, and the coverage: the share of the
+    query's search terms (store.text_index.parse_query) that span holds; None when nothing matched.
 
-    A quoted phrase: its first occurrence. Else the run (gaps <= RUN_GAP_WORDS) holding the most distinct
-    matched content words; function words count only where nothing else matched."""
+    A quoted phrase: its first occurrence (coverage 1). Else the run of matched words (gaps <= RUN_GAP_WORDS)
+    holding the most distinct terms."""
     phrases, terms = parse_query(query)
     word_tokens = [tokens(w) for w in words]
     flat = [(t, i) for i, toks in enumerate(word_tokens) for t in toks]
     for phrase in phrases:
         for s in range(len(flat) - len(phrase) + 1):
             if [t for t, _ in flat[s: s + len(phrase)]] == phrase:
-                return flat[s][1], flat[s + len(phrase) - 1][1]
-    wanted = set(terms) | {t for p in phrases for t in p}
+                return flat[s][1], flat[s + len(phrase) - 1][1], 1.0
+    wanted = set(terms)
     hits = [i for i, toks in enumerate(word_tokens) if wanted & set(toks)]
-    content = [i for i in hits if set(word_tokens[i]) - FUNCTION_WORDS & wanted]
-    hits = content or hits
     if not hits:
         return None
     runs, run = [], [hits[0]]
@@ -79,8 +76,12 @@ def matched_span(words: list[str], query: str) -> tuple[int, int] | None:
             run = []
         run.append(i)
     runs.append(run)
-    best = max(runs, key=lambda r: (len({t for i in r for t in word_tokens[i]} & wanted), -(r[-1] - r[0])))
-    return best[0], best[-1]
+
+    def held(r):
+        return {t for i in r for t in word_tokens[i]} & wanted
+
+    best = max(runs, key=lambda r: (len(held(r)), -(r[-1] - r[0])))
+    return best[0], best[-1], len(held(best)) / len(wanted)
 
 
 def snap(start: float, end: float, clip_seconds: float, duration: float | None) -> tuple[float, float]:
@@ -102,16 +103,18 @@ def text_moments(segments: list[dict], query: str, videos: dict[int, dict], clip
         words = list(seg["words"] or [])
         span = matched_span(words, query) if words else None
         if span is None:  # a segment without word times (or matched by no single word): all of it
-            start, end, text = seg["start"], seg["end"], seg["text"]
+            start, end, text, coverage = seg["start"], seg["end"], seg["text"], 1.0
         else:
             start, end = seg["word_starts"][span[0]], seg["word_ends"][span[1]]
-            text = " ".join(words[span[0]: span[1] + 1])
+            text, coverage = " ".join(words[span[0]: span[1] + 1]), span[2]
         lo, hi = snap(start, end, clip_seconds, video.get("duration"))
         out.append({"path": video["path"], "video_id": int(seg["video_id"]), "start": round(lo, 3),
                     "end": round(hi, 3), "score": round(float(seg["score"]), 6), "coarse_score": None,
                     "confidence": None, "saliency": [], "span_saliency": None, "relevance": None,
                     "window": [round(lo, 3), round(hi, 3)], "reranked": False, "channel": seg["channel"],
-                    "matched_text": text, "spoken": [round(float(start), 3), round(float(end), 3)]})
+                    "matched_text": text, "spoken": [round(float(start), 3), round(float(end), 3)],
+                    "coverage": round(coverage, 3)})
+    out.sort(key=lambda m: -m["coverage"])  # stable: BM25 order among equal coverage
     return out
 
 
@@ -119,11 +122,8 @@ def _same_moment(a: dict, b: dict, min_iou: float) -> bool:
     if a["video_id"] != b["video_id"]:
         return False
     inter = min(a["end"], b["end"]) - max(a["start"], b["start"])
-    if inter <= 0:
-        return False
     union = max(a["end"], b["end"]) - min(a["start"], b["start"])
-    shorter = min(a["end"] - a["start"], b["end"] - b["start"])
-    return inter / union >= min_iou or inter >= 0.5 * shorter
+    return inter > 0 and inter / union >= min_iou
 
 
 def fuse(proposals: dict[str, list[dict]], cfg: FusionConfig, top_k: int) -> list[dict]:
@@ -140,7 +140,7 @@ def fuse(proposals: dict[str, list[dict]], cfg: FusionConfig, top_k: int) -> lis
             if channel in group["ranks"]:
                 continue  # a lower-ranked proposal of a channel that already proposed this moment
             group["ranks"][channel] = rank
-            group["score"] = group.get("score", 0.0) + weight / (cfg.k + rank)
+            group["score"] = group.get("score", 0.0) + weight * moment.get("coverage", 1.0) / (cfg.k + rank)
             if group["matched_text"] is None and moment.get("matched_text"):
                 group["matched_text"] = moment["matched_text"]
                 if not group["moment"].get("reranked"):  # a coarse moment is a pseudo-event: the words place it
@@ -148,7 +148,7 @@ def fuse(proposals: dict[str, list[dict]], cfg: FusionConfig, top_k: int) -> lis
     groups.sort(key=lambda g: -g["score"])
     out = []
     for g in groups[:top_k]:
-        moment = {k: v for k, v in g["moment"].items() if k not in ("channel", "matched_text")}
+        moment = {k: v for k, v in g["moment"].items() if k not in ("channel", "matched_text", "coverage")}
         moment.update(fusion_score=round(g["score"], 6), channels=sorted(g["ranks"]), matched_text=g["matched_text"])
         out.append(moment)
     return out

@@ -12,8 +12,8 @@ are deleted by key and a current key's segments added again, then one tantivy co
 state write leaves no orphan: the next sync deletes every dirty key first. Any hit is still checked against
 DuckDB by the reader (its run id), so an index behind DuckDB can miss a new video but never return a gone one.
 
-Query language (``parse_query``): words match anywhere (BM25 ranks segments holding more, rarer words first);
-"quoted words" must appear in that order, adjacent. The analyzer is mirrored in Python (``tokens``) so that the
+Query language (``parse_query``): words match anywhere (BM25 ranks segments holding more, rarer words first;
+function words count only in a query of nothing else); "quoted words" must appear in that order, adjacent. The analyzer is mirrored in Python (``tokens``) so that the
 words a hit matched can be located in its segment.
 """
 from __future__ import annotations
@@ -36,6 +36,10 @@ STATE_FILE = "state.json"
 WRITER_HEAP = 15_000_000
 _TOKEN = re.compile(r"[^\W_]+")  # tantivy's SimpleTokenizer: runs of alphanumeric characters
 _PHRASE = re.compile(r'"([^"]*)"')
+# Function words match nearly every segment: outside a quoted phrase they are searched for only in a query made of
+# nothing else, so that "the kettle under the bridge" finds segments by kettle and bridge.
+FUNCTION_WORDS = frozenset("a an the and or but of to in on at for with by from is are was were be been it this "
+                           "that these those i you he she we they me my your our his her its their so as if".split())
 
 
 def available() -> bool:
@@ -49,10 +53,12 @@ def tokens(text: str) -> list[str]:
 
 
 def parse_query(query: str) -> tuple[list[list[str]], list[str]]:
-    """(phrases: each a list of terms that must occur in order, words: terms that may occur) of a query."""
+    """(phrases: each a list of terms that must occur in order, words: terms of which one or more must occur) of
+    a query; the words leave out FUNCTION_WORDS unless the query has no other word."""
     phrases = [tokens(p) for p in _PHRASE.findall(query)]
-    rest = _PHRASE.sub(" ", query).replace('"', " ")
-    return [p for p in phrases if p], tokens(rest)
+    rest = tokens(_PHRASE.sub(" ", query).replace('"', " "))
+    content = [t for t in rest if t not in FUNCTION_WORDS]
+    return [p for p in phrases if p], content or ([] if phrases else rest)
 
 
 def _schema():
@@ -191,4 +197,4 @@ class TextIndex:
         return out
 
 
-__all__ = ["FOLDER", "TextIndex", "available", "tokens", "parse_query"]
+__all__ = ["FOLDER", "FUNCTION_WORDS", "TextIndex", "available", "tokens", "parse_query"]
