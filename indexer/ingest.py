@@ -10,25 +10,28 @@ The driver plans and writes (this module); Ray does the heavy work (indexer.pipe
      end).
 Clips and events are stored on the 2-s grid (model.spans.CLIP_SECONDS), recorded as meta ``clip_seconds``;
 Library.prepare refuses an index that records another length.
+
+Feature kinds (store.kinds): every run computes the kinds the index records plus those of ``features``. A new or
+changed video gets all of them from one decode, committed with its rows; an indexed, unchanged video that lacks a
+non-coarse kind (``slowfast`` added to a CLIP index) gets only that one (Library.commit_features).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from indexer.discover import Candidate, discover
 from indexer.pipeline import Pipeline, Video
-from indexer.rows import video_rows
 from indexer.speech import resolve_whisper, run_channel
 from indexer.stop_signals import recording_stop_signals
 from indexer.workers import CLIPChoice
-from model.errors import ModelError
+from indexer.writer import Writer
+from model.errors import ModelError, WeightsNotFound
 from model.spans import CLIP_SECONDS
-from store import db, vectors
+from store import db, kinds, vectors
 from store.clip_source import CLIPSource
 from store.errors import VmrError
 from store.library import Library
@@ -47,6 +50,8 @@ class IngestSummary:
     clips: int = 0
     seconds: float = 0.0
     nodes: dict = field(default_factory=dict)  # Ray node id -> decode tasks run there
+    added: dict = field(default_factory=dict)  # kind -> indexed videos that gained it (no other kind recomputed)
+    feature_failures: list = field(default_factory=list)  # [{"path", "kind", "error"}]: kept as they were
     message: str = ""
     speech: dict | None = None  # the speech step's {videos, audio_s, seconds, states} (indexer.speech)
 
@@ -60,6 +65,7 @@ class IngestSummary:
         lines = [f"indexed {self.indexed}, unchanged {self.unchanged}, failed {len(self.failed)}, removed "
                  f"{self.removed} ({self.clips} clips in {self.seconds:.1f} s, {self.clips_per_second:.1f} clips/s) "
                  f"-> {self.index_dir}"]
+        lines += [f"added '{kind}' features to {n} indexed videos" for kind, n in sorted(self.added.items())]
         if self.speech is not None:
             states = ", ".join(f"{n} {state}" for state, n in sorted(self.speech["states"].items())) or "nothing new"
             lines.append(f"speech: {self.speech['videos']} videos transcribed ({states}; "
@@ -67,6 +73,7 @@ class IngestSummary:
         if self.failed:
             lines.append("failed files:")
             lines += [f"  {f['path']}: {f['error']}" for f in self.failed]
+        lines += [f"  {f['path']}: no '{f['kind']}' features: {f['error']}" for f in self.feature_failures]
         return "\n".join(lines)
 
 
@@ -81,6 +88,7 @@ class Plan:
     states: dict
     ids: dict
     unchanged: int
+    unchanged_files: list[Candidate] = field(default_factory=list)
 
 
 def plan_run(lib: Library, root: str, index_dir: str) -> Plan:
@@ -88,11 +96,11 @@ def plan_run(lib: Library, root: str, index_dir: str) -> Plan:
     candidates = discover(root, exclude=[index_dir])
     states = lib.file_states()
     seen = {c.path for c in candidates}
-    work, unreadable, unchanged = [], [], 0
+    work, unreadable, unchanged = [], [], []
     for cand in candidates:
         old = states.get(cand.path)
         if old and old["status"] in ("indexed", "failed") and old["size"] == cand.size and old["mtime"] == cand.mtime:
-            unchanged += 1
+            unchanged.append(cand)
         elif cand.error:
             unreadable.append(cand)
         else:
@@ -100,7 +108,7 @@ def plan_run(lib: Library, root: str, index_dir: str) -> Plan:
     new_ids = lib.add_pending([(c.path, c.size, c.mtime) for c in candidates if c.path not in states])
     ids = {**{p: s["id"] for p, s in states.items()}, **new_ids}
     gone = [s for p, s in states.items() if p not in seen]
-    return Plan(work, gone, unreadable, states, ids, unchanged)
+    return Plan(work, gone, unreadable, states, ids, len(unchanged), unchanged)
 
 
 DEFAULT_CLIP = ("ViT-B-32", "openai")  # open_clip model and weights of a new index when none are given
@@ -114,14 +122,19 @@ INDEX_FILES = (db.DB_FILE, db.DB_FILE + ".wal", vectors.STATE_FILE, *(f"{table}.
 def run_ingest(video_dir, index_dir, clip_model: str | None = None, clip_pretrained: str | None = None,
                device: str = "auto", ray_address: str | None = None, workers: int | None = None,
                rebuild_faiss: bool = False, allow_random: bool = False, progress: bool = True,
-               reranker: str | None = None, channels=DEFAULT_CHANNELS, speech_model: str | None = None,
+               reranker: str | None = None, features: list[str] | None = None,
+               slowfast_weights: str | None = None, channels=DEFAULT_CHANNELS, speech_model: str | None = None,
                speech_language: str | None = None) -> IngestSummary:
     """Index every video under ``video_dir`` into ``index_dir`` (incremental). See the module docstring.
 
     clip_model/clip_pretrained: None = the CLIP the index records (a re-index), else DEFAULT_CLIP.
+    features: kinds to compute besides the ones the index holds (store.kinds.KINDS; "clip" always);
+    slowfast_weights: the SlowFast weights file (either layout, model.inference.slowfast_weights), else the one the
+    index records, else the cache folder's.
     reranker: an LLMEPET checkpoint recorded in the index (meta ``reranker``): search and serve use it when given
     no --checkpoint. channels: CHANNELS to index ("visual" always; "speech": indexer.speech, with ``speech_model``
-    (None: the packaged Whisper) and ``speech_language`` (None: detected)). A run that fails before storing any video leaves no index behind; one stopped later (Ctrl-C,
+    (None: the packaged Whisper) and ``speech_language`` (None: detected)). A run that fails before storing any
+    video leaves no index behind; one stopped later (Ctrl-C,
     SIGTERM) keeps what it stored and the next run resumes the rest.
     """
     root = os.path.abspath(os.fspath(video_dir))
@@ -132,7 +145,7 @@ def run_ingest(video_dir, index_dir, clip_model: str | None = None, clip_pretrai
         raise VmrError(f"--index {index_dir} is a file: give a folder for the index (created if missing)")
     if rebuild_faiss:
         return _rebuild_faiss(index_dir)
-    channels = tuple(channels)
+    channels = tuple(c.strip() for c in channels if c.strip())
     unknown = [c for c in channels if c not in CHANNELS]
     if unknown or "visual" not in channels:
         raise VmrError(f"--channels {','.join(channels)}: give visual (the clip grid every channel is placed on) "
@@ -145,7 +158,7 @@ def run_ingest(video_dir, index_dir, clip_model: str | None = None, clip_pretrai
         try:
             with recording_stop_signals() as stops:
                 _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device, ray_address,
-                        workers, allow_random, progress, reranker, speech)
+                        workers, allow_random, progress, reranker, (features, slowfast_weights), speech)
         except (Exception, KeyboardInterrupt) as err:
             if db.DB_FILE not in existed and summary.indexed == 0:
                 _remove_new_index(index_dir, existed, made_folder)  # nothing was stored: leave no half index
@@ -166,7 +179,7 @@ def _progress_line(index_dir: str) -> str:
 
 
 def _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device, ray_address, workers, allow_random,
-            progress, reranker, speech) -> None:
+            progress, reranker, kinds_asked, speech) -> None:
     # lazy: torch (open_clip), loaded once the run starts, not to refuse a bad argument
     from model.inference.features import model_embed_dim, resolve_weights
 
@@ -176,10 +189,16 @@ def _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device
         raise VmrError(f"no video files under {root} (looked for video extensions such as .mp4/.mkv/.webm and "
                        "video signatures): point vmr index at the folder that holds the videos")
     clip = choose_clip(CLIPSource.recorded(recorded), clip_model, clip_pretrained, device, allow_random)
+    wanted = wanted_kinds(recorded, kinds_asked[0])
+    clip_len = _clip_len(recorded.get("clip_seconds", CLIP_SECONDS), wanted)
     try:
+        sf_path, sf_record = slowfast_source(recorded, kinds_asked[1], clip_len, index_dir) if \
+            kinds.SLOWFAST_KIND in wanted else (None, None)
         _, model_id, _, _ = resolve_weights(clip.model, clip.pretrained, clip.allow_random)  # fail fast
         embed_dim = model_embed_dim(clip.model)
         reranker = _check_reranker(reranker, model_id) if reranker else None
+    except WeightsNotFound:
+        raise
     except ModelError as err:
         raise VmrError(str(err)) from None
     lib = Library(index_dir, read_only=False)
@@ -191,13 +210,17 @@ def _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device
         plan = plan_run(lib, root, index_dir)
         stops.check()
         summary.unchanged = plan.unchanged
-        writer = Writer(lib, lib.open_faiss(), summary, float(meta["clip_seconds"]))
+        writer = Writer(lib, lib.open_faiss(), summary, float(meta["clip_seconds"]), {kinds.SLOWFAST_KIND: sf_record})
         writer.settle(plan)
         stops.check()
-        if plan.work:
-            pipeline = Pipeline(clip, writer, stops, ray_address, workers, progress)
+        computed = tuple(k for k in kinds.KINDS if k in wanted)
+        todo = [Video(c, plan.ids[c.path], plan.states.get(c.path), computed) for c in plan.work]
+        todo += _lacking_kinds(lib, plan, wanted)
+        summary.unchanged -= len(todo) - len(plan.work)
+        if todo:
+            pipeline = Pipeline(clip, writer, stops, ray_address, workers, progress, sf_path, clip_len)
             try:
-                pipeline.run([Video(c, plan.ids[c.path], plan.states.get(c.path)) for c in plan.work], model_id)
+                pipeline.run(todo, model_id)
             finally:
                 summary.nodes = pipeline.nodes
         writer.save()
@@ -207,6 +230,52 @@ def _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device
     finally:
         lib.close()
     summary.seconds = time.monotonic() - start_time
+
+
+def wanted_kinds(meta: dict, asked: list[str] | None) -> set[str]:
+    """The kinds a run computes: those the index holds, those asked for, and always the coarse ``clip``."""
+    unknown = [k for k in asked or [] if k not in kinds.KINDS]
+    if unknown:
+        raise VmrError(f"--features {','.join(asked)}: unknown kind {unknown[0]!r} (known: {', '.join(kinds.KINDS)})")
+    return {kinds.CLIP_KIND, *kinds.feature_kinds(meta), *(asked or [])}
+
+
+def _clip_len(clip_seconds, wanted: set[str]) -> int:
+    if kinds.SLOWFAST_KIND in wanted and float(clip_seconds) != int(float(clip_seconds)):
+        raise VmrError(f"this index cuts {clip_seconds}-s clips; SlowFast's recipe needs whole seconds: use a new "
+                       "--index")
+    return int(float(clip_seconds))
+
+
+def slowfast_source(meta: dict, given: str | None, clip_len: int, index_dir: str) -> tuple[str, dict]:
+    """(weights file, kind record) of the run's SlowFast: the given file, else the recorded one, else the cached
+    one (model.inference.slowfast_weights.find_slowfast_weights); refused now if the index holds SlowFast features
+    of other weights (its record names their sha256)."""
+    from model.inference.slowfast_weights import find_slowfast_weights, weights_layout  # lazy: torch
+
+    path = find_slowfast_weights(given, kinds.recorded_weights_path(meta, kinds.SLOWFAST_KIND))
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    record = kinds.slowfast_kind_record(path, digest.hexdigest(), weights_layout(path), clip_len)
+    kinds.check_record(kinds.feature_kinds(meta).get(kinds.SLOWFAST_KIND), record, kinds.SLOWFAST_KIND, index_dir)
+    return path, record
+
+
+def _lacking_kinds(lib: Library, plan: Plan, wanted: set[str]) -> list[Video]:
+    """Indexed, unchanged videos lacking a non-coarse kind of ``wanted``: only those kinds are computed for them."""
+    extra = [k for k in kinds.KINDS if k in wanted and k != kinds.CLIP_KIND]
+    if not extra:
+        return []
+    held = lib.kinds_by_video()
+    out = []
+    for cand in plan.unchanged_files:
+        state = plan.states[cand.path]
+        missing = tuple(k for k in extra if k not in held.get(state["id"], []))
+        if state["status"] == "indexed" and missing:
+            out.append(Video(cand, state["id"], state, missing))
+    return out
 
 
 def choose_clip(recorded: CLIPSource, clip_model: str | None, clip_pretrained: str | None, device: str,
@@ -279,66 +348,3 @@ def _rebuild_faiss(index_dir: str) -> IngestSummary:
     return IngestSummary(index_dir, message=f"rebuilt FAISS from DuckDB: {state.get('n_clips', 0)} clips "
                                             f"({state.get('clips_type')}), {state.get('n_events', 0)} events -> "
                                             f"{index_dir}")
-
-
-class Writer:
-    """The driver's writes: DuckDB rows (one transaction per video, in short sessions) and the FAISS files."""
-
-    def __init__(self, lib: Library, faiss_files, summary: IngestSummary, clip_seconds: float):
-        self.lib, self.faiss, self.summary = lib, faiss_files, summary
-        self.clip_seconds = clip_seconds
-
-    def settle(self, plan: Plan) -> None:
-        """Remove the rows of vanished files; record the files that failed before decoding."""
-        with self.lib.session():
-            if plan.gone:
-                self.lib.delete_videos([s["id"] for s in plan.gone])
-                for s in plan.gone:
-                    self.faiss.remove(s["id"], (s["n_clips"] or 0, s["n_events"] or 0))
-                self.summary.removed = len(plan.gone)
-            for cand in plan.unreadable:
-                old = plan.states.get(cand.path)
-                self.lib.commit_failed(plan.ids[cand.path], {"size": cand.size, "mtime": cand.mtime}, cand.error)
-                if old:
-                    self.faiss.remove(old["id"], (old["n_clips"] or 0, old["n_events"] or 0))
-                self.summary.new_failures += 1
-
-    def save(self) -> None:
-        self.lib.save_faiss(self.faiss)
-
-    def commit(self, videos: list[Video]) -> int:
-        """Write finished videos (one transaction each) in one short DuckDB session; then update FAISS. Returns
-        the clips stored."""
-        with self.lib.session():
-            return sum(self._commit_one(video) for video in videos)
-
-    def _commit_one(self, video: Video) -> int:
-        first = video.infos[0]
-        old = video.old or {}
-        old_counts = (old.get("n_clips") or 0, old.get("n_events") or 0)
-        stat = {"size": video.cand.size, "mtime": video.cand.mtime, "content_hash": first.get("content_hash")}
-        error = next((i["error"] for i in video.infos.values() if i.get("error")), None)
-        if first.get("unchanged"):
-            self.lib.touch(video.video_id, video.cand.size, video.cand.mtime)
-            self.summary.unchanged += 1
-            return 0
-        if error is None:
-            vectors = np.concatenate([video.vectors[s] for s in sorted(video.vectors)])
-            if video.total_clips is None or len(vectors) < video.total_clips:
-                error = f"decoding stopped early ({len(vectors)} of {video.total_clips} clips)"
-        if error is not None:
-            self.lib.commit_failed(video.video_id, stat, error)
-            self.faiss.remove(video.video_id, old_counts)
-            self.summary.new_failures += 1
-            return 0
-        vectors = vectors[: video.total_clips]
-        duration = float(video.end_time)
-        clip_spans, event_spans, event_clips, event_vectors = video_rows(vectors, duration, self.clip_seconds)
-        stat.update(duration=duration, fps=first.get("fps"), width=first.get("width"), height=first.get("height"))
-        self.lib.commit_video(video.video_id, stat, clip_spans, vectors, event_spans, event_clips, event_vectors)
-        self.faiss.replace(video.video_id, old_counts, vectors, event_vectors)
-        self.summary.indexed += 1
-        self.summary.clips += len(vectors)
-        video.vectors.clear()
-        return len(vectors)
-

@@ -1,4 +1,4 @@
-"""Which frames, and which pixels, the public SlowFast features saw: HERO's extractor rule as pure functions.
+"""Which frames, and which pixels, the public SlowFast features saw: HERO's extractor rule.
 
 The public SlowFast features (QVHighlights, TACoS: 2-s clips; Charades-STA: 1-s clips) were extracted by HERO's
 ``slowfast/extract_feature`` (notes: shared/notes/slowfast.md section 1). Per video it
@@ -15,14 +15,19 @@ The public SlowFast features (QVHighlights, TACoS: 2-s clips; Charades-STA: 1-s 
    (``clip_window``). The slow pathway's 8 of those 32 frames are model/slowfast.py's ``slow_indices``.
 
 Steps 2-4 are done here in closed form per clip (``clip_frame_ticks``), so a decoder can stream 2-s windows without
-holding the video. Pixels: short side scaled to 224 (``int()`` of the exact ratio) with a bilinear filter, centre
-crop 224 at ``int()`` offsets (``resize_crop``), then /255, mean 0.45, std 0.225 (``normalise``).
+holding the video. Pixels: the extractor's own libavfilter chain after ``fps=30``, ``scale=W:H`` (short side to 224,
+``int()`` of the exact ratio; swscale's bilinear, resizing and converting yuv -> rgb in one pass), ``crop=224:224:x:y``
+(``int()`` offsets), ``format=rgb24`` (``scale_crop_filters``, run on each decoded frame by ``ExtractorScaler``), then
+/255, mean 0.45, std 0.225 (``normalise``). A rotated video is turned to its display orientation before the scale,
+with the transposes the ffmpeg CLI's autorotate uses, and sized from the displayed picture.
 
     clip_window(fps_floor, clip_len) -> int64 [32]                        indices into a clip's 30 * clip_len frames
     clip_frame_ticks(n_ticks, fps_floor, clip_len, stream_duration) -> int64 [clips, 32]   30-fps output frames
+    output_tick(t) -> int                                                   the 30-fps frame a time t rounds to
     resampled_source_frames(frame_times, end_time) -> int64 [n_ticks]     source frame of each 30-fps frame
     cfr_clip_source_frames(avg_fps, n_frames, stream_duration, clip_len) -> int64 [clips, 32]   source frames
-    resize_crop(frames uint8 [..., H, W, 3]) -> uint8 [..., 224, 224, 3]
+    scale_crop_filters(height, width, rotation) -> [(filter, args)]        the chain after fps=30
+    ExtractorScaler()(frame av.VideoFrame) -> uint8 [224, 224, 3]
     normalise(clips uint8 [N, T, 224, 224, 3]) -> float32 [N, 3, T, 224, 224]
 """
 from __future__ import annotations
@@ -31,9 +36,11 @@ import math
 from fractions import Fraction
 from typing import Sequence
 
+import av
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from indexer.decode import display_rotation
 
 TARGET_FPS = 30  # HERO --target_framerate
 NUM_FRAMES = 32  # PySlowFast DATA.NUM_FRAMES
@@ -89,7 +96,7 @@ def clip_frame_ticks(n_ticks: int, fps_floor: int, clip_len: int = 2,
     return np.minimum(p, n_ticks - 1).astype(np.int64)
 
 
-def _tick(t) -> int:
+def output_tick(t) -> int:
     """The 30-fps output tick a frame at t seconds (from the first frame) rounds to: nearest, halves up."""
     return math.floor(t * TARGET_FPS + Fraction(1, 2) if isinstance(t, Fraction) else t * TARGET_FPS + 0.5)
 
@@ -101,8 +108,8 @@ def resampled_source_frames(frame_times: Sequence, end_time) -> np.ndarray:
     exact rounding); end_time: the end of the last frame. Output frame n is the last source frame whose tick is
     <= n; past the last frame it is repeated (eof_action=round).
     """
-    n_ticks = _tick(end_time)
-    ticks = np.array([_tick(t) for t in frame_times], dtype=np.int64)
+    n_ticks = output_tick(end_time)
+    ticks = np.array([output_tick(t) for t in frame_times], dtype=np.int64)
     # the last frame k with ticks[k] <= n, for each n (ticks is non-decreasing)
     out = np.searchsorted(ticks, np.arange(n_ticks), side="right") - 1
     return np.maximum(out, 0).astype(np.int64)
@@ -125,25 +132,61 @@ def output_size(height: int, width: int, size: int = SIZE) -> tuple[int, int]:
     return size, int(width * size / height)
 
 
-def resize_crop(frames: np.ndarray, size: int = SIZE) -> np.ndarray:
-    """uint8 [..., H, W, 3] -> uint8 [..., size, size, 3]: short side to ``size`` (bilinear), centre crop.
+# The filters that turn a stored picture to its display orientation (degrees counter-clockwise,
+# decode.display_rotation): the ones the ffmpeg CLI's autorotate puts before a filter chain.
+ROTATION_FILTERS = {0: [], 90: [("transpose", "cclock")], 180: [("hflip", None), ("vflip", None)],
+                    270: [("transpose", "clock")]}
 
-    The filter is torch's antialiased bilinear (a triangle filter widened by the downscale factor, like swscale's
-    SWS_BILINEAR), so pixels are close to but not bit-equal with ffmpeg's scale filter, which also folds the
-    yuv->rgb conversion into the same pass. Crop offsets are int((W - size) / 2), int((H - size) / 2) as HERO's.
+
+def scale_crop_filters(height: int, width: int, rotation: int = 0, size: int = SIZE) -> list[tuple[str, str | None]]:
+    """[(filter, args)]: the extractor's chain after ``fps=30`` for a stored picture of (height, width) shown turned
+    ``rotation`` (0/90/180/270) degrees: the ROTATION_FILTERS, ``scale=W:H:flags=bilinear``, ``crop=size:size:x:y``,
+    ``format=rgb24``.
+
+    (H, W) = output_size of the DISPLAYED picture, x = int((W - size) / 2), y = int((H - size) / 2). The crop keeps
+    the pixel format and the sink takes rgb24 only, so libavfilter's format negotiation makes the scale filter
+    resize and convert yuv -> rgb in one swscale call, then crops the rgb picture, as in the extractor's ffmpeg.
     """
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim < 3 or frames.shape[-1] != 3:
-        raise ValueError(f"expected uint8 [..., H, W, 3] frames, got {frames.dtype} {frames.shape}")
-    lead, (h, w) = frames.shape[:-3], frames.shape[-3:-1]
-    out_h, out_w = output_size(h, w, size)
-    x = torch.from_numpy(np.ascontiguousarray(frames.reshape(-1, h, w, 3))).permute(0, 3, 1, 2).float()
-    if (out_h, out_w) != (h, w):
-        x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
-    top, left = int((out_h - size) / 2), int((out_w - size) / 2)
-    x = x[:, :, top:top + size, left:left + size]
-    x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    return x.numpy().reshape(*lead, size, size, 3)
+    if rotation % 180:
+        height, width = width, height
+    out_h, out_w = output_size(height, width, size)
+    x, y = int((out_w - size) / 2), int((out_h - size) / 2)
+    return [*ROTATION_FILTERS[rotation], ("scale", f"{out_w}:{out_h}:flags=bilinear"),
+            ("crop", f"{size}:{size}:{x}:{y}"), ("format", "rgb24")]
+
+
+class ExtractorScaler:
+    """The extractor's pixels for decoded frames: av.VideoFrame (any size, pixel format, rotation) -> uint8
+    [size, size, 3], through libavfilter running ``scale_crop_filters`` (one graph per frame geometry).
+
+    The colour matrix and range are the frame's own tags (the scale filter's in_color_matrix=auto), as they were for
+    the extractor's ffmpeg. The frame is left as it was, so CLIP can still convert it.
+    """
+
+    def __init__(self, size: int = SIZE):
+        self.size = size
+        self._graphs: dict[tuple, tuple] = {}  # (width, height, pix_fmt, rotation) -> (graph, source, sink)
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        rotation = display_rotation(frame)
+        key = (frame.width, frame.height, frame.format.name, rotation)
+        if key not in self._graphs:
+            self._graphs[key] = self._graph(frame, rotation)
+        _, source, sink = self._graphs[key]
+        source.push(frame)
+        return sink.pull().to_ndarray()
+
+    def _graph(self, frame: av.VideoFrame, rotation: int) -> tuple:
+        graph = av.filter.Graph()
+        source = graph.add_buffer(width=frame.width, height=frame.height, format=frame.format,
+                                  time_base=frame.time_base or Fraction(1, 1000))
+        node = source
+        for name, args in [*scale_crop_filters(frame.height, frame.width, rotation, self.size), ("buffersink", None)]:
+            nxt = graph.add(name, args) if args else graph.add(name)
+            node.link_to(nxt)
+            node = nxt
+        graph.configure()
+        return graph, source, node
 
 
 def normalise(clips: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,10 @@ class ModelError(ValueError):
     """A problem the user can fix: missing weights, bad checkpoint, mismatched features. One-line message."""
 
 
+class WeightsNotFound(ModelError):
+    """No weights file was given, recorded or cached: a usage problem (the CLI exits 2), nothing was started."""
+
+
 def weights_file_problem(path, err: BaseException) -> str:
     """Why a weights file (checkpoint, CLIP weights) could not be read, in a few words, for a one-line message.
 

@@ -15,19 +15,22 @@ within seconds, and deleted ones disappear with their cached thumbnails.
 """
 from __future__ import annotations
 
+import secrets
 import threading
 import time
+from collections import OrderedDict
 
 from retriever.search import SearchEngine
 from store import db
 from store.errors import VmrError
-from store.labels import count_labels, write_connection
+from store.labels import WINDOW_DIGITS, count_labels, write_connection
 from store.lock import ingest_running
 from store.status import incomplete_note
 
 STATUS_WAIT_SECONDS = 1.0  # /api/status waits this long for a writer's batch, then answers with the last counts
 CATALOGUE_SECONDS = 2.0  # the video table is re-read at most this often (plus on an unknown id)
 UNKNOWN_ID_REFRESH_SECONDS = 0.5  # an unknown id forces a re-read at most this often (ids probing cannot flood)
+SEARCHES_KEPT = 2000  # searches whose hits may still be labelled (~100 bytes a hit, 20 hits a search: ~4 MB)
 VIDEO_COLUMNS = ("id", "path", "size", "mtime", "content_hash", "duration", "fps", "width", "height", "n_clips",
                  "n_events", "status", "error")
 
@@ -89,6 +92,37 @@ class _Held:
         self._release()
 
 
+class RecentSearches:
+    """The last SEARCHES_KEPT searches, by the id /api/search returns with its hits: a hit's label names the search
+    that found it, so the label's sentence is the one the hit was found for (not what the search box holds now).
+    Kept in memory only: after a restart a page's old hits are unknown, and labelling them asks to search again."""
+
+    def __init__(self, kept: int = SEARCHES_KEPT):
+        self.kept = kept
+        self._searches: OrderedDict[str, dict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, query: str, moments: list[dict]) -> str:
+        """Remember one search; returns its id. ``moments``: dicts with video_id, start, end."""
+        search_id = secrets.token_hex(8)
+        hits = {hit_key(m["video_id"], m["start"], m["end"]) for m in moments}
+        with self._lock:
+            self._searches[search_id] = {"query": query, "hits": hits}
+            while len(self._searches) > self.kept:
+                self._searches.popitem(last=False)
+        return search_id
+
+    def get(self, search_id: str) -> dict | None:
+        """{"query", "hits": {hit_key(...)}} of a remembered search, or None."""
+        with self._lock:
+            return self._searches.get(search_id)
+
+
+def hit_key(video_id: int, start: float, end: float) -> tuple[int, float, float]:
+    """A hit as a search found it: (video id, start, end) at the labels' window precision."""
+    return int(video_id), round(float(start), WINDOW_DIGITS), round(float(end), WINDOW_DIGITS)
+
+
 class ServerState:
     """The loaded engine and the in-memory video catalogue of one index (see the module docstring)."""
 
@@ -98,6 +132,7 @@ class ServerState:
         self.db_lock = ReadWriteLock()
         self.lock_wait = db.LOCK_WAIT_SECONDS  # seconds a request waits out another process's write batch
         self.search_lock = threading.Lock()
+        self.searches = RecentSearches()
         self._catalogue_lock = threading.Lock()
         self.engine = engine or SearchEngine(self.index_dir, checkpoint=checkpoint, device=device,
                                              precision=precision)

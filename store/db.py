@@ -54,6 +54,19 @@ def schema_sql(dim: int) -> list[str]:
     ]
 
 
+def ensure_added_tables(con) -> None:
+    """Create, in an index made before them, the tables added since schema v1: the other feature kinds
+    (store.features) and the text channels (store.transcripts). Nothing else changes."""
+    features.ensure_table(con)
+    transcripts.ensure_tables(con)
+
+
+def delete_added_rows(con, video_id: int) -> None:
+    """A video's rows of those tables (its content changed, failed or left), in the caller's transaction."""
+    features.delete(con, video_id)
+    transcripts.delete(con, video_id)
+
+
 def db_path(index_dir) -> str:
     return os.path.join(os.fspath(index_dir), DB_FILE)
 

@@ -3,23 +3,34 @@
 An index records every kind it holds in meta ``feature_kinds``: kind name -> {dim, dtype, model, weights,
 precision, frames}, and the kind its coarse (FAISS) stage searches in meta ``coarse_kind``. A reranker checkpoint
 names the kinds it reads (``feature_spec.video_kinds``, in its input order, with ``video_dims``); search assembles
-its input from those kinds and refuses an index that lacks one. Today vmr computes one kind, ``clip`` (one CLIP
-image embedding of the clip's middle frame), which is also the coarse kind: its vectors live in the clips table,
-every other kind's in the features table (store.features), written by ``Library.commit_features``.
+its input from those kinds and refuses an index that lacks one. vmr computes two kinds: ``clip`` (one CLIP image
+embedding of the clip's middle frame), which is also the coarse kind, its vectors in the clips table; and
+``slowfast`` (SlowFast-R50 on 32 frames of the clip, the public features' recipe), in the features table
+(store.features), written with the video or by ``Library.commit_features``.
 
 Indexes written before kinds were recorded hold exactly that one kind: their record is derived from the meta they
 do have (``clip_model``, ``embed_dim``, ``clip_source``), and the next ingest writes it; nothing is re-decoded.
 """
 from __future__ import annotations
 
+import os
+
 from store.clip_source import CLIPSource
 from store.errors import VmrError
 
 CLIP_KIND = "clip"
 CLIP_FRAMES = "one frame a clip, at its middle, resized and centre-cropped by the CLIP model's own preprocessing"
-# How a kind an index lacks is added; named by the refusal below (any other: vmr cannot compute it).
+SLOWFAST_KIND = "slowfast"
+SLOWFAST_MODEL = "SlowFast-R50 8x8"
+SLOWFAST_DIM = 2048 + 256
+SLOWFAST_FRAMES = ("HERO's extractor: 30 fps, 32 frames per {clip}-s clip at linspace(0, 64 * floor(source fps) / 30 "
+                   "- 1, 32), padded by repetition; display orientation, short side 224 bilinear, centre crop 224, "
+                   "mean 0.45 std 0.225")
+KINDS = (CLIP_KIND, SLOWFAST_KIND)  # what `vmr index --features` computes
+# How each kind is added to an index; named by the refusal below.
 HOW_TO_ADD = {CLIP_KIND: "re-run `vmr index DIR --index IDX`",
-              "slowfast": "add them with `vmr index DIR --index IDX --features clip,slowfast`"}
+              SLOWFAST_KIND: "add them with `vmr index DIR --index IDX --features clip,slowfast` (the first time with "
+                             "--slowfast-weights FILE)"}
 
 
 def clip_kind_record(clip_model: str, embed_dim: int, meta: dict) -> dict:
@@ -27,6 +38,20 @@ def clip_kind_record(clip_model: str, embed_dim: int, meta: dict) -> dict:
     source = CLIPSource.recorded(meta)
     return {"dim": int(embed_dim), "dtype": "float32", "model": clip_model, "weights": source.pretrained,
             "precision": source.precision, "frames": CLIP_FRAMES}
+
+
+def slowfast_kind_record(weights_path: str, sha256: str, layout: str, clip_seconds: float) -> dict:
+    """The record of the ``slowfast`` kind: fp16 vectors by SlowFastR50 at fp32 from the weights file at
+    ``weights_path`` (its name and digest are what must match; the path is where a later run finds it again)."""
+    return {"dim": SLOWFAST_DIM, "dtype": "float16", "model": SLOWFAST_MODEL,
+            "weights": f"{os.path.basename(weights_path)} sha256:{sha256}", "precision": "fp32",
+            "frames": SLOWFAST_FRAMES.format(clip=f"{float(clip_seconds):g}"), "weights_path": weights_path,
+            "layout": layout}
+
+
+def recorded_weights_path(meta: dict, kind: str) -> str | None:
+    """The weights file a kind's record names (None: the index holds no such kind, or records no file)."""
+    return (feature_kinds(meta).get(kind) or {}).get("weights_path")
 
 
 def feature_kinds(meta: dict) -> dict:

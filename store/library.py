@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from store import db, faiss_index, features, ids, kinds, transcripts, vectors
+from store import db, faiss_index, features, ids, kinds, vectors
 from store.errors import VmrError
 
 
@@ -121,8 +121,7 @@ class Library:
         with self._connection() as con:
             out = db.fetch_vectors(con, "SELECT embedding FROM clips WHERE video_id = ? ORDER BY idx", [int(video_id)])
             if len(out) == 0:
-                dim = db.read_meta(con).get("embed_dim", 0)
-                out = np.zeros((0, dim), np.float32)
+                out = np.zeros((0, db.read_meta(con).get("embed_dim", 0)), np.float32)
         return out
 
     def videos_by_id(self, video_ids) -> dict[int, dict]:
@@ -248,8 +247,7 @@ class Library:
                 if clip_source and meta.get("clip_source") != clip_source:
                     db.write_meta(con, {"clip_source": clip_source})
                     meta["clip_source"] = clip_source
-                features.ensure_table(con)  # an index made before other kinds existed gains their table
-                transcripts.ensure_tables(con)  # ... and one made before the text channels, theirs
+                db.ensure_added_tables(con)  # an index made before other kinds or the text channels gains their tables
                 update = kinds.record_update(meta, clip_model, embed_dim)
                 if update:
                     db.write_meta(con, update)
@@ -293,15 +291,18 @@ class Library:
         return given
 
     def commit_video(self, video_id: int, info: dict, clip_spans: np.ndarray, clip_vectors: np.ndarray,
-                     event_spans: np.ndarray, event_clips: np.ndarray, event_vectors: np.ndarray) -> int:
+                     event_spans: np.ndarray, event_clips: np.ndarray, event_vectors: np.ndarray,
+                     other_kinds: dict | None = None) -> int:
         """Replace one video's clips/events and mark it indexed, all in ONE transaction. Returns the generation.
 
         info: size, mtime, content_hash, duration, fps, width, height. clip_spans/event_spans f32 [N, 2] seconds;
-        event_clips int [E, 2] (first, last clip); vectors f32 [N, D] normalised.
-        """
+        event_clips int [E, 2] (first, last clip); vectors f32 [N, D] normalised; other_kinds: {kind: (vectors, record)}
+        of its non-coarse kinds (as commit_features writes them)."""
         self._writable()
         with self.session() as con, db.transaction(con):
             self._drop_vectors(con, video_id)  # new content: every kind of the old one leaves
+            for kind, (vectors_of_kind, record) in (other_kinds or {}).items():
+                self._write_kind(con, video_id, kind, vectors_of_kind, record)
             db.insert_vectors(con, "clips", video_id, {"start": clip_spans[:, 0], "end": clip_spans[:, 1]}, clip_vectors)
             db.insert_vectors(con, "events", video_id,
                               {"start": event_spans[:, 0], "end": event_spans[:, 1],
@@ -341,26 +342,26 @@ class Library:
             return self._bump(con)
 
     def commit_features(self, video_id: int, kind: str, vectors_of_clips: np.ndarray, record: dict) -> None:
-        """Store one indexed video's vectors [n, dim] of a non-coarse ``kind`` (replacing its old ones), and the
-        kind's record (store.kinds: dim, dtype, model, weights, precision, frames) if the index lacks it, in one
-        transaction. Refuses a record that contradicts the one the index holds."""
+        """Store one indexed video's vectors [n, dim] of a non-coarse ``kind`` (replacing its old ones) and the kind's
+        record (store.kinds) if new, in one transaction; refuses a record that contradicts the one the index holds."""
         self._writable()
         with self.session() as con, db.transaction(con):
-            meta = db.read_meta(con)
-            if kind == kinds.coarse_kind(meta):
-                raise VmrError(f"'{kind}' is this index's coarse kind: its vectors come with the clips (commit_video)")
-            held = kinds.feature_kinds(meta)
-            kinds.check_record(held.get(kind), record, kind, self.index_dir)
-            if held.get(kind) != record:
-                db.write_meta(con, {"feature_kinds": {**held, kind: record}})
-            features.write(con, video_id, kind, vectors_of_clips, record["dtype"])
+            self._write_kind(con, video_id, kind, vectors_of_clips, record)
+
+    def _write_kind(self, con, video_id: int, kind: str, vectors_of_clips: np.ndarray, record: dict) -> None:
+        if kind == kinds.coarse_kind(meta := db.read_meta(con)):
+            raise VmrError(f"'{kind}' is this index's coarse kind: its vectors come with the clips (commit_video)")
+        held = kinds.feature_kinds(meta)
+        kinds.check_record(held.get(kind), record, kind, self.index_dir)
+        if held.get(kind) != record:  # a new kind, or its weights file moved
+            db.write_meta(con, {"feature_kinds": {**held, kind: record}})
+        features.write(con, video_id, kind, vectors_of_clips, record["dtype"])
 
     @staticmethod
     def _drop_vectors(con, video_id: int) -> None:
         for table in ("clips", "events"):
             con.execute(f"DELETE FROM {table} WHERE video_id = ?", [int(video_id)])
-        features.delete(con, video_id)
-        transcripts.delete(con, video_id)  # the text channels' segments and runs (store.transcripts)
+        db.delete_added_rows(con, video_id)  # its other kinds and text channels
 
     def generation(self) -> int:
         with self._connection() as con:

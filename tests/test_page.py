@@ -4,7 +4,10 @@
 query, clicks the first hit and checks the player starts within 1 s of the hit's start and pauses by its end;
 j moves to the next hit; a hit whose file is outside the indexed folder shows why instead of a broken
 thumbnail; a label accepted and a moment marked in the page come out of `vmr labels export`; Ctrl-C
-(SIGINT) stops the server cleanly. Screenshots go to tests/artifacts/ (or $VMR_TEST_ARTIFACTS).
+(SIGINT) stops the server cleanly. Labels bound to what the person saw: Enter + `a` during a search and after a
+failed one label nothing under the new sentence; two tabs on one hit (409 shown, one label); Space after a click
+on Reject plays/pauses only; delete, undo and the Labels panel. /docs renders with the network blocked; a server
+with tokens asks for one once. Screenshots go to tests/artifacts/ (or $VMR_TEST_ARTIFACTS).
 
 Skipped only when Chromium or Playwright is missing AND $CI is not set; under CI they must be there.
 """
@@ -17,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -126,6 +130,182 @@ def test_a_hit_whose_file_is_not_served_says_so(served, page):
     assert not page.evaluate("document.getElementById('player').getAttribute('src')")
 
 
+def run_search(pg, query: str) -> None:
+    pg.fill("#q", query)
+    pg.press("#q", "Enter")
+    pg.wait_for_function("document.getElementById('results-info').textContent.includes('moments for')")
+
+
+def stored_labels(base: str, query: str) -> list[dict]:
+    with urllib.request.urlopen(f"{base}/api/labels?query={urllib.parse.quote(query)}", timeout=30) as res:
+        return json.loads(res.read())["labels"]
+
+
+def label_state(pg) -> str:
+    return pg.locator("#label-state").inner_text()
+
+
+def test_a_label_goes_to_the_sentence_its_hit_was_found_for(served, page):
+    """Search, type a new sentence, Enter and at once `a`: the old hits are gone while the new search runs, so
+    nothing is labelled under the new sentence; once its hits are shown, `a` labels one of THEM, and the label holds
+    the sentence shown beside Accept. A search that fails (server unreachable) lists no hits to label."""
+    base, index, rows, proc, log = served
+    old, new = rows[1]["query"], rows[2]["query"]
+    page.goto(base + "/")
+    run_search(page, old)
+    held = []
+    page.route("**/api/search?*", lambda route: held.append(route))  # the next search waits until released
+    page.fill("#q", new)
+    page.press("#q", "Enter")
+    page.keyboard.press("a")
+    while not held:
+        page.wait_for_timeout(20)
+    assert page.locator(".hit").count() == 0 and page.locator("#label-panel").is_hidden()
+    held[0].continue_()
+    page.unroute("**/api/search?*")
+    page.wait_for_function("document.getElementById('results-info').textContent.includes('moments for')")
+    assert stored_labels(base, new) == [] and stored_labels(base, old) == []
+    assert page.locator("#label-query").inner_text() == f"“{new}”"
+    hit = page.locator(".hit").first
+    window = [float(hit.get_attribute("data-start")), float(hit.get_attribute("data-end"))]
+    page.keyboard.press("a")
+    page.wait_for_function("document.getElementById('label-state').textContent.startsWith('labelled accept')")
+    label, = stored_labels(base, new)
+    assert [label["orig_start"], label["orig_end"]] == window and label["search_id"]
+
+    page.route("**/api/search?*", lambda route: route.abort())  # the server down for the next search
+    page.fill("#q", old)
+    page.press("#q", "Enter")
+    page.wait_for_function("document.getElementById('results-info').textContent.startsWith('search failed')")
+    page.keyboard.press("a")
+    assert page.locator(".hit").count() == 0
+    assert "cannot reach the vmr server" in page.locator("#results-info").inner_text()
+    page.unroute("**/api/search?*")
+    page.locator("#retry").click()
+    page.wait_for_function("document.getElementById('results-info').textContent.includes('moments for')")
+    assert stored_labels(base, old) == [] and len(stored_labels(base, new)) == 1
+    shot(page, "bound_label")
+
+
+def test_two_tabs_labelling_one_hit(served, page):
+    """Tab A accepts a hit; tab B, opened before, rejects it: B's write is refused (409) and B shows the stored
+    accept; B's second press changes that one label. Never two labels for one hit."""
+    base, index, rows, proc, log = served
+    query = rows[3]["query"]
+    other = page.context.browser.new_page(viewport={"width": 1280, "height": 800})
+    for pg in (page, other):
+        pg.goto(base + "/")
+        run_search(pg, query)
+    page.keyboard.press("a")
+    page.wait_for_function("document.getElementById('label-state').textContent.startsWith('labelled accept')")
+    other.keyboard.press("x")
+    other.wait_for_function("document.getElementById('label-state').textContent.startsWith('not saved')")
+    assert "already holds label" in label_state(other) and "labelled accept" not in label_state(other)
+    assert "accepted" in (other.locator(".hit").first.get_attribute("class") or "")
+    label, = stored_labels(base, query)
+    assert label["verdict"] == "accept"
+    other.keyboard.press("x")  # seen now: apply it
+    other.wait_for_function("document.getElementById('label-state').textContent.startsWith('labelled reject')")
+    again, = stored_labels(base, query)
+    assert again["id"] == label["id"] and again["verdict"] == "reject" and again["version"] == 2
+    page.keyboard.press("x")  # tab A still holds version 1: refused, and A now shows B's reject
+    page.wait_for_function("document.getElementById('label-state').textContent.startsWith('not saved')")
+    assert "since you saw it" in label_state(page)
+    assert "rejected" in (page.locator(".hit").first.get_attribute("class") or "")
+    other.close()
+
+
+def test_space_after_a_click_plays_and_labels_undo(served, page):
+    """After a click on Reject, `j` then Space pauses the video and labels nothing; Delete removes the label, `u`
+    brings it back; the Labels panel lists it and its filters hide it."""
+    base, index, rows, proc, log = served
+    query = rows[4]["query"]
+    page.goto(base + "/")
+    run_search(page, query)
+    page.locator("#reject").click()
+    page.wait_for_function("document.getElementById('label-state').textContent.startsWith('labelled reject')")
+    page.keyboard.press("j")
+    page.wait_for_function("!document.getElementById('player').paused", timeout=20_000)
+    page.keyboard.press(" ")
+    page.wait_for_function("document.getElementById('player').paused")
+    page.wait_for_load_state("networkidle")
+    label, = stored_labels(base, query)
+    assert label["verdict"] == "reject" and "rejected" not in (page.locator(".hit").nth(1).get_attribute("class") or "")
+    page.keyboard.press("k")
+    page.keyboard.press("Delete")
+    page.wait_for_function("document.getElementById('label-state').textContent.startsWith('not labelled')")
+    assert stored_labels(base, query) == []
+    page.keyboard.press("u")
+    page.wait_for_function("document.getElementById('label-state').textContent.startsWith('undone')")
+    assert [lab["id"] for lab in stored_labels(base, query)] == [label["id"]]
+    page.locator("#labels-panel summary").click()
+    row = page.locator(f"#labels-table tr[data-id='{label['id']}']")
+    row.wait_for()
+    assert query in row.inner_text() and "reject" in row.inner_text()
+    page.select_option("#lf-verdict", "accept")
+    assert row.count() == 0
+    page.select_option("#lf-verdict", "")
+    page.fill("#lf-text", query.upper())
+    assert page.locator(f"#labels-table tr[data-id='{label['id']}']").count() == 1
+    shot(page, "labels_panel")
+
+
+def test_api_docs_render_offline(served, page):
+    """/docs with every request that leaves localhost aborted (no internet): Swagger UI renders the API from files
+    the server itself serves, and asks nothing of any other host."""
+    base, index, rows, proc, log = served
+    foreign = []
+
+    def only_local(route):
+        host = urllib.parse.urlsplit(route.request.url).hostname
+        if host in ("127.0.0.1", "localhost"):
+            route.continue_()
+        else:
+            foreign.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(base + "/docs")
+    page.wait_for_selector(".swagger-ui .opblock-summary-path", timeout=30_000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert "/api/search" in paths and "/api/labels/{label_id}" in paths
+    assert "vmr" in page.locator(".swagger-ui .info .title").inner_text()
+    assert foreign == []
+    shot(page, "docs_offline")
+
+
+def test_the_page_asks_for_the_access_token_once(served, page):
+    """A server with tokens (as `vmr serve --host 0.0.0.0` makes): the page asks for the token, refuses a wrong
+    one, and after the right one searches; a reload does not ask again (the cookie); the printed ?token= link logs
+    a fresh browser in and leaves the token out of the address bar."""
+    from server.app import create_app
+    from tests.test_server_api import running_server
+
+    base, index, rows, proc, log = served
+    app = create_app(str(index), checkpoint=str(WORLD_RERANKER), device="cpu", tokens={"page-token-123": "ana"})
+    with running_server(app) as port:
+        local = f"http://127.0.0.1:{port}"
+        page.goto(local + "/")
+        page.wait_for_selector("#login:not([hidden])")
+        page.fill("#token", "not-the-token")
+        page.press("#token", "Enter")
+        page.wait_for_function("document.getElementById('login-state').textContent.includes('not this server')")
+        page.fill("#token", "page-token-123")
+        page.press("#token", "Enter")
+        page.wait_for_function("document.getElementById('login').hidden")
+        assert page.locator("#user").inner_text() == "· ana"
+        run_search(page, rows[0]["query"])
+        assert page.locator(".hit").count() > 0
+        page.reload()
+        page.wait_for_function("document.getElementById('status').textContent.includes('videos')")
+        assert page.locator("#login").is_hidden()
+        fresh = page.context.browser.new_page()
+        fresh.goto(local + "/?token=page-token-123&q=" + urllib.parse.quote(rows[0]["query"]))
+        fresh.wait_for_function("document.getElementById('results-info').textContent.includes('moments for')")
+        assert "token" not in fresh.url and fresh.locator("#login").is_hidden()
+        fresh.close()
+
+
 @pytest.mark.slow
 def test_search_watch_label_in_the_browser(served, page):
     base, index, rows, proc, log = served
@@ -151,7 +331,7 @@ def test_search_watch_label_in_the_browser(served, page):
     shot(page, "stopped_at_end")
 
     page.locator("#accept").click()  # label the hit (its window as found)
-    page.wait_for_function("document.getElementById('label-state').textContent.startsWith('saved')")
+    page.wait_for_function("document.getElementById('label-state').textContent.startsWith('labelled accept')")
     assert "accepted" in (hit.get_attribute("class") or "")
 
     # next hits (j): each is selected in turn; an unplayable one (escape.mp4, a copy of a world video outside the
@@ -175,6 +355,7 @@ def test_search_watch_label_in_the_browser(served, page):
     page.locator("#mark-end").click()
     page.locator("#mark-save").click()
     page.wait_for_function("document.getElementById('mark-state').textContent.startsWith('saved')")
+    assert "for “a moment marked in the browser”" in page.locator("#mark-state").inner_text()
     shot(page, "labelled")
 
     proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop

@@ -100,7 +100,7 @@ def test_page_api_works_during_an_ingest_and_shows_new_videos_after(library, ray
                 paths = search_paths(port, old_row["query"])
                 status, label = post_json(port, "/api/labels", {
                     "video_id": ids[f"{old_row['vid']}.mp4"], "query": old_row["query"],
-                    "start": 2.0, "end": 6.0 + labelled % 5, "verdict": "accept"})
+                    "start": 2.0, "end": 6.0 + labelled % 5, "verdict": "accept", "source": "mark"})
                 assert status == 201, label
                 assert f"{old_row['vid']}.mp4" in paths, paths
                 if ingest_running(index):
@@ -136,7 +136,7 @@ def test_page_api_works_during_an_ingest_and_shows_new_videos_after(library, ray
         hits = get_json(port, "/api/search?" + urllib.parse.urlencode({"q": new_row["query"], "top_k": 5}))
         new_hit = next(m for m in hits["moments"] if m["path"] == f"{new_row['vid']}.mp4")
         assert new_hit["playable"] is True
-        status, _ = post_json(port, "/api/labels", {"video_id": new_hit["video_id"], "query": new_row["query"],
+        status, _ = post_json(port, "/api/labels", {"video_id": new_hit["video_id"], "search_id": hits["search_id"],
                                                     "start": new_hit["start"], "end": new_hit["end"]})
         assert status == 201
         thumb = urllib.request.urlopen(f"http://127.0.0.1:{port}{new_hit['thumbnail_url']}", timeout=60)

@@ -4,7 +4,9 @@ Covers: search fields (== in-process search), status (the note of an ingest stop
 process holds the file), video metadata, Range requests (exact bytes), thumbnails (cache in the index), traversal
 attempts (.., encoded, absolute, a symlink planted in the video folder pointing outside; its hits say "not playable"
 and why), oversized / malformed bodies and unknown ids (4xx with a JSON error), parallel label writes + searches
-(counts consistent), `vmr labels export` (the format `vmr train --index` reads).
+(counts consistent), `vmr labels export` (the format `vmr train --index` reads), a hit's label bound to its
+search's sentence, stale writes (If-Match -> 409), delete + restore, a foreign Host (400 on every route), and a
+server with tokens (401 on every route but the page and its login; labels record the token's name).
 """
 from __future__ import annotations
 
@@ -83,8 +85,8 @@ def request(port: int, method: str, path: str, body: bytes | str | None = None, 
     """One raw HTTP request (the path goes out exactly as given): (status, headers, body bytes)."""
     con = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
-        con.putrequest(method, path, skip_accept_encoding=True)
         headers = dict(headers or {})
+        con.putrequest(method, path, skip_accept_encoding=True, skip_host="Host" in headers)
         if isinstance(body, str):
             body = body.encode()
         if body is not None and "Content-Length" not in headers and "Transfer-Encoding" not in headers:
@@ -221,7 +223,7 @@ def test_status_answers_while_another_process_holds_the_index(port, app, world):
         # requests that need the file wait lock_wait (60 s by default; shortened here), then get 503 + Retry-After
         # (a search waits the store's own 60 s: not tried here)
         app.state.vmr.lock_wait = 0.5
-        label = {"video_id": vid, "query": "while held", "start": 1.0, "end": 3.0}
+        label = {"video_id": vid, "query": "while held", "start": 1.0, "end": 3.0, "source": "mark"}
         for method, path, body in (("POST", "/api/labels", json.dumps(label)), ("GET", "/api/labels", None)):
             status, headers, reply = request(port, method, path, body, {"Content-Type": "application/json"})
             assert status == 503 and headers["retry-after"] == "2", (path, status, reply[:200])
@@ -312,7 +314,8 @@ def test_hits_whose_file_is_not_served_say_so(port, world):
 
 
 def test_bad_bodies_and_unknown_ids(port):
-    ok = {"video_id": min(video_ids(port).values()), "query": "a red circle", "start": 2.0, "end": 6.0}
+    ok = {"video_id": min(video_ids(port).values()), "query": "a red circle", "start": 2.0, "end": 6.0,
+          "source": "mark"}
     big = json.dumps({**ok, "query": "x" * 100_000})
     for headers in ({"Content-Type": "application/json"},
                     {"Content-Type": "application/json", "Transfer-Encoding": "chunked"}):
@@ -344,13 +347,14 @@ def test_parallel_label_writes_and_searches_stay_consistent(port, world):
 
     def write(i):
         status, label = post_json(port, "/api/labels", {"video_id": ids[i % len(ids)], "query": f"parallel {i % 3}",
-                                                        "start": float(i % 20), "end": float(i % 20 + 4),
+                                                        "source": "mark", "start": float(i % 20),
+                                                        "end": float(i % 20 + 4),
                                                         "verdict": "reject" if i % 4 == 0 else "accept"})
         assert status == 201, label
         if i % 5 == 0:
             assert post_json(port, f"/api/labels/{label['id']}", {"end": label["end"] + 1}, method="PATCH")[0] == 200
         if i % 7 == 0:
-            assert request(port, "DELETE", f"/api/labels/{label['id']}")[0] == 204
+            assert request(port, "DELETE", f"/api/labels/{label['id']}")[0] == 200
         return label["id"]
 
     def search(_):
@@ -379,7 +383,7 @@ def test_labels_export_is_training_input(port, world, tmp_path):
 
     vid = video_ids(port)[f"{world[2][2]['vid']}.mp4"]
     query = "a moment labelled for export"
-    for start, end, verdict, source in ((4.0, 10.0, "accept", "hit"), (20.0, 24.0, "reject", "hit"),
+    for start, end, verdict, source in ((4.0, 10.0, "accept", "mark"), (20.0, 24.0, "reject", "mark"),
                                         (12.0, 14.5, "accept", "mark")):
         status, _ = post_json(port, "/api/labels", {"video_id": vid, "query": query, "start": start, "end": end,
                                                     "verdict": verdict, "source": source})
@@ -394,3 +398,129 @@ def test_labels_export_is_training_input(port, world, tmp_path):
     assert mine[0]["relevant_windows"] == [[4.0, 10.0], [12.0, 14.5]]
     assert mine[0]["negative_windows"] == [[20.0, 24.0]]
     assert len({r["qid"] for r in records}) == len(records)
+
+
+def test_a_hit_label_takes_the_sentence_its_search_was_for(port, world):
+    """A hit's label names the search that found it (search_id) and takes that search's sentence: another
+    sentence (the search box changed since), an unknown search (the server restarted) or a window that search did
+    not find are refused; one label per (sentence, hit): a second verdict answers 409 with the first."""
+    query = world[2][3]["query"]
+    found = get_json(port, "/api/search?q=" + query.replace(" ", "+") + "&top_k=5")
+    other = get_json(port, "/api/search?q=a+yellow+star+slides+down&top_k=5")
+    assert found["search_id"] != other["search_id"]
+    hit = found["moments"][0]
+    label = {"video_id": hit["video_id"], "start": hit["start"], "end": hit["end"], "search_id": found["search_id"]}
+    status, body = post_json(port, "/api/labels", {**label, "query": "a yellow star slides down"})
+    assert status == 409 and f"found for “{query}”" in body["error"]
+    status, body = post_json(port, "/api/labels", {**label, "search_id": other["search_id"]})
+    assert status == 422 and "not a hit of search" in body["error"]
+    status, body = post_json(port, "/api/labels", {**label, "search_id": "0123456789abcdef"})
+    assert status == 409 and "search again" in body["error"]
+    status, body = post_json(port, "/api/labels", {k: v for k, v in label.items() if k != "search_id"})
+    assert status == 422 and "search_id" in body["error"]
+    status, made = post_json(port, "/api/labels", label)
+    assert status == 201 and made["query"] == query and made["search_id"] == found["search_id"]
+    assert made["orig_start"] == hit["start"] and made["version"] == 1
+    status, body = post_json(port, "/api/labels", {**label, "verdict": "reject"})  # a second tab, stale
+    assert status == 409 and body["label"]["id"] == made["id"] and body["label"]["verdict"] == "accept"
+    listed = get_json(port, "/api/labels?query=" + query.upper().replace(" ", "+"))["labels"]
+    assert [lab["id"] for lab in listed] == [made["id"]]
+
+
+def test_stale_writes_get_409_and_deletes_undo(port):
+    """If-Match names the version a tab saw (the ETag): a stale PATCH or DELETE gets 409 with the stored label;
+    a delete hides the label, restore brings it back."""
+    vid = min(video_ids(port).values())
+    status, headers, body = request(port, "POST", "/api/labels", json.dumps(
+        {"video_id": vid, "query": "two tabs", "start": 5.0, "end": 9.0, "source": "mark"}),
+        {"Content-Type": "application/json"})
+    made = json.loads(body)
+    assert status == 201 and headers["etag"] == '"1"'
+
+    def change(method, path, payload, version):
+        status, headers, body = request(port, method, path, None if payload is None else json.dumps(payload),
+                                        {"Content-Type": "application/json", "If-Match": f'"{version}"'})
+        return status, headers, json.loads(body)
+
+    status, headers, body = change("PATCH", f"/api/labels/{made['id']}", {"verdict": "reject"}, 1)
+    assert status == 200 and body["version"] == 2 and headers["etag"] == '"2"'
+    status, _, body = change("PATCH", f"/api/labels/{made['id']}", {"end": 11.0}, 1)  # the other tab saw 1
+    assert status == 409 and body["label"]["verdict"] == "reject" and "since you saw it" in body["error"]
+    assert change("DELETE", f"/api/labels/{made['id']}", None, 1)[0] == 409
+    status, _, body = change("DELETE", f"/api/labels/{made['id']}", None, 2)
+    assert status == 200 and body["deleted_at"]
+    assert made["id"] not in [lab["id"] for lab in get_json(port, "/api/labels")["labels"]]
+    status, body = post_json(port, f"/api/labels/{made['id']}/restore", {})
+    assert status == 200 and body["deleted_at"] is None and body["end"] == 9.0
+    assert made["id"] in [lab["id"] for lab in get_json(port, "/api/labels")["labels"]]
+    assert request(port, "PATCH", f"/api/labels/{made['id']}", "{}",
+                   {"Content-Type": "application/json", "If-Match": "soon"})[0] == 400
+
+
+def _every_route(app, video_id: int) -> list[tuple[str, str]]:
+    """(method, path) of every route of the app, path parameters filled in, plus a static file."""
+    out = [("GET", "/static/app.js")]
+    for route in app.routes:
+        methods = sorted(getattr(route, "methods", None) or [])
+        if not methods or "{path" in route.path:
+            continue
+        path = route.path.replace("{video_id}", str(video_id)).replace("{label_id}", "1")
+        out.append((methods[0] if methods[0] != "HEAD" else methods[-1], path))
+    return out
+
+
+def test_a_foreign_host_header_gets_400_on_every_route(port, app):
+    """DNS rebinding: a page on evil.example.com whose name points at 127.0.0.1 reads nothing."""
+    vid = min(video_ids(port).values())
+    routes = _every_route(app, vid)
+    assert len(routes) >= 12
+    for method, path in routes:
+        status, headers, body = request(port, method, path, headers={"Host": "evil.example.com"})
+        assert status == 400, (method, path, status)
+        assert "does not answer to Host 'evil.example.com'" in json.loads(body)["error"]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST"):
+        assert request(port, "GET", "/api/videos", headers={"Host": host})[0] == 200, host
+
+
+def test_a_server_with_tokens_answers_only_with_one(world):
+    """Bound beyond localhost: every route but the page and its login gets 401 without a token; a Bearer header or
+    the cookie POST /api/login sets lets one in; a label made with a token records the token's name; a name given
+    with --allow-host (a reverse proxy's) is answered, others are not."""
+    from server.app import create_app
+    from server.access import allowed_hosts, host_of, parse_tokens
+
+    assert parse_tokens(["ana=0123456789", "abcdefghij"]) == {"0123456789": "ana", "abcdefghij": "user"}
+    with pytest.raises(ValueError, match="too short"):
+        parse_tokens(["ana=short"])
+    assert host_of("[::1]:8000") == "::1" and host_of("Videos.Example.com:443") == "videos.example.com"
+    assert {"10.1.2.3", "localhost"} <= allowed_hosts("10.1.2.3")
+    secured = create_app(str(world[1]), checkpoint=str(WORLD_RERANKER), device="cpu", host="10.1.2.3",
+                         allow_hosts=("videos.example.com",), tokens={"s3cret-token": "ana"})
+    with running_server(secured) as p:
+        vid = min(v["id"] for v in json.loads(request(p, "GET", "/api/videos", headers={
+            "Authorization": "Bearer s3cret-token"})[2])["videos"] if v["playable"])
+        for method, path in _every_route(secured, vid):
+            status, _, body = request(p, method, path)
+            if path in ("/", "/static/app.js", "/favicon.ico"):
+                assert status in (200, 204), path
+            elif path == "/api/login":
+                assert status == 422  # no body: the login form's own error, not 401
+            else:
+                assert status == 401 and "access token" in json.loads(body)["error"], (method, path, status)
+        assert request(p, "GET", "/api/status", headers={"Authorization": "Bearer wrong-token"})[0] == 401
+        status, _, body = request(p, "POST", "/api/login", json.dumps({"token": "wrong-token"}),
+                                  {"Content-Type": "application/json"})
+        assert status == 401
+        status, headers, body = request(p, "POST", "/api/login", json.dumps({"token": "s3cret-token"}),
+                                        {"Content-Type": "application/json"})
+        assert status == 200 and json.loads(body) == {"user": "ana"}
+        cookie = headers["set-cookie"].split(";")[0]
+        assert "httponly" in headers["set-cookie"].lower() and "samesite=strict" in headers["set-cookie"].lower()
+        assert request(p, "GET", f"/api/videos/{vid}/file", headers={"Cookie": cookie, "Range": "bytes=0-9"})[0] == 206
+        status, _, body = request(p, "POST", "/api/labels", json.dumps(
+            {"video_id": vid, "query": "with a token", "start": 1.0, "end": 2.0, "source": "mark"}),
+            {"Content-Type": "application/json", "Cookie": cookie})
+        assert status == 201 and json.loads(body)["author"] == "ana"
+        assert request(p, "GET", "/api/status", headers={"Cookie": cookie, "Host": "videos.example.com"})[0] == 200
+        assert request(p, "GET", "/api/status", headers={"Cookie": cookie, "Host": "10.1.2.3:8000"})[0] == 200
+        assert request(p, "GET", "/api/status", headers={"Cookie": cookie, "Host": "evil.example.com"})[0] == 400

@@ -405,14 +405,30 @@ def test_output_size_truncates_like_hero(h, w, expect):
     assert sf.output_size(h, w) == expect
 
 
-def test_resize_crop_centres_and_keeps_flat_colour():
-    frames = np.zeros((2, 224, 300, 3), np.uint8)
-    frames[..., 0] = np.arange(300, dtype=np.uint8)[None, None, :] % 251
-    out = sf.resize_crop(frames)  # short side already 224: a pure crop at x = int(76 / 2) = 38
-    assert out.shape == (2, 224, 224, 3) and np.array_equal(out, frames[:, :, 38:262])
-    flat = np.full((3, 181, 97, 3), (10, 200, 77), np.uint8)
-    out = sf.resize_crop(flat)
-    assert out.shape == (3, 224, 224, 3) and np.all(out == np.array([10, 200, 77], np.uint8))
+@pytest.mark.parametrize("h,w,rotation,expect", [
+    (1080, 1920, 0, [("scale", "398:224:flags=bilinear"), ("crop", "224:224:87:0"), ("format", "rgb24")]),
+    (1080, 1920, 90, [("transpose", "cclock"), ("scale", "224:398:flags=bilinear"), ("crop", "224:224:0:87"),
+                      ("format", "rgb24")]),
+    (317, 241, 180, [("hflip", None), ("vflip", None), ("scale", "224:294:flags=bilinear"), ("crop", "224:224:0:35"),
+                     ("format", "rgb24")]),
+    (48, 64, 270, [("transpose", "clock"), ("scale", "224:298:flags=bilinear"), ("crop", "224:224:0:37"),
+                   ("format", "rgb24")])])
+def test_scale_crop_filters_are_heros_chain_on_the_displayed_picture(h, w, rotation, expect):
+    assert sf.scale_crop_filters(h, w, rotation) == expect
+
+
+def test_extractor_scaler_centres_and_keeps_flat_colour():
+    import av
+
+    picture = np.zeros((224, 301, 3), np.uint8)
+    picture[..., 0] = np.arange(301, dtype=np.uint8)[None, :] % 251
+    scaler = sf.ExtractorScaler()
+    out = scaler(av.VideoFrame.from_ndarray(picture, format="rgb24"))  # short side 224 already: a crop at x = 38
+    assert out.shape == (224, 224, 3) and np.array_equal(out, picture[:, 38:262])
+    flat = av.VideoFrame.from_ndarray(np.full((181, 97, 3), (10, 200, 77), np.uint8), format="rgb24")
+    out = scaler(flat.reformat(format="yuv444p"))  # 97 x 181 -> 224 x 418, converted back to rgb in the scale
+    assert out.shape == (224, 224, 3) and len(np.unique(out.reshape(-1, 3), axis=0)) == 1
+    assert np.abs(out[0, 0].astype(int) - (10, 200, 77)).max() <= 3  # yuv rounding only
 
 
 def test_normalise():

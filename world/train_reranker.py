@@ -39,10 +39,12 @@ TRAIN_SEED = 1000  # the test libraries use small seeds; this world is disjoint 
 FIT_SEED, FIT_VIDEOS, FIT_QUERIES = 1001, 1000, 144  # the ranking rule's validation libraries (not bench's seeds)
 
 
-def index_world(videos_dir, index_dir, workers: int | None = None):
+def index_world(videos_dir, index_dir, workers: int | None = None, reranker=None):
+    """Index world videos with the world CLIP; ``reranker``: a checkpoint recorded in the index (search and serve
+    use it without --checkpoint)."""
     summary = run_ingest(str(videos_dir), str(index_dir), clip_model=str(WORLD_CLIP_CONFIG),
                          clip_pretrained=str(WORLD_CLIP_WEIGHTS), device="cpu", ray_address=None, workers=workers,
-                         rebuild_faiss=False)
+                         rebuild_faiss=False, reranker=None if reranker is None else str(reranker))
     if summary.failed:
         raise RuntimeError(f"world videos failed to index: {summary.failed[:3]}")
     return summary

@@ -13,6 +13,7 @@
 
     load_slowfast_state(path) -> (state dict of SlowFastR50, source: "caffe2" | "pytorchvideo")
     build_slowfast(path) -> SlowFastR50 in eval mode with those weights
+    find_slowfast_weights(given, recorded) -> the file an ingest uses (given, recorded in the index, or cached)
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import zipfile
 import numpy as np
 import torch
 
-from model.errors import ModelError, weights_file_problem
+from model.errors import ModelError, WeightsNotFound, weights_file_problem
 from model.inference.slowfast import FUSED_AFTER, STAGE_DEPTHS, STAGES, SlowFastR50
 
 CAFFE2_URL = "https://dl.fbaipublicfiles.com/pyslowfast/model_zoo/kinetics400/SLOWFAST_8x8_R50.pkl"
@@ -173,3 +174,42 @@ def build_slowfast(path) -> SlowFastR50:
         model = SlowFastR50()
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+WEIGHTS_FILE = "SLOWFAST_8x8_R50.pkl"  # its name in PySlowFast's model zoo, and in the cache folder
+PYTORCHVIDEO_URL = "https://dl.fbaipublicfiles.com/pytorchvideo/model_zoo/kinetics/SLOWFAST_8x8_R50.pyth"
+
+
+def cache_dir() -> str:
+    """Where vmr looks for SlowFast weights no one named: $VMR_CACHE/slowfast, else ~/.cache/vmr/slowfast."""
+    root = os.environ.get("VMR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vmr")
+    return os.path.join(root, "slowfast")
+
+
+def find_slowfast_weights(given=None, recorded: str | None = None) -> str:
+    """The weights file of a run, as an absolute path: ``given`` (--slowfast-weights), else the one the index
+    ``recorded``, else the cache folder's SLOWFAST_8x8_R50.pkl (or .pyth). Raises one line when there is none."""
+    if given is not None:
+        path = os.path.abspath(os.fspath(given))
+        if not os.path.isfile(path):
+            raise WeightsNotFound(f"--slowfast-weights {given}: {weights_file_problem(path, OSError())}; "
+                                          f"{PUBLIC_WEIGHTS_HINT}")
+        return path
+    if recorded:
+        if not os.path.isfile(recorded):
+            raise WeightsNotFound(f"the index's SlowFast weights {recorded} are gone: pass "
+                                          "--slowfast-weights FILE (the same file: its sha256 is recorded)")
+        return recorded
+    for name in (WEIGHTS_FILE, WEIGHTS_FILE.replace(".pkl", ".pyth")):
+        path = os.path.join(cache_dir(), name)
+        if os.path.isfile(path):
+            return path
+    raise WeightsNotFound(
+        f"no SlowFast weights: {WEIGHTS_FILE} is neither given (--slowfast-weights FILE) nor in {cache_dir()}; it "
+        f"comes from the PySlowFast model zoo ({CAFFE2_URL}; pytorchvideo's hub serves a different training run, "
+        f"{PYTORCHVIDEO_URL}): download it where there is a network and pass it or put it there")
+
+
+def weights_layout(path) -> str:
+    """"caffe2" | "pytorchvideo": the layout load_slowfast_state reads ``path`` as."""
+    return "pytorchvideo" if _is_torch_file(os.fspath(path)) else "caffe2"

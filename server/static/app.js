@@ -6,18 +6,27 @@ const $ = (id) => document.getElementById(id);
 const player = $("player");
 const view = {
   query: "", hits: [], sel: -1,
+  searchSeq: 0,            // the latest search started: an older one's answer is dropped
+  undo: [],                // label changes to undo (u), newest last: {before, after} label states
   stopAt: null,            // the player pauses here (the selected moment's end)
   edit: null,              // {start, end} window being labelled (drag / inputs)
   mark: { start: null, end: null },
   videosAtSearch: null,
 };
 
-async function api(method, url, body) {
-  const init = { method, headers: {} };
+// A failed call throws an Error with .status (0: the server could not be reached) and .data (the JSON body).
+async function api(method, url, body, headers = {}) {
+  const init = { method, headers: { ...headers } };
   if (body !== undefined) { init.headers["Content-Type"] = "application/json"; init.body = JSON.stringify(body); }
-  const res = await fetch(url, init);
+  let res;
+  try {
+    res = await fetch(url, init);
+  } catch (_) {
+    throw Object.assign(new Error("cannot reach the vmr server (is `vmr serve` still running?)"), { status: 0 });
+  }
   const data = res.status === 204 ? null : await res.json().catch(() => ({ error: res.statusText }));
-  if (!res.ok) throw new Error((data && data.error) || `${res.status}`);
+  if (res.status === 401 && url !== "/api/login") showLogin();
+  if (!res.ok) throw Object.assign(new Error((data && data.error) || `${res.status}`), { status: res.status, data });
   return data;
 }
 
@@ -26,6 +35,28 @@ const clock = (s) => {
   return `${m}:${r.toFixed(1).padStart(4, "0")}`;
 };
 const hitKey = (h) => `${h.video_id}:${h.start}:${h.end}`;
+
+// ---- access token: a server bound to anything but localhost asks for it once (kept as a cookie) -------------------
+function showLogin() {
+  if (!$("login").hidden) return;
+  $("login").hidden = false;
+  $("token").focus();
+}
+
+async function login(token) {
+  try {
+    const who = await api("POST", "/api/login", { token });
+    $("login").hidden = true;
+    $("login-state").textContent = "";
+    $("user").textContent = who.user ? `· ${who.user}` : "";
+    pollStatus();
+    if (view.query) search(view.query);
+  } catch (err) {
+    showLogin();
+    $("login-state").innerHTML = `<span class="error">${escapeHtml(err.message)}</span>`;
+  }
+}
+$("login").addEventListener("submit", (e) => { e.preventDefault(); login($("token").value.trim()); });
 
 // ---- status (polled: an ingest may be running) ---------------------------------------------------------------
 async function pollStatus() {
@@ -48,33 +79,49 @@ async function pollStatus() {
 }
 
 // ---- search and the result list ------------------------------------------------------------------------------
+// The hits shown are always those of ONE finished search, and each carries that search's sentence and id: while a
+// search runs, and after one fails, no hit is listed, so a label can never go to a sentence its hit was not found for.
+function clearHits(message) {
+  view.hits = []; view.sel = -1; view.edit = null;
+  renderHits();
+  $("label-panel").hidden = true;
+  $("results-info").innerHTML = message;
+}
+
 async function search(q) {
   q = q.trim();
-  if (!q) return;
+  if (!q) { $("results-info").innerHTML = `<span class="error">type a sentence to search for</span>`; return; }
+  const seq = ++view.searchSeq;
   view.query = q;
-  $("results-info").textContent = "searching…";
+  clearHits(`searching for “${escapeHtml(q)}”…`);
   try {
     const data = await api("GET", `/api/search?q=${encodeURIComponent(q)}&top_k=20`);
-    view.hits = data.moments;
+    const byKey = await labelsOf(data.query);
+    if (seq !== view.searchSeq) return;  // a newer search started meanwhile
+    view.hits = data.moments.map((h) => ({ ...h, query: data.query, search_id: data.search_id,
+                                           label: byKey[hitKey(h)] || null }));
     view.videosAtSearch = view.videos ?? null;
     const ms = Math.round(1000 * (data.timings.total || 0));
     $("results-info").textContent = `${data.moments.length} moments for “${data.query}” (${ms} ms)`;
-    await loadLabels();
     renderHits();
     if (view.hits.length) select(0, false);
   } catch (err) {
-    $("results-info").innerHTML = `<span class="error">${escapeHtml(err.message)}</span>`;
+    if (seq !== view.searchSeq) return;
+    clearHits(`<span class="error">search failed: ${escapeHtml(err.message)}</span> — ` +
+              `<a href="#" id="retry">try again</a>`);
+    $("retry").onclick = (e) => { e.preventDefault(); search(q); };
   }
 }
 
-async function loadLabels() {
-  const data = await api("GET", `/api/labels?query=${encodeURIComponent(view.query)}`);
+// {hitKey: label} of the hits labelled for a sentence (case and spacing aside, as the server compares them)
+async function labelsOf(query) {
+  const data = await api("GET", `/api/labels?query=${encodeURIComponent(query)}`);
   const byKey = {};
   for (const l of data.labels) {
     if (l.source !== "hit" || l.video_id === null) continue;
     byKey[`${l.video_id}:${l.orig_start ?? l.start}:${l.orig_end ?? l.end}`] = l;
   }
-  for (const h of view.hits) h.label = byKey[hitKey(h)] || null;
+  return byKey;
 }
 
 function renderHits() {
@@ -130,15 +177,16 @@ function select(i, autoplay) {
   const h = view.hits[i];
   view.edit = h.label ? { start: h.label.start, end: h.label.end } : { start: h.start, end: h.end };
   $("label-panel").hidden = false;
+  $("label-query").textContent = `“${h.query}”`;
   showEdit();
   $("now-playing").textContent = `${h.path} · ${clock(h.start)} – ${clock(h.end)}`;
-  $("label-state").textContent = h.label ? `labelled: ${h.label.verdict}` : "";
+  showLabelState(h);
   if (h.playable === false) {
     stopPlayer();
     $("now-playing").innerHTML += ` · <span class="error">${escapeHtml(h.unplayable_reason || "file not served")}</span>`;
     return;
   }
-  playRange(h.video_url, h.start, h.end, autoplay);
+  playRange(h.video_url, view.edit.start, view.edit.end, autoplay);  // an adjusted hit plays as adjusted
 }
 
 function stopPlayer() {
@@ -229,26 +277,119 @@ $("set-start").onclick = () => setEdge("start", player.currentTime);
 $("set-end").onclick = () => setEdge("end", player.currentTime);
 
 // ---- labels --------------------------------------------------------------------------------------------------
-async function verdict(v) {
-  const i = view.sel, h = view.hits[i];
-  if (!h) return;
-  const state = $("label-state");
+// Every write names the label version this tab saw (If-Match); a stale tab's write gets 409 with the stored label,
+// which is then shown (and a repeat of the key applies the change to it).
+const ifMatch = (label) => ({ "If-Match": `"${label.version}"` });
+const by = (l) => (l.author ? ` by ${l.author}` : "");
+
+function showLabelState(h, note) {
+  const l = h.label;
+  const text = l ? `labelled ${l.verdict}${by(l)}: ${clock(l.start)} – ${clock(l.end)} (label ${l.id})` : "not labelled";
+  $("label-state").innerHTML = (note ? `${note} · ` : "") + escapeHtml(text);
+  $("delete").disabled = !l;
+}
+
+// Put a label state (from the server) on the hit that shows it, if that hit is listed.
+function showLabel(label) {
+  const i = view.hits.findIndex((h) => h.label && h.label.id === label.id ||
+    (label.source === "hit" && h.video_id === label.video_id && h.start === label.orig_start &&
+     h.end === label.orig_end && h.query.toLowerCase() === label.query.toLowerCase()));
+  if (i < 0) return;
+  view.hits[i].label = label.deleted_at ? null : label;
+  paintLabel(i);
+  if (i === view.sel) showLabelState(view.hits[i]);
+}
+
+// Run one label write; a 409 (a stale tab, a hit labelled elsewhere) shows the stored label instead.
+async function labelWrite(write, done) {
   try {
-    const body = { start: view.edit.start, end: view.edit.end, verdict: v };
-    h.label = h.label
-      ? await api("PATCH", `/api/labels/${h.label.id}`, body)
-      : await api("POST", "/api/labels", { ...body, video_id: h.video_id, query: view.query, source: "hit",
-                                           orig_start: h.start, orig_end: h.end, score: h.score });
-    state.textContent = `saved: ${v} ${clock(h.label.start)} – ${clock(h.label.end)} (label ${h.label.id})`;
-    paintLabel(i);
+    const label = await write();
+    done(label);
+    showLabel(label);
+    refreshLabels();
     pollStatus();
+    return label;
   } catch (err) {
-    state.innerHTML = `<span class="error">${escapeHtml(err.message)}</span>`;
+    const stored = err.status === 409 && err.data && err.data.label;
+    if (stored) showLabel(stored);
+    $("label-state").innerHTML = `<span class="error">not saved: ${escapeHtml(err.message)}</span> — ` +
+      (stored ? "the stored label is shown now; repeat to apply yours" : "repeat to retry");
+    return null;
   }
 }
+
+async function verdict(v) {
+  const h = view.hits[view.sel];
+  if (!h || !view.edit) return;
+  const before = h.label;
+  const body = { start: view.edit.start, end: view.edit.end, verdict: v };
+  await labelWrite(() => before
+    ? api("PATCH", `/api/labels/${before.id}`, body, ifMatch(before))
+    : api("POST", "/api/labels", { ...body, video_id: h.video_id, search_id: h.search_id, query: h.query,
+                                   source: "hit", orig_start: h.start, orig_end: h.end, score: h.score }),
+  (after) => view.undo.push({ before, after }));
+}
+
+async function deleteLabel(label) {
+  await labelWrite(() => api("DELETE", `/api/labels/${label.id}`, undefined, ifMatch(label)),
+                   (after) => view.undo.push({ before: label, after }));
+}
+
+// Undo the newest label change of this tab: a new label is deleted, a deleted one restored, a change reverted.
+async function undo() {
+  const step = view.undo.pop();
+  if (!step) { $("label-state").textContent = "nothing to undo"; return; }
+  const { before, after } = step;
+  let write;
+  if (!before) write = () => api("DELETE", `/api/labels/${after.id}`, undefined, ifMatch(after));
+  else if (after.deleted_at) write = () => api("POST", `/api/labels/${after.id}/restore`, {});
+  else write = () => api("PATCH", `/api/labels/${after.id}`,
+                         { start: before.start, end: before.end, verdict: before.verdict }, ifMatch(after));
+  const label = await labelWrite(write, () => {});
+  if (label) $("label-state").textContent = `undone: label ${label.id} ${label.deleted_at ? "deleted" : label.verdict}`;
+}
+
 $("accept").onclick = () => verdict("accept");
 $("reject").onclick = () => verdict("reject");
 $("replay").onclick = replay;
+$("delete").onclick = () => { const h = view.hits[view.sel]; if (h && h.label) deleteLabel(h.label); };
+$("undo").onclick = undo;
+
+// ---- the labels panel: every label and mark of the index ------------------------------------------------------
+async function refreshLabels() {
+  if (!$("labels-panel").open) return;
+  try {
+    view.allLabels = (await api("GET", "/api/labels")).labels;
+  } catch (err) {
+    $("labels-info").innerHTML = `<span class="error">${escapeHtml(err.message)}</span>`;
+    return;
+  }
+  renderLabels();
+}
+
+function renderLabels() {
+  const text = $("lf-text").value.trim().toLowerCase(), v = $("lf-verdict").value, src = $("lf-source").value;
+  const rows = (view.allLabels || []).filter((l) => (!text || l.query.toLowerCase().includes(text) ||
+    l.path.toLowerCase().includes(text)) && (!v || l.verdict === v) && (!src || l.source === src)).reverse();
+  $("labels-info").textContent = `${rows.length} of ${(view.allLabels || []).length} labels`;
+  const body = $("labels-table").tBodies[0];
+  body.innerHTML = "";
+  for (const l of rows) {
+    const tr = document.createElement("tr");
+    tr.dataset.id = l.id;
+    tr.innerHTML = `<td>${escapeHtml(l.query)}</td><td>${escapeHtml(l.path)}</td>` +
+      `<td>${clock(l.start)} – ${clock(l.end)}</td><td class="${l.verdict}">${l.verdict}</td><td>${l.source}</td>` +
+      `<td>${escapeHtml(l.author || "")}</td><td><button type="button" class="play">Play</button> ` +
+      `<button type="button" class="del">Delete</button></td>`;
+    tr.querySelector(".play").onclick = () => {
+      if (l.video_id !== null) playRange(`/api/videos/${l.video_id}/file`, l.start, l.end, true);
+    };
+    tr.querySelector(".del").onclick = () => deleteLabel(l);
+    body.appendChild(tr);
+  }
+}
+$("labels-panel").addEventListener("toggle", refreshLabels);
+for (const id of ["lf-text", "lf-verdict", "lf-source"]) $(id).addEventListener("input", renderLabels);
 
 function currentVideoId() {
   const m = /\/api\/videos\/(\d+)\/file/.exec(player.getAttribute("src") || "");
@@ -269,28 +410,46 @@ $("mark-save").onclick = async () => {
   try {
     const l = await api("POST", "/api/labels", { video_id: vid, query: q, start: Math.min(view.mark.start, view.mark.end),
                                                  end: Math.max(view.mark.start, view.mark.end), verdict: "accept", source: "mark" });
-    state.textContent = `saved (label ${l.id})`;
-    view.mark = { start: null, end: null }; showMark(); pollStatus();
+    state.textContent = `saved: ${clock(l.start)} – ${clock(l.end)} for “${l.query}” (label ${l.id})`;
+    view.mark = { start: null, end: null };
+    $("mark-range").textContent = "–";
+    view.undo.push({ before: null, after: l });
+    refreshLabels(); pollStatus();
   } catch (err) {
     state.innerHTML = `<span class="error">${escapeHtml(err.message)}</span>`;
   }
 };
 
 // ---- keyboard ------------------------------------------------------------------------------------------------
+// Keys act on the page, never on the focused control: after a click on Reject, focus stays on it, and Space (play /
+// pause, as in every video player) or Enter must not reject the next hit.
+function togglePlay() {
+  if (!player.getAttribute("src")) return;
+  if (player.paused) player.play().catch(() => {}); else player.pause();
+}
+
 document.addEventListener("keydown", (e) => {
-  const typing = ["INPUT", "TEXTAREA"].includes(e.target.tagName);
+  const typing = ["INPUT", "TEXTAREA", "SELECT"].includes(e.target.tagName);
   if (typing) { if (e.key === "Escape") e.target.blur(); return; }
   if (e.ctrlKey || e.metaKey || e.altKey) return;
   const actions = {
     j: () => select(view.sel + 1, true), ArrowDown: () => select(view.sel + 1, true),
     k: () => select(view.sel - 1, true), ArrowUp: () => select(view.sel - 1, true),
-    r: replay, a: () => verdict("accept"), x: () => verdict("reject"),
+    r: replay, a: () => verdict("accept"), x: () => verdict("reject"), " ": togglePlay,
+    u: undo, Delete: () => $("delete").click(),
     "[": () => setEdge("start", player.currentTime), "]": () => setEdge("end", player.currentTime),
     "/": () => $("q").focus(),
     m: () => { $("mark-panel").open = true; $("mark-query").focus(); },
   };
   if (actions[e.key]) { e.preventDefault(); actions[e.key](); }
 });
+// A button clicked with the mouse gives focus back to the page (keyboard activation, e.detail 0, keeps it).
+document.addEventListener("click", (e) => {
+  const button = e.target.closest && e.target.closest("button");
+  if (button && e.detail > 0) button.blur();
+});
+// A button activates on Space's keyup: cancel that too, so only the page's action happens.
+document.addEventListener("keyup", (e) => { if (e.key === " " && e.target.tagName !== "INPUT") e.preventDefault(); });
 
 $("search-form").addEventListener("submit", (e) => { e.preventDefault(); search($("q").value); $("q").blur(); });
 
@@ -298,7 +457,17 @@ function escapeHtml(s) {
   return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 }
 
-pollStatus();
-setInterval(pollStatus, 3000);
-const initial = new URLSearchParams(location.search).get("q");
-if (initial) { $("q").value = initial; search(initial); }
+async function start() {
+  const params = new URLSearchParams(location.search);
+  const token = params.get("token");
+  if (token) {  // a link with the token (printed by `vmr serve`): log in, then keep it out of the address bar
+    params.delete("token");
+    history.replaceState(null, "", location.pathname + (params.toString() ? `?${params}` : ""));
+    await login(token);
+  }
+  pollStatus();
+  setInterval(pollStatus, 3000);
+  const initial = params.get("q");
+  if (initial) { $("q").value = initial; search(initial); }
+}
+start();
