@@ -160,19 +160,21 @@ def transcribe_videos(lib, root: str, choice: WhisperChoice, stops, ray, progres
     """Transcribe every indexed video the speech channel has not settled; returns {videos, audio_s, seconds,
     states {state: n}}. ``ray``: an initialised Ray module. Stops (KeyboardInterrupt) at a safe point after a
     stop signal: what was committed stays."""
-    record_channel(lib, choice)
     with lib.session() as con:
         done = transcripts.settled(con, CHANNEL)
     todo = collections.deque(v for v in lib.videos(status="indexed") if int(v["id"]) not in done)
     summary = {"videos": 0, "audio_s": 0.0, "seconds": 0.0, "states": {}}
     t0 = time.monotonic()
-    if todo:
+    if not todo:
+        record_channel(lib, choice)  # refuses another model even when there is nothing new
+    else:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         n_actors = max(1, cpus // 8)  # CTranslate2 threads scale to ~8 cores per model
         actor_cls = ray.remote(num_cpus=min(1, cpus), max_restarts=2, max_task_retries=2)(SpeechWorker)
         actors = [actor_cls.remote(choice, max(1, cpus // n_actors)) for _ in range(n_actors)]
         try:
-            _check_language(ray, actors[0], choice)
+            _check_language(ray, actors[0], choice)  # before the record: a refused setting is never recorded
+            record_channel(lib, choice)
             _run(lib, root, todo, actors, stops, ray, summary, progress)
         finally:
             for actor in actors:

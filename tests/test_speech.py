@@ -113,6 +113,23 @@ def test_no_audio_and_silent_videos_index_visually_with_reasons(indexed):
     assert "mute.mp4: no_audio: no audio stream" in text and "channel 'speech'" in text
 
 
+def test_cli_search_and_status_json_carry_the_channel(indexed):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli import main
+
+    found = CliRunner().invoke(main, ["search", '"open the red door"', "--index", indexed["index"], "--no-rerank",
+                                      "--channel", "speech", "--json"])
+    assert found.exit_code == 0, found.output
+    hits = json.loads(found.stdout)
+    assert [(h["path"], h["channels"]) for h in hits] == [("kitchen.mp4", ["speech"])]
+    assert hits[0]["matched_text"].lower().strip(".") == "open the red door"
+    status = CliRunner().invoke(main, ["status", "--index", indexed["index"], "--json"])
+    assert json.loads(status.stdout)["channels"]["speech"]["states"] == {"ok": 2, "no_audio": 1, "no_speech": 1}
+
+
 def test_deleted_video_leaves_the_text_index(engine):
     assert engine.search("purple elephant", top_k=5, channels=["speech"]).moments == []
 
@@ -140,3 +157,17 @@ def test_channel_the_index_lacks_is_refused(tmp_path, engine):
 
     with pytest.raises(VmrError, match="unknown channel 'ocr'"):
         engine.search("door", channels=["ocr"])
+
+
+def test_language_the_model_cannot_read_is_refused(tmp_path, ray_session):
+    from indexer.ingest import run_ingest
+    from store.errors import VmrError
+    from store.status import library_status
+
+    make_talking_video(tmp_path / "v" / "one.mp4", 4.0, [(0.5, "good morning")])
+    with pytest.raises(VmrError, match="--speech-language fr: Whisper whisper-tiny.en reads only en"):
+        run_ingest(str(tmp_path / "v"), str(tmp_path / "i"), clip_model=str(WORLD_CLIP_CONFIG),
+                   clip_pretrained=str(WORLD_CLIP_WEIGHTS), device="cpu", progress=False,
+                   channels=["visual", "speech"], speech_language="fr")
+    info = library_status(tmp_path / "i")
+    assert info["indexed"] == 1 and info["channels"] == {}  # the visual work stays; nothing recorded for speech
