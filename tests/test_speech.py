@@ -171,3 +171,76 @@ def test_language_the_model_cannot_read_is_refused(tmp_path, ray_session):
                    channels=["visual", "speech"], speech_language="fr")
     info = library_status(tmp_path / "i")
     assert info["indexed"] == 1 and info["channels"] == {}  # the visual work stays; nothing recorded for speech
+
+
+def _transcripts(index_dir) -> dict:
+    """{path: [(start, end, text, words)]} of an index's speech, and its settled videos' states."""
+    from store import db
+
+    con = db.connect(index_dir, read_only=True)
+    try:
+        rows = con.execute('SELECT v.path, s.start, s."end", s.text, s.words FROM text_segments s JOIN videos v '
+                           'ON v.id = s.video_id ORDER BY v.path, s.idx').fetchall()
+        states = dict(con.execute("SELECT v.path, r.state FROM channel_runs r JOIN videos v ON v.id = r.video_id")
+                      .fetchall())
+    finally:
+        con.close()
+    out: dict = {}
+    for path, *seg in rows:
+        out.setdefault(path, []).append(tuple(seg[:3]) + (tuple(seg[3]),))
+    return {"segments": out, "states": states}
+
+
+@pytest.mark.slow
+def test_kill_9_during_speech_ingest_resumes_to_the_clean_index(tmp_path, ray_session):
+    """`vmr index --channels visual,speech` in another process (joined to this Ray), killed -9 once it has
+    transcribed a video, then resumed: the same transcripts as a run never stopped, and search finds them."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from indexer.ingest import run_ingest
+    from retriever.search import SearchEngine
+    from store import db
+
+    root = tmp_path / "v"
+    for i, sentence in enumerate(["open the red door", "bring me a cup of tea", "the train leaves at noon",
+                                  "please close the window", "the dog sleeps under the table"]):
+        make_talking_video(root / f"t{i}.mp4", 6.0, [(1.0, sentence)], 20, seed=i)
+
+    def ingest(index, channels):
+        return run_ingest(str(root), str(index), clip_model=str(WORLD_CLIP_CONFIG),
+                          clip_pretrained=str(WORLD_CLIP_WEIGHTS), device="cpu", progress=False, channels=channels)
+
+    ingest(tmp_path / "clean", ["visual", "speech"])
+    killed = tmp_path / "killed"
+    ingest(killed, ["visual"])
+    cmd = [sys.executable, "-m", "cli", "index", str(root), "--index", str(killed), "--channels", "visual,speech",
+           "--ray-address", ray_session.get_runtime_context().gcs_address]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(cmd, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    kill_after = random.Random(os.getpid()).uniform(0.0, 2.0)  # seconds after the first transcript is committed
+    deadline, seen = time.monotonic() + 300, None
+    while proc.poll() is None and time.monotonic() < deadline:
+        if seen is None:
+            con = db.connect(killed, read_only=True)
+            try:
+                if con.execute("SELECT count(*) FROM channel_runs").fetchone()[0]:
+                    seen = time.monotonic()
+            finally:
+                con.close()
+        if seen is not None and time.monotonic() - seen >= kill_after:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.3)
+    proc.wait(timeout=60)
+    resumed = ingest(killed, ["visual", "speech"])
+    assert resumed.speech["videos"] < 5  # what the killed run committed is not transcribed again
+    assert _transcripts(killed) == _transcripts(tmp_path / "clean")
+    with SearchEngine(str(killed), rerank=False, device="cpu") as engine:
+        hits = engine.search('"red door"', top_k=3, channels=["speech"]).moments
+    assert [h["path"] for h in hits] == ["t0.mp4"]
