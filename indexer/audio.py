@@ -51,12 +51,13 @@ def decode_audio(path: str) -> Audio:
         video_start = (float(video.start_time * video.time_base) if video is not None and video.start_time is not None
                        else 0.0)
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        chunks, first_time, broken = [], None, None
+        chunks, first_time, broken, damaged = [], None, None, 0
         try:
             for packet in container.demux(stream):
                 try:
                     frames = packet.decode()
                 except av.error.InvalidDataError:
+                    damaged += 1
                     continue  # a damaged packet: skipped, as ffmpeg does
                 for frame in frames:
                     if first_time is None and frame.pts is not None:
@@ -69,8 +70,8 @@ def decode_audio(path: str) -> Audio:
         container.close()
     samples = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
     offset = max(0.0, (first_time or 0.0) - video_start)
-    if broken and not len(samples):
-        return Audio(None, state="failed", reason=f"audio stream undecodable: {broken}")
+    if not len(samples) and (broken or damaged):
+        return Audio(None, state="failed", reason=f"audio stream undecodable: {broken or f'{damaged} damaged packets'}")
     if not len(samples):
         return Audio(None, state="no_speech", reason="empty audio stream")
     if float(np.abs(samples).max()) < SILENCE_PEAK:
