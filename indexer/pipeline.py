@@ -146,23 +146,7 @@ class Pipeline:
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def _start_ray(self):
-        import ray
-
-        self.started_ray = False
-        if not ray.is_initialized():
-            os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
-            # Ray announces on every start that a local cluster uses token authentication (its default): not news
-            # to act on. Only that notice is dropped; a warning that authentication is OFF still shows.
-            logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-                lambda record: not record.getMessage().startswith("Token authentication is enabled"))
-            try:
-                with ray_keeps_our_handlers(ray, self.stops):
-                    ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=False,
-                             configure_logging=False)
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                raise VmrError(f"cannot start/join Ray ({self.ray_address or 'local'}): "
-                               f"{str(err).splitlines()[0]}") from None
-            self.started_ray = True
+        ray, self.started_ray = start_ray(self.ray_address, self.stops)
         return ray
 
     def _start_actors(self, ray, model_id: str, kinds: set) -> None:
@@ -305,6 +289,29 @@ class Pipeline:
                 return {"video_id": video.video_id, "first_clip": first, "n": 0, "sf_n": 0,
                         "error": f"decode task lost: {first_line(err)}"}
             return None
+
+
+def start_ray(ray_address: str | None, stops: StopSignals):
+    """(ray, whether this call started it): joins ``ray_address``, or the caller's running Ray, or starts a local
+    one, keeping our stop-signal handlers (indexer.stop_signals)."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+        # Ray announces on every start that a local cluster uses token authentication (its default): not news
+        # to act on. Only that notice is dropped; a warning that authentication is OFF still shows.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda record: not record.getMessage().startswith("Token authentication is enabled"))
+        try:
+            with ray_keeps_our_handlers(ray, stops):
+                ray.init(address=ray_address, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise VmrError(f"cannot start/join Ray ({ray_address or 'local'}): "
+                           f"{str(err).splitlines()[0]}") from None
+        started = True
+    return ray, started
 
 
 def _record_segment(video: Video, first: int, info: dict) -> list:

@@ -74,13 +74,15 @@ def video_windows(video: dict, features: tuple, query: np.ndarray, seeds: list[i
 
 def coarse_candidates(library, query: np.ndarray, cfg: CoarseConfig | None = None,
                       videos: dict[int, dict] | None = None, timings: dict | None = None,
-                      clip_seconds: float = CLIP_SECONDS) -> list[Window]:
+                      clip_seconds: float = CLIP_SECONDS, extra_seeds: dict[int, list[int]] | None = None) -> list[Window]:
     """Top candidate windows for a query embedding.
 
     Args: library: an open ``store.coarse_store.CoarseStore`` (a Library, or a LibrarySet); query: np.float32 [D], L2-normalised; timings: if given,
         receives the seconds spent in "coarse" (index search) and "windows" (exact scores, window placement);
-        clip_seconds: the index's clip length.
-    Returns: windows sorted by coarse score, best first (≤ cfg.n_windows).
+        clip_seconds: the index's clip length; extra_seeds: {video id: [clip]} proposed by another channel (the
+        text hits of retriever.fusion): a window around each, scored alike, is added after the best ones unless one
+        of them already holds that clip, so that the visual stage alone does not decide what the reranker sees.
+    Returns: windows sorted by coarse score, best first (≤ cfg.n_windows), then the seeded windows.
     """
     cfg = cfg or CoarseConfig()
     t0 = time.perf_counter()
@@ -99,20 +101,29 @@ def coarse_candidates(library, query: np.ndarray, cfg: CoarseConfig | None = Non
         if ev is not None:  # the event's middle clip seeds a window
             seeds[vid].append(int((ev["start"] + ev["end"]) / 2 // clip_seconds))
             best[vid] = max(best[vid], float(score))
+    extra_seeds = extra_seeds or {}
     if videos is None:
-        videos = {v: row for v, row in library.videos_by_id(best).items() if row.get("status") == "indexed"}
+        videos = {v: row for v, row in library.videos_by_id(set(best) | set(extra_seeds)).items()
+                  if row.get("status") == "indexed"}
     ranked = [v for v in sorted(best, key=lambda v: -best[v]) if v in videos][: cfg.max_videos]
     t1 = time.perf_counter()
-    features = features_of(library, ranked, clip_seconds, events_of)
+    features = features_of(library, sorted(set(ranked) | {v for v in extra_seeds if v in videos}), clip_seconds,
+                           events_of)
     windows = []
     for vid in ranked:
         windows += video_windows(videos[vid], features[vid], query, seeds[vid], cfg.max_windows_per_video,
                                  clip_seconds, cfg.window_clips)
     windows.sort(key=lambda w: -w.score)
+    windows = windows[: cfg.n_windows]
+    for vid, clips in extra_seeds.items():
+        for clip in clips:
+            held = any(w.video_id == vid and w.first_clip <= clip < w.last_clip for w in windows)
+            if vid in videos and not held:
+                windows += video_windows(videos[vid], features[vid], query, [clip], 1, clip_seconds, cfg.window_clips)
     if timings is not None:
         timings["coarse"] = timings.get("coarse", 0.0) + t1 - t0
         timings["windows"] = timings.get("windows", 0.0) + time.perf_counter() - t1
-    return windows[: cfg.n_windows]
+    return windows
 
 
 def with_spans(feats: np.ndarray, events: list[dict], clip_seconds: float) -> tuple[np.ndarray, list[tuple[int, int]]]:

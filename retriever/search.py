@@ -6,6 +6,9 @@
                                       that fit the rerank time budget (RERANK_BUDGET_S; the rest stay coarse)
           --merge.nms_merge--> ranked list, score = the checkpoint's merge.ScoreRule (model score + fitted
                                coarse weight)
+    query --text index (store.text_index)--> speech moments (matched words' span on the clip grid), which also
+          seed candidate windows --fusion.fuse--> one list by weighted reciprocal-rank fusion (an index with a
+          text channel; retriever.fusion)
 
 Without a reranker (``rerank=False``, or no checkpoint) each window's coarse moment (its best pseudo-event) is
 returned, flagged ``"reranked": false``. ``SearchEngine`` keeps the library, CLIP and reranker loaded for many
@@ -25,9 +28,10 @@ import numpy as np
 from model.errors import ModelError
 from model.spans import paired_iou
 from retriever.coarse import CoarseConfig, coarse_candidates
+from retriever.fusion import CHANNELS, TEXT_CHANNELS, FusionConfig, fuse, seeds_of, text_moments
 from retriever.merge import NMS_IOU, Moment, ScoreRule, nms_merge
 from retriever.windows import Window, index_clip_seconds
-from store import kinds
+from store import kinds, text_index
 from store.clip_source import CLIPSource
 from store.coarse_store import LibrarySet
 from store.errors import VmrError
@@ -35,7 +39,7 @@ from store.library import Library
 from store.status import incomplete_note, library_status
 
 log = logging.getLogger("vmr.search")
-STAGES = ("text_encode", "coarse", "windows", "rerank", "merge")
+STAGES = ("text_encode", "text_search", "coarse", "windows", "rerank", "merge")
 # Seconds the rerank stage may take per query (None: every candidate window). The reranker scores the coarse
 # windows best first, each forward as many as fit the time left (Reranker.rerank); the rest keep their coarse
 # moment, ranked below every reranked one. 1.5 s leaves ~0.4 s of a 2-s search for the other stages at 10^3 videos
@@ -102,7 +106,7 @@ class SearchEngine:
 
     def __init__(self, index_dir, checkpoint: str | None = None, rerank: bool = True, device: str = "auto",
                  coarse: CoarseConfig | None = None, precision: str = "auto",
-                 rerank_budget_s: float | None = RERANK_BUDGET_S):
+                 rerank_budget_s: float | None = RERANK_BUDGET_S, fusion: FusionConfig | None = None):
         dirs = [str(index_dir)] if isinstance(index_dir, (str, os.PathLike)) else [str(d) for d in index_dir]
         self.index_dir = ", ".join(dirs)
         libraries = [open_library(d) for d in dirs]
@@ -130,6 +134,44 @@ class SearchEngine:
                 self.coarse_cfg = replace(self.coarse_cfg, window_clips=self.reranker.data_cfg.max_v_l)
         elif rerank:
             self.fallback_reason = "no reranker checkpoint given (--checkpoint): coarse moments only"
+        self.fusion = fusion or FusionConfig.load()
+        self.text_index = self._open_text_index(libraries)
+
+    def _open_text_index(self, libraries: list[Library]):
+        """The text index of a one-library engine whose index holds a text channel (synced with its DuckDB, rebuilt
+        if missing or damaged), else None."""
+        self.text_channels = [c for c in TEXT_CHANNELS if c in (self.meta.get("channels") or {})]
+        if not self.text_channels or len(libraries) != 1 or not text_index.available():
+            self.text_channels = []
+            return None
+        index = text_index.TextIndex(libraries[0].index_dir)
+        with libraries[0].session() as con:
+            index.sync(con)
+        return index
+
+    def channels_of(self, asked: list[str] | None) -> list[str]:
+        """The channels a search uses: ``asked`` (None: every one the index holds), refused in one line when the
+        index lacks one."""
+        held = ["visual", *self.text_channels]
+        if asked is None:
+            return held
+        for channel in asked:
+            if channel not in CHANNELS:
+                raise VmrError(f"unknown channel {channel!r}: give any of {', '.join(CHANNELS)}")
+            if channel not in held:
+                raise VmrError(f"the index {self.index_dir} holds no {channel} channel (it holds {', '.join(held)}): "
+                               f"add it with `vmr index DIR --index IDX --channels visual,{channel}`")
+        return list(asked)
+
+    def text_hits(self, query: str, channels: list[str]) -> list[dict]:
+        """The text channels' moments of ``query`` (retriever.fusion.text_moments), best first."""
+        wanted = [c for c in channels if c in self.text_channels]
+        if not wanted or self.text_index is None:
+            return []
+        with self.library.session() as con:
+            segments = self.text_index.matching_segments(con, query, self.fusion.depth, wanted)
+            videos = self.library.videos_by_id({s["video_id"] for s in segments})
+        return text_moments(segments, query, videos, self.clip_seconds)
 
     def close(self) -> None:
         self.library.close()
@@ -154,24 +196,56 @@ class SearchEngine:
         tokens = self.encoder.encode_text_tokens([query])[0] if self.reranker is not None else None
         return pooled, tokens
 
-    def candidates(self, pooled: np.ndarray, timings: dict | None = None) -> list[Window]:
-        """Scored candidate windows, best first. ``timings`` gets "coarse" (opening the index for this query,
-        FAISS, the hit videos' rows) and "windows" (exact scores, window placement)."""
+    def candidates(self, pooled: np.ndarray, timings: dict | None = None,
+                   extra_seeds: dict[int, list[int]] | None = None) -> list[Window]:
+        """Scored candidate windows, best first (then those around ``extra_seeds``, retriever.coarse). ``timings``
+        gets "coarse" (opening the index for this query, FAISS, the hit videos' rows) and "windows" (exact scores,
+        window placement)."""
         with self.library.session():  # one read connection for the whole query
-            return coarse_candidates(self.library, pooled, self.coarse_cfg, None, timings, self.clip_seconds)
+            return coarse_candidates(self.library, pooled, self.coarse_cfg, None, timings, self.clip_seconds,
+                                     extra_seeds)
 
     def search(self, query: str, top_k: int = 10, rerank: bool | None = None,
-               rule: ScoreRule | None = None) -> SearchResult:
+               rule: ScoreRule | None = None, channels: list[str] | None = None) -> SearchResult:
         """Best moments for ``query``, best first, with the seconds each stage took.
 
-        rerank: None = rerank when a reranker is loaded; rule: the ranking rule (default: the checkpoint's).
+        rerank: None = rerank when a reranker is loaded; rule: the ranking rule (default: the checkpoint's);
+        channels: the channels that propose moments (None: all the index holds; retriever.fusion). Each moment
+        says its ``channels`` and ``matched_text``; with a text channel they are fused (``fusion_score``).
         """
+        channels = self.channels_of(channels)
+        t0 = time.perf_counter()
+        texts = self.text_hits(query, channels)
+        t_text = time.perf_counter() - t0
+        if "visual" not in channels:
+            moments = fuse({c: [m for m in texts if m["channel"] == c] for c in channels}, self.fusion, top_k)
+            return SearchResult(moments, {**dict.fromkeys(STAGES, 0.0), "text_search": t_text,
+                                          "total": time.perf_counter() - t0})
+        seeds = seeds_of(texts, self.fusion, self.clip_seconds)
+        depth = max(top_k, self.fusion.depth) if self.text_channels else top_k
+        result = self._visual_search(query, depth, rerank, rule, seeds)
+        result.timings["text_search"] = t_text
+        if self.text_channels:
+            proposals = {"visual": result.moments, **{c: [m for m in texts if m["channel"] == c]
+                                                     for c in channels if c != "visual"}}
+            t1 = time.perf_counter()
+            result.moments = fuse(proposals, self.fusion, top_k)
+            result.timings["merge"] += time.perf_counter() - t1
+        else:
+            for m in result.moments:
+                m.update(channels=["visual"], matched_text=None)
+        result.timings["total"] = time.perf_counter() - t0
+        return result
+
+    def _visual_search(self, query: str, top_k: int, rerank: bool | None, rule: ScoreRule | None,
+                       seeds: dict[int, list[int]]) -> SearchResult:
+        """The visual channel: CLIP coarse stage (with the text hits' seed windows) and the reranker."""
         timings = dict.fromkeys(STAGES, 0.0)
         t0 = time.perf_counter()
         use_rerank = self.reranker is not None and (rerank is None or bool(rerank))
         pooled, tokens = self.encode_query(query)
         timings["text_encode"] = time.perf_counter() - t0
-        windows = self.candidates(pooled, timings)
+        windows = self.candidates(pooled, timings, seeds)
         t1 = time.perf_counter()
         depth = {"windows": len(windows), "reranked": 0}
         if use_rerank:
@@ -236,7 +310,7 @@ def open_library(index_dir: str) -> Library:
 
 def search_library(query: str, index_dir: str, top_k: int = 10, checkpoint: str | None = None,
                    rerank: bool = True, device: str = "auto", precision: str = "auto",
-                   rerank_budget_s: float | None = RERANK_BUDGET_S) -> SearchResult:
+                   rerank_budget_s: float | None = RERANK_BUDGET_S, channels: list[str] | None = None) -> SearchResult:
     """One query against the index at ``index_dir``, or several searched as one (a list), as `vmr search` runs
     it. Errors: one-line VmrError."""
     if not isinstance(query, str) or not query.strip():
@@ -246,7 +320,7 @@ def search_library(query: str, index_dir: str, top_k: int = 10, checkpoint: str 
                           precision=precision, rerank_budget_s=rerank_budget_s) as engine:
             if engine.fallback_reason:
                 log.warning("%s", engine.fallback_reason)
-            result = engine.search(query, top_k=top_k)
+            result = engine.search(query, top_k=top_k, channels=channels)
     except ModelError as err:
         raise VmrError(str(err)) from None
     for one in [index_dir] if isinstance(index_dir, (str, os.PathLike)) else index_dir:
@@ -257,17 +331,20 @@ def search_library(query: str, index_dir: str, top_k: int = 10, checkpoint: str 
 
 
 def describe_results(results: list[dict]) -> str:
-    """A readable table: rank, start-end, score (coarse), file."""
+    """A readable table: rank, start-end, score (coarse), the channels that found it, file; matched words below."""
     if not results:
         return "no moments found (is the index empty?)"
-    reranked = results[0].get("reranked", False)
-    lines = [f"{'#':>3}  {'start':>8} {'end':>8}  {'score':>8} {'coarse':>7}  file",
-             "-" * 60]
+    reranked = any(r.get("reranked") for r in results)
+    lines = [f"{'#':>3}  {'start':>8} {'end':>8}  {'score':>8} {'coarse':>7}  {'channels':<13} file",
+             "-" * 72]
     for i, r in enumerate(results, 1):
-        lines.append(f"{i:>3}  {_clock(r['start']):>8} {_clock(r['end']):>8}  {r['score']:>8.3f} "
-                     f"{r['coarse_score']:>7.3f}  {r['path']}")
+        coarse = "-" if r.get("coarse_score") is None else f"{r['coarse_score']:.3f}"
+        lines.append(f"{i:>3}  {_clock(r['start']):>8} {_clock(r['end']):>8}  {r['score']:>8.3f} {coarse:>7}  "
+                     f"{'+'.join(r.get('channels') or ['visual']):<13} {r['path']}")
+        if r.get("matched_text"):
+            lines.append(f"{'':>5}said: \"{r['matched_text']}\"")
     if not reranked:
-        lines.append("(coarse moments only: not reranked)")
+        lines.append("(not reranked: coarse or text moments only)")
     return "\n".join(lines)
 
 

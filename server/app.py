@@ -5,7 +5,8 @@
     GET  /docs, /openapi.json             API docs (Swagger UI from the swagger-ui-bundle-v2 package: offline)
     GET  /api/status                      index counts, ingest progress (+ the incomplete-ingest note), labels, model
     GET  /api/search?q=...&top_k=10       search_id + moments as `vmr search --json` + rank, duration, thumbnail_url,
-                                          video_url, playable (false + unplayable_reason, URLs null: not served)
+                                          video_url, playable (false + unplayable_reason, URLs null: not served);
+                                          &channel=speech (repeatable): only those channels propose moments
     GET  /api/videos?offset=&limit=       indexed videos (metadata)
     GET  /api/videos/{id}                 one video: metadata + pseudo-events
     GET  /api/videos/{id}/file            the video's bytes (HTTP Range -> 206, so the player can seek)
@@ -174,11 +175,14 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
                          "file is not served (a link to outside the indexed folder, or a file gone since indexing) "
                          "has playable false, unplayable_reason saying why, and no URLs.")
     def search(q: str = Query(min_length=1, max_length=MAX_QUERY_CHARS, description="the sentence"),
-               top_k: int = Query(10, ge=1, le=MAX_TOP_K)):
+               top_k: int = Query(10, ge=1, le=MAX_TOP_K),
+               channel: list[Literal["visual", "speech"]] | None = Query(
+                   None, description="only these channels propose moments (repeatable; default: all the index "
+                                     "holds, fused); each moment says its `channels` and `matched_text`")):
         if not q.strip():
             raise HTTPException(422, "the query is empty")
         try:
-            moments, timings = state.search(q, top_k)
+            moments, timings = state.search(q, top_k, channel)
         except VmrError as err:
             raise HTTPException(400, str(err)) from None
         out = []

@@ -172,10 +172,12 @@ class ServerState:
             finally:
                 con.close()
 
-    def search(self, query: str, top_k: int):
-        """(moments as `vmr search --json` dicts, stage seconds) for one query."""
+    def search(self, query: str, top_k: int, channels: list[str] | None = None):
+        """(moments as `vmr search --json` dicts, stage seconds) for one query; ``channels``: those that propose
+        moments (None: all the index holds)."""
+        extra = {"channels": channels} if channels else {}
         with self.search_lock, self.db_lock.reading():
-            result = _busy_if_locked(self.engine.search, query, top_k=top_k)
+            result = _busy_if_locked(self.engine.search, query, top_k=top_k, **extra)
             moments = getattr(result, "moments", result)
             timings = getattr(result, "timings", None) or dict(getattr(self.engine, "last_timings", {}))
         return moments, timings

@@ -12,6 +12,7 @@ Tables (embedding dims fixed at creation from the CLIP model):
   clips   (video_id, idx) PK, start, end (seconds), embedding FLOAT[D]      row idx = clip sampled at ~2*idx s
   events  (video_id, idx) PK, start, end (seconds), clip_start, clip_end, embedding FLOAT[D]
   features  (video_id, kind) PK: every feature kind besides the coarse one (store.features)
+  text_segments, channel_runs: the text channels' time-coded text and per-video outcome (store.transcripts)
 Indexes made before ids carried a library id have INTEGER id columns; their ids fit them (store.ids).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 import duckdb
 import numpy as np
 
-from store import features
+from store import features, transcripts
 from store.errors import VmrError
 
 SCHEMA_VERSION = 1
@@ -49,7 +50,21 @@ def schema_sql(dim: int) -> list[str]:
             video_id BIGINT NOT NULL, idx INTEGER NOT NULL, start DOUBLE, "end" DOUBLE, clip_start INTEGER,
             clip_end INTEGER, embedding FLOAT[{dim}] NOT NULL, PRIMARY KEY (video_id, idx))""",
         features.TABLE_SQL,
+        *transcripts.TABLES_SQL,
     ]
+
+
+def ensure_added_tables(con) -> None:
+    """Create, in an index made before them, the tables added since schema v1: the other feature kinds
+    (store.features) and the text channels (store.transcripts). Nothing else changes."""
+    features.ensure_table(con)
+    transcripts.ensure_tables(con)
+
+
+def delete_added_rows(con, video_id: int) -> None:
+    """A video's rows of those tables (its content changed, failed or left), in the caller's transaction."""
+    features.delete(con, video_id)
+    transcripts.delete(con, video_id)
 
 
 def db_path(index_dir) -> str:

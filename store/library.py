@@ -247,7 +247,7 @@ class Library:
                 if clip_source and meta.get("clip_source") != clip_source:
                     db.write_meta(con, {"clip_source": clip_source})
                     meta["clip_source"] = clip_source
-                features.ensure_table(con)  # an index made before other kinds existed gains their table
+                db.ensure_added_tables(con)  # an index made before other kinds or the text channels gains their tables
                 update = kinds.record_update(meta, clip_model, embed_dim)
                 if update:
                     db.write_meta(con, update)
@@ -361,7 +361,7 @@ class Library:
     def _drop_vectors(con, video_id: int) -> None:
         for table in ("clips", "events"):
             con.execute(f"DELETE FROM {table} WHERE video_id = ?", [int(video_id)])
-        features.delete(con, video_id)
+        db.delete_added_rows(con, video_id)  # its other kinds and text channels
 
     def generation(self) -> int:
         with self._connection() as con:

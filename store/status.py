@@ -1,7 +1,7 @@
 """`vmr status`: the counts of an index as JSON (docs/design.md) and as text."""
 from __future__ import annotations
 
-from store import kinds
+from store import kinds, transcripts
 from store.library import Library
 from store.lock import ingest_running
 
@@ -13,6 +13,8 @@ def library_status(index_dir) -> dict:
         videos = lib.videos()
         counts = lib.counts()
         by_video = lib.kinds_by_video()
+        with lib.session() as con:
+            runs = transcripts.runs(con)
     indexed = [v for v in videos if v["status"] == "indexed"]
     return {
         "videos": len(videos),
@@ -33,9 +35,28 @@ def library_status(index_dir) -> dict:
         "faiss": {k: meta["faiss"].get(k) for k in ("clips_type", "events_type", "n_clips", "n_events")
                   if k in meta["faiss"]},
         "faiss_current": meta["faiss"].get("generation") == meta.get("generation"),
+        "channels": channel_status(meta, runs, videos),
         "index": str(index_dir),
         "ingest_running": ingest_running(index_dir),
     }
+
+
+def channel_status(meta: dict, runs: dict, videos: list[dict]) -> dict:
+    """{channel: {model, digest, language, videos, states {state: n}, not_stored [{path, state, reason}]}} of the
+    text channels the index records (meta ``channels``; store.transcripts)."""
+    paths = {int(v["id"]): v["path"] for v in videos if v["status"] == "indexed"}
+    out = {}
+    for channel, record in (meta.get("channels") or {}).items():
+        mine = {vid: run for (vid, ch), run in runs.items() if ch == channel and vid in paths}
+        states: dict[str, int] = {}
+        for run in mine.values():
+            states[run["state"]] = states.get(run["state"], 0) + 1
+        out[channel] = {"model": record.get("model"), "digest": record.get("digest"),
+                        "language": record.get("language"), "videos": len(mine), "states": states,
+                        "languages": sorted({r["language"] for r in mine.values() if r["language"]}),
+                        "not_stored": [{"path": paths[vid], "state": run["state"], "reason": run["reason"]}
+                                       for vid, run in sorted(mine.items()) if run["state"] != "ok"]}
+    return out
 
 
 def incomplete_note(info: dict) -> str | None:
@@ -61,6 +82,11 @@ def describe_status(info: dict) -> str:
         f"  FAISS {info['faiss'].get('clips_type', 'none')}" + ("" if info["faiss_current"] else
                                                                " (behind DuckDB: the next `vmr index` rebuilds it)"),
     ]
+    for channel, c in info.get("channels", {}).items():
+        states = ", ".join(f"{n} {state}" for state, n in sorted(c["states"].items())) or "none yet"
+        lines.append(f"  channel '{channel}': {c['videos']} of {info['indexed']} videos ({states}) by {c['model']}, "
+                     f"language {c['language']}" + (f" ({', '.join(c['languages'])})" if c["languages"] else ""))
+        lines += [f"    {r['path']}: {r['state']}: {r['reason']}" for r in c["not_stored"]]
     note = incomplete_note(info)
     if note:
         lines.append(f"  {note}")

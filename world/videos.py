@@ -22,6 +22,8 @@ import numpy as np
 PALETTE = np.array([[220, 30, 30], [30, 200, 40], [40, 60, 230], [240, 220, 30], [200, 40, 220], [30, 220, 220],
                     [250, 250, 250], [20, 20, 20], [250, 140, 20], [120, 80, 40]], dtype=np.uint8)
 
+AUDIO_RATE = 16_000  # Hz of the generated audio tracks
+
 # Per codec: (container format, pixel format, encoder options).
 CODECS = {
     "libx264": ("mp4", "yuv420p", {"preset": "ultrafast", "tune": "zerolatency"}),
@@ -61,11 +63,12 @@ def frame_image(t: float, width: int, height: int, scene_seconds: float) -> np.n
 def make_video(path, duration: float = 6.0, fps: float = 5, size: tuple[int, int] = (64, 48),
                codec: str = "libx264", container_format: str | None = None, scene_seconds: float = 2.0,
                rotation: int = 0, frame_times: list[float] | None = None, audio: bool = False,
-               gop: int | None = None) -> VideoSpec:
+               gop: int | None = None, audio_samples: np.ndarray | None = None) -> VideoSpec:
     """Encode a scene video. ``frame_times`` (seconds, increasing) gives a variable frame rate instead of fps.
 
     ``size`` = (width, height) of the stored frames; ``rotation`` (degrees, counter-clockwise) goes into the
-    display matrix, so a player (and the indexer) shows a (height, width) picture for 90/270.
+    display matrix, so a player (and the indexer) shows a (height, width) picture for 90/270. ``audio``: a quiet
+    tone; ``audio_samples`` f32 [N] at AUDIO_RATE: that track instead (world.speech's talking tracks).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,8 +90,8 @@ def make_video(path, duration: float = 6.0, fps: float = 5, size: tuple[int, int
         if rotation:
             stream.set_display_rotation(rotation)
         astream = None
-        if audio:
-            astream = out.add_stream("aac", rate=16000)
+        if audio or audio_samples is not None:
+            astream = out.add_stream("aac", rate=AUDIO_RATE)
         for t in frame_times:
             frame = av.VideoFrame.from_ndarray(frame_image(t, width, height, scene_seconds), format="rgb24")
             frame.pts = int(round(t * 1000))
@@ -98,20 +101,26 @@ def make_video(path, duration: float = 6.0, fps: float = 5, size: tuple[int, int
         for packet in stream.encode():
             out.mux(packet)
         if astream is not None:
-            _write_audio(out, astream, duration)
+            _write_audio(out, astream, duration, audio_samples)
     last_gap = frame_times[-1] - frame_times[-2] if len(frame_times) > 1 else 1 / (fps or 25)
     shown_w, shown_h = (height, width) if rotation % 180 == 90 else (width, height)
     return VideoSpec(path, frame_times[-1] + last_gap, fps, shown_w, shown_h, scene_seconds, list(frame_times))
 
 
-def _write_audio(out, astream, duration: float) -> None:
-    """A quiet sine tone of ``duration`` seconds."""
+def _write_audio(out, astream, duration: float, track: np.ndarray | None = None) -> None:
+    """``track`` f32 [N] (at the stream's rate), or a quiet sine tone of ``duration`` seconds."""
     rate, chunk = astream.rate, 1024
     t0 = 0
     layout = "mono"
-    while t0 < duration * rate:
-        t = (np.arange(chunk) + t0) / rate
-        samples = (0.1 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
+    total = len(track) if track is not None else duration * rate
+    while t0 < total:
+        if track is not None:
+            samples = np.zeros((1, chunk), np.float32)
+            part = track[t0: t0 + chunk]
+            samples[0, : len(part)] = part
+        else:
+            t = (np.arange(chunk) + t0) / rate
+            samples = (0.1 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
         frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=layout)
         frame.sample_rate = rate
         frame.pts = t0

@@ -66,6 +66,18 @@ def _coerce(value, current, key: str):
     return value
 
 
+def sets_key(overrides, config_path, key: str) -> bool:
+    """Whether --set KEY=... or the --config JSON (its top level or "model" part) sets ``key``."""
+    if any(o.split("=", 1)[0].strip() == key for o in overrides):
+        return True
+    try:
+        with open(config_path or "", encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and (key in cfg or key in (cfg.get("model") or {}))
+
+
 def build_settings(dataset: str, config_path: str | None = None, overrides: list[str] = (),
                    base: dict | None = None) -> tuple[dict, DataConfig, TrainConfig]:
     """(ModelConfig overrides dict, DataConfig, TrainConfig) after all layers of settings.
