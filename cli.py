@@ -27,6 +27,14 @@ def _fail(err: Exception) -> None:
     sys.exit(EXIT_USAGE if isinstance(err, WeightsNotFound) else EXIT_FATAL)
 
 
+def _attempt(fn, *args, **kwargs):
+    """fn(*args, **kwargs); a user error (USER_ERRORS) becomes one line on stderr and its exit code (_fail)."""
+    try:
+        return fn(*args, **kwargs)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
 def _index_provider(index_dir, device):
     """Features from a vmr index for train/predict (model/ never reads an index itself); None without --index."""
     if index_dir is None:
@@ -109,10 +117,7 @@ def status(index_dir, as_json):
     """Counts of an index: videos, indexed, failed (with reasons), clips, events, CLIP model."""
     from store.status import library_status, describe_status  # lazy: FAISS: not for --help
 
-    try:
-        info = library_status(index_dir)
-    except USER_ERRORS as err:
-        _fail(err)
+    info = _attempt(library_status, index_dir)
     if as_json:
         _print_json(info)
     else:
@@ -252,10 +257,7 @@ def eval_(submission, gt, as_json):
     """Official QVHighlights metrics (moment retrieval + highlight detection) of a submission."""
     from model.inference.metrics import evaluate_files, describe_metrics  # lazy: numpy: not for --help
 
-    try:
-        metrics = evaluate_files(submission, gt)
-    except USER_ERRORS as err:
-        _fail(err)
+    metrics = _attempt(evaluate_files, submission, gt)
     if as_json:
         _print_json(metrics)
     else:
@@ -271,10 +273,7 @@ def convert_checkpoint(src, out, llm_blocks, clip_model):
     """Convert the authors' LLMEPET checkpoint ({"model", "opt"}) into a vmr checkpoint."""
     from model.inference.convert import convert_authors_checkpoint  # lazy: torch: not for --help
 
-    try:
-        convert_authors_checkpoint(src, out, llm_blocks=llm_blocks, clip_model=clip_model)
-    except USER_ERRORS as err:
-        _fail(err)
+    _attempt(convert_authors_checkpoint, src, out, llm_blocks=llm_blocks, clip_model=clip_model)
     click.echo(f"wrote {out}")
 
 
@@ -291,11 +290,24 @@ def serve(index_dir, checkpoint, host, port, device, precision, tokens, allow_ho
     """Web page + JSON API over an index: search, watch each moment, label moments (Ctrl-C stops)."""
     from server.app import serve as run_server  # lazy: FastAPI, FAISS: not for --help
 
-    try:
-        run_server(index_dir, checkpoint=checkpoint, host=host, port=port, device=device, precision=precision,
-                   tokens=tokens, allow_hosts=allow_hosts)
-    except USER_ERRORS as err:
-        _fail(err)
+    _attempt(run_server, index_dir, checkpoint=checkpoint, host=host, port=port, device=device, precision=precision,
+             tokens=tokens, allow_hosts=allow_hosts)
+
+
+@main.command(name="export-clip")
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=str), help="Index directory.")
+@click.option("--video-id", type=int, default=None, help="The video, by id (`vmr search --json`: video_id).")
+@click.option("--video", "video_path", default=None, help="Or by its path as `vmr search` prints it (relative to the indexed folder).")
+@click.option("--start", type=float, required=True, help="Seconds into the video where the clip starts.")
+@click.option("--end", type=float, required=True, help="Seconds where it ends (at most 600 s after --start; cut at the video's end).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=str), help="mp4 file to write.")
+def export_clip(index_dir, video_id, video_path, start, end, out_path):
+    """Write a moment of an indexed video as a short mp4, audio kept: a stream copy (fast, lossless) when --start is
+    on a keyframe, else re-encoded (libx264, else mpeg4), since a copy would open at the keyframe before it."""
+    from server.clips import export_from_index  # lazy: PyAV: not for --help
+
+    click.echo(_attempt(export_from_index, index_dir, out_path, start, end, video_id=video_id,
+                        video_path=video_path).describe())
 
 
 @main.group()
@@ -311,10 +323,7 @@ def labels_export(index_dir, out_path, drop_contradictions):
     """Write the labels as training annotations: accepted -> relevant_windows, rejected -> negative_windows (exit 1 on a window both)."""
     from store.labels import describe_export, export_labels  # lazy: numpy: not for --help
 
-    try:
-        report = export_labels(index_dir, out_path, drop_contradictions=drop_contradictions)
-    except USER_ERRORS as err:
-        _fail(err)
+    report = _attempt(export_labels, index_dir, out_path, drop_contradictions=drop_contradictions)
     click.echo(describe_export(report, out_path))
 
 
@@ -348,11 +357,8 @@ def features_export(index_dir, kinds_csv, out_dir, annotations, overwrite, devic
     from retriever.public_features import export_public_features  # lazy: FAISS, torch: not for --help
 
     wanted = [k.strip() for k in kinds_csv.split(",") if k.strip()] if kinds_csv else None
-    try:
-        report = export_public_features(index_dir, out_dir, wanted, annotations, overwrite=overwrite, device=device,
-                                        progress=sys.stderr.isatty())
-    except USER_ERRORS as err:
-        _fail(err)
+    report = _attempt(export_public_features, index_dir, out_dir, wanted, annotations, overwrite=overwrite,
+                      device=device, progress=sys.stderr.isatty())
     click.echo(report.describe())
 
 
@@ -363,10 +369,7 @@ def demo(work_dir):
     # lazy: torch; and the test world is for `vmr demo` only (tests/test_architecture.py)
     from world.demo import run_demo
 
-    try:
-        run_demo(work_dir)
-    except USER_ERRORS as err:
-        _fail(err)
+    _attempt(run_demo, work_dir)
 
 
 @main.command()

@@ -11,6 +11,8 @@
     GET  /api/videos/{id}                 one video: metadata + pseudo-events
     GET  /api/videos/{id}/file            the video's bytes (HTTP Range -> 206, so the player can seek)
     GET  /api/videos/{id}/thumbnail?t=s   JPEG of the 2-s clip holding t (cached in the index folder)
+    GET  /api/videos/{id}/clip?start=&end=   the moment as an mp4 download (server/clips.py: stream copy from a
+                                          keyframe, else re-encoded); bad bounds 422
     GET/POST /api/labels, PATCH/DELETE /api/labels/{id}, POST /api/labels/{id}/restore    label mode
                                           (store/labels.py; a hit's label names its search_id; versions as ETag,
                                           If-Match -> 409 with the stored label when a tab was stale)
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
+import threading
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -31,12 +35,14 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from swagger_ui_bundle import swagger_ui_path
 
 from model.spans import clip_at
 from server.access import (COOKIE, COOKIE_SECONDS, LOOPBACK, HostCheck, TokenCheck, allowed_hosts, new_token,
                            parse_tokens, user_of)
+from server.clips import MAX_CLIP_SECONDS, ClipError, clip_filename, cut_clip
 from server.limits import BodyLimit
 from server.media import Forbidden, ThumbnailCache, unplayable_reason, video_file
 from server.state import Busy, ServerState, hit_key
@@ -48,6 +54,7 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 DOCS_ASSETS = "/static/docs"  # Swagger UI's files; under /static/: the page's files, open without a token
 MAX_QUERY_CHARS = label_store.MAX_QUERY_CHARS
 MAX_TOP_K = 100
+CUTS_AT_ONCE = 2  # clip exports running together (a re-encode keeps a core busy); more wait their turn
 
 
 class LabelIn(BaseModel):
@@ -223,6 +230,27 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
         except VmrError as err:
             raise HTTPException(422, str(err)) from None
         return FileResponse(jpeg, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    cutting = threading.BoundedSemaphore(CUTS_AT_ONCE)
+
+    @app.get("/api/videos/{video_id}/clip", summary="The moment start-end as an mp4 download",
+             description="Stream copy when start falls on a keyframe, else re-encoded (libx264, else mpeg4), said "
+                         f"by X-Clip-Method; audio kept; at most {MAX_CLIP_SECONDS:.0f} s, an end past the video's "
+                         "end is cut there; other bounds 422.")
+    def clip(video_id: int, start: float = Query(ge=0, allow_inf_nan=False),
+             end: float = Query(gt=0, allow_inf_nan=False)):
+        row = indexed(video_id)
+        path = served_file(row)
+        fd, out = tempfile.mkstemp(prefix="vmr-clip-", suffix=".mp4")
+        os.close(fd)
+        try:
+            with cutting:
+                report = cut_clip(path, start, end, out)  # on failure it removes the file
+        except ClipError as err:
+            raise HTTPException(422, str(err)) from None
+        return FileResponse(out, media_type="video/mp4", filename=clip_filename(row["path"], report.start,
+                                                                                report.end),
+                            headers={"X-Clip-Method": report.method}, background=BackgroundTask(os.remove, out))
 
     @app.exception_handler(label_store.Conflict)
     async def conflict(_request, exc):  # a stale tab, a hit labelled elsewhere: the stored label comes back

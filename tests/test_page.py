@@ -307,6 +307,33 @@ def test_the_page_asks_for_the_access_token_once(served, page):
         fresh.close()
 
 
+def own_video_rows(index, rows) -> list[dict]:
+    """Annotation rows of the world videos whose first hit is served (not the last one's: escape.mp4 copies it)."""
+    last = sorted(p.name for p in (index.parent / "videos").glob("world*.mp4"))[-1]
+    return [r for r in rows if f"{r['vid']}.mp4" != last]
+
+
+def test_download_clip_is_the_moment(served, page, tmp_path):
+    """'Download clip' (d) saves the selected moment as an mp4 that decodes to its length (± 0.5 s)."""
+    import av
+
+    base, index, rows, proc, log = served
+    page.goto(base + "/")
+    run_search(page, own_video_rows(index, rows)[2]["query"])
+    hit = page.locator(".hit.selected")
+    start, end = float(hit.get_attribute("data-start")), float(hit.get_attribute("data-end"))
+    with page.expect_download(timeout=60_000) as info:
+        page.keyboard.press("d")
+    download = info.value
+    assert download.suggested_filename.endswith(f"_{start:.1f}-{end:.1f}.mp4")
+    out = tmp_path / "clip.mp4"
+    download.save_as(str(out))
+    with av.open(str(out)) as clip:
+        frames = list(clip.decode(clip.streams.video[0]))
+    gap = frames[1].time - frames[0].time
+    assert abs(frames[-1].time + gap - frames[0].time - (end - start)) <= 0.5
+
+
 def test_search_watch_label_in_the_browser(served, page):
     base, index, rows, proc, log = served
     row = rows[0]
@@ -373,3 +400,4 @@ def test_search_watch_label_in_the_browser(served, page):
     assert len(marked) == 1 and abs(marked[0][0] - (s2 + 2)) < 0.6 and abs(marked[0][1] - (s2 + 6)) < 0.6
     if os.environ.get("VMR_TEST_ARTIFACTS") is None:
         shutil.copy(out, ARTIFACTS / "page_labels.jsonl")
+

@@ -18,11 +18,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS, WORLD_RERANKER
@@ -524,3 +526,62 @@ def test_a_server_with_tokens_answers_only_with_one(world):
         assert request(p, "GET", "/api/status", headers={"Cookie": cookie, "Host": "videos.example.com"})[0] == 200
         assert request(p, "GET", "/api/status", headers={"Cookie": cookie, "Host": "10.1.2.3:8000"})[0] == 200
         assert request(p, "GET", "/api/status", headers={"Cookie": cookie, "Host": "evil.example.com"})[0] == 400
+
+
+def test_clip_download_is_the_moment(port, world, tmp_path):
+    """GET /api/videos/{id}/clip: at a keyframe (0 s) a stream copy, off one a re-encode; each decodes to the
+    moment's length and opens on the source frame shown at start; named after the video; bad bounds 422."""
+    from tests.test_clips import decoded, frame_shown_at, keyframe_times, mean_colour
+
+    ids = video_ids(port)
+    name = sorted(p for p in ids if p.startswith("world"))[0]
+    src = world[0] / "videos" / name
+    fps = get_json(port, f"/api/videos/{ids[name]}")["fps"]
+    off = 5.3
+    assert not any(abs(k - off) < 0.5 / fps for k in keyframe_times(src))
+    for start, end, method in ((0.0, 6.0, "copy"), (off, off + 4.0, "reencode")):
+        status, headers, body = request(port, "GET", f"/api/videos/{ids[name]}/clip?start={start}&end={end}")
+        assert status == 200 and headers["content-type"] == "video/mp4", body[:200]
+        assert headers["x-clip-method"] == method
+        assert headers["content-disposition"] == f'attachment; filename="{name[:-4]}_{start:.1f}-{end:.1f}.mp4"'
+        out = tmp_path / f"{method}.mp4"
+        out.write_bytes(body)
+        frames, _ = decoded(out)
+        length = frames[-1].time + 1 / fps - frames[0].time
+        assert abs(length - (end - start)) <= 2 / fps + 1e-6, (method, length)
+        assert np.abs(mean_colour(frames[0]) - mean_colour(frame_shown_at(src, start))).max() < 12
+    for query in ("start=4&end=2", "start=-1&end=2", "start=1e6&end=1000002", "start=nan&end=3", "start=1",
+                  "end=3"):
+        status, _, body = request(port, "GET", f"/api/videos/{ids[name]}/clip?{query}")
+        assert status == 422 and json.loads(body)["error"], query
+    assert request(port, "GET", "/api/videos/999999/clip?start=0&end=2")[0] == 404
+    assert request(port, "GET", f"/api/videos/{ids['escape.mp4']}/clip?start=0&end=2")[0] == 403
+    assert not [f for f in os.listdir(tempfile.gettempdir()) if f.startswith("vmr-clip-")]
+
+
+def test_export_clip_command(port, world, tmp_path):
+    """`vmr export-clip` by id and by path writes the same cut; a bad bound or an unknown video is one line."""
+    from click.testing import CliRunner
+
+    from cli import main
+    from tests.test_clips import decoded
+
+    name = sorted(p.name for p in (world[0] / "videos").glob("world*.mp4"))[0]
+    runner = CliRunner()
+    res = runner.invoke(main, ["export-clip", "--index", str(world[1]), "--video", name, "--start", "2.5",
+                               "--end", "7.5", "--out", str(tmp_path / "by_path.mp4")])
+    assert res.exit_code == 0 and "re-encoded" in res.output and "5.00 s" in res.output, res.output
+    video_id = video_ids(port)[name]
+    res = runner.invoke(main, ["export-clip", "--index", str(world[1]), "--video-id", str(video_id), "--start",
+                               "2.5", "--end", "7.5", "--out", str(tmp_path / "by_id.mp4")])
+    assert res.exit_code == 0, res.output
+    by_path, by_id = decoded(tmp_path / "by_path.mp4")[0], decoded(tmp_path / "by_id.mp4")[0]
+    gap = by_path[1].time - by_path[0].time
+    assert len(by_path) == len(by_id) and abs(by_path[-1].time + gap - 5.0) <= 2 * gap + 1e-6
+    out = tmp_path / "bad.mp4"
+    for args, said in ((["--video", name, "--start", "9", "--end", "3"], "must be after start"),
+                       (["--video", "nothing.mp4", "--start", "0", "--end", "3"], "no indexed video"),
+                       (["--start", "0", "--end", "3"], "--video-id or by --video")):
+        res = runner.invoke(main, ["export-clip", "--index", str(world[1]), "--out", str(out), *args])
+        assert res.exit_code == 1 and said in res.output and len(res.output.strip().splitlines()) == 1, res.output
+        assert not out.exists()

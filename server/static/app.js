@@ -36,6 +36,7 @@ const clock = (s) => {
 };
 const hitKey = (h) => `${h.video_id}:${h.start}:${h.end}`;
 
+
 // ---- access token: a server bound to anything but localhost asks for it once (kept as a cookie) -------------------
 function showLogin() {
   if (!$("login").hidden) return;
@@ -248,6 +249,9 @@ function showEdit() {
   $("lab-start").value = view.edit.start.toFixed(1);
   $("lab-end").value = view.edit.end.toFixed(1);
   drawTimeline();
+  const h = view.hits[view.sel];  // the download is the moment as shown: adjusted edges included
+  $("download").hidden = !h || h.playable === false;
+  if (h) $("download").href = `/api/videos/${h.video_id}/clip?start=${view.edit.start}&end=${view.edit.end}`;
 }
 
 function setEdge(edge, t) {
@@ -436,7 +440,7 @@ document.addEventListener("keydown", (e) => {
     j: () => select(view.sel + 1, true), ArrowDown: () => select(view.sel + 1, true),
     k: () => select(view.sel - 1, true), ArrowUp: () => select(view.sel - 1, true),
     r: replay, a: () => verdict("accept"), x: () => verdict("reject"), " ": togglePlay,
-    u: undo, Delete: () => $("delete").click(),
+    u: undo, Delete: () => $("delete").click(), d: () => { if (!$("download").hidden) $("download").click(); },
     "[": () => setEdge("start", player.currentTime), "]": () => setEdge("end", player.currentTime),
     "/": () => $("q").focus(),
     m: () => { $("mark-panel").open = true; $("mark-query").focus(); },
@@ -451,7 +455,11 @@ document.addEventListener("click", (e) => {
 // A button activates on Space's keyup: cancel that too, so only the page's action happens.
 document.addEventListener("keyup", (e) => { if (e.key === " " && e.target.tagName !== "INPUT") e.preventDefault(); });
 
-$("search-form").addEventListener("submit", (e) => { e.preventDefault(); search($("q").value); $("q").blur(); });
+$("search-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  search($("q").value);
+  $("q").blur();
+});
 
 function escapeHtml(s) {
   return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
