@@ -7,7 +7,8 @@ thumbnail; a label accepted and a moment marked in the page come out of `vmr lab
 (SIGINT) stops the server cleanly. Labels bound to what the person saw: Enter + `a` during a search and after a
 failed one label nothing under the new sentence; two tabs on one hit (409 shown, one label); Space after a click
 on Reject plays/pauses only; delete, undo and the Labels panel. /docs renders with the network blocked; a server
-with tokens asks for one once. Screenshots go to tests/artifacts/ (or $VMR_TEST_ARTIFACTS).
+with tokens asks for one once. The address holds the search and the selected hit, and a fresh tab opened on it
+restores both; "Download clip" saves an mp4 of the moment's length. Screenshots go to tests/artifacts/ (or $VMR_TEST_ARTIFACTS).
 
 Skipped only when Chromium or Playwright is missing AND $CI is not set; under CI they must be there.
 """
@@ -311,6 +312,47 @@ def own_video_rows(index, rows) -> list[dict]:
     """Annotation rows of the world videos whose first hit is served (not the last one's: escape.mp4 copies it)."""
     last = sorted(p.name for p in (index.parent / "videos").glob("world*.mp4"))[-1]
     return [r for r in rows if f"{r['vid']}.mp4" != last]
+
+
+def address(pg) -> dict:
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(pg.url).query))
+
+
+def test_the_address_holds_the_search_and_the_hit(served, page):
+    """The URL follows the search and the selected hit (?q=...&hit=VIDEO:START-END); opening it in a fresh tab runs
+    the search, selects that hit (not the first) and seeks the player to its start."""
+    base, index, rows, proc, log = served
+    query = own_video_rows(index, rows)[0]["query"]
+    page.goto(base + "/")
+    run_search(page, query)
+    assert address(page)["q"] == query
+    hits = page.locator(".hit")  # the first playable hit after the first (escape.mp4 is found but not served)
+    k = next(i for i in range(1, hits.count()) if "unplayable" not in (hits.nth(i).get_attribute("class") or ""))
+    for _ in range(k):
+        page.keyboard.press("j")
+    page.wait_for_function(f"document.querySelectorAll('.hit')[{k}].classList.contains('selected')")
+    second = hits.nth(k)
+    start, end = float(second.get_attribute("data-start")), float(second.get_attribute("data-end"))
+    shared = address(page)
+    assert shared["q"] == query and shared["hit"].split(":")[1] == f"{second.get_attribute('data-start')}-" \
+                                                                   f"{second.get_attribute('data-end')}"
+    link = page.url
+    fresh = page.context.browser.new_page(viewport={"width": 1280, "height": 800})
+    fresh.goto(link)
+    fresh.wait_for_function("document.querySelectorAll('.hit.selected').length === 1")
+    assert fresh.locator("#q").input_value() == query
+    selected = fresh.locator(".hit.selected")
+    assert selected.get_attribute("data-index") == str(k)
+    assert (float(selected.get_attribute("data-start")), float(selected.get_attribute("data-end"))) == (start, end)
+    fresh.wait_for_function(f"Math.abs(document.getElementById('player').currentTime - {start}) < 0.6",
+                            timeout=20_000)
+    assert address(fresh) == shared
+    other = own_video_rows(index, rows)[1]["query"]
+    run_search(fresh, other)  # a new search: the address follows it and its selected (first) hit
+    first = fresh.locator(".hit").first
+    assert address(fresh) == {"q": other, "hit": f"{first.get_attribute('data-video')}:"
+                                                 f"{first.get_attribute('data-start')}-{first.get_attribute('data-end')}"}
+    fresh.close()
 
 
 def test_download_clip_is_the_moment(served, page, tmp_path):

@@ -5,7 +5,8 @@ process holds the file), video metadata, Range requests (exact bytes), thumbnail
 attempts (.., encoded, absolute, a symlink planted in the video folder pointing outside; its hits say "not playable"
 and why), oversized / malformed bodies and unknown ids (4xx with a JSON error), parallel label writes + searches
 (counts consistent), `vmr labels export` (the format `vmr train --index` reads), a hit's label bound to its
-search's sentence, stale writes (If-Match -> 409), delete + restore, a foreign Host (400 on every route), and a
+search's sentence, stale writes (If-Match -> 409), delete + restore, clip downloads and `vmr export-clip` (stream
+copy and re-encode, decoded back; bad bounds 422 / one line), a foreign Host (400 on every route), and a
 server with tokens (401 on every route but the page and its login; labels record the token's name).
 """
 from __future__ import annotations

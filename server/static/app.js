@@ -12,6 +12,7 @@ const view = {
   edit: null,              // {start, end} window being labelled (drag / inputs)
   mark: { start: null, end: null },
   videosAtSearch: null,
+  sharedHit: null,         // {video_id, start, end} the address named (?hit=), selected once its search is back
 };
 
 // A failed call throws an Error with .status (0: the server could not be reached) and .data (the JSON body).
@@ -36,6 +37,44 @@ const clock = (s) => {
 };
 const hitKey = (h) => `${h.video_id}:${h.start}:${h.end}`;
 
+// ---- the address holds the search and the selected hit (?q=...&hit=VIDEO:START-END): a link reopens both -------
+const hitParam = (h) => `${h.video_id}:${h.start}-${h.end}`;
+function parseHitParam(text) {
+  const m = /^(\d+):(\d+(?:\.\d+)?)-(\d+(?:\.\d+)?)$/.exec(text || "");
+  return m ? { video_id: parseInt(m[1], 10), start: parseFloat(m[2]), end: parseFloat(m[3]) } : null;
+}
+
+function saveAddress() {
+  const params = new URLSearchParams();
+  if (view.query) params.set("q", view.query);
+  const h = view.hits[view.sel];
+  if (h) params.set("hit", hitParam(h));
+  else if (view.sharedHit) params.set("hit", hitParam(view.sharedHit));  // not found yet: keep it for a reload
+  const query = params.toString();
+  history.replaceState(null, "", location.pathname + (query ? `?${query}` : ""));
+}
+
+// The hit to select when a search's results arrive: the one the address named (the same video and edges), else
+// the hit of that video overlapping it most (a re-index can move edges), else the first.
+function sharedHitIndex() {
+  const want = view.sharedHit;
+  view.sharedHit = null;
+  if (!want) return 0;
+  const same = (a, b) => Math.abs(a - b) < 1e-3;
+  const exact = view.hits.findIndex((h) => h.video_id === want.video_id && same(h.start, want.start) &&
+                                           same(h.end, want.end));
+  if (exact >= 0) return exact;
+  let best = -1, bestOverlap = 0;
+  view.hits.forEach((h, i) => {
+    const overlap = Math.min(h.end, want.end) - Math.max(h.start, want.start);
+    if (h.video_id === want.video_id && overlap > bestOverlap) { best = i; bestOverlap = overlap; }
+  });
+  if (best < 0) {
+    $("results-info").textContent += ` · the linked moment (video ${want.video_id}, ${clock(want.start)} – ` +
+      `${clock(want.end)}) is not among these hits`;
+  }
+  return Math.max(best, 0);
+}
 
 // ---- access token: a server bound to anything but localhost asks for it once (kept as a cookie) -------------------
 function showLogin() {
@@ -95,6 +134,7 @@ async function search(q) {
   const seq = ++view.searchSeq;
   view.query = q;
   clearHits(`searching for “${escapeHtml(q)}”…`);
+  saveAddress();
   try {
     const data = await api("GET", `/api/search?q=${encodeURIComponent(q)}&top_k=20`);
     const byKey = await labelsOf(data.query);
@@ -105,7 +145,7 @@ async function search(q) {
     const ms = Math.round(1000 * (data.timings.total || 0));
     $("results-info").textContent = `${data.moments.length} moments for “${data.query}” (${ms} ms)`;
     renderHits();
-    if (view.hits.length) select(0, false);
+    if (view.hits.length) select(sharedHitIndex(), false);
   } catch (err) {
     if (seq !== view.searchSeq) return;
     clearHits(`<span class="error">search failed: ${escapeHtml(err.message)}</span> — ` +
@@ -131,7 +171,7 @@ function renderHits() {
   view.hits.forEach((h, i) => {
     const li = document.createElement("li");
     li.className = "hit";
-    li.dataset.index = i; li.dataset.start = h.start; li.dataset.end = h.end;
+    li.dataset.index = i; li.dataset.video = h.video_id; li.dataset.start = h.start; li.dataset.end = h.end;
     // a file the server does not serve gets its reason instead of a broken image
     const thumb = h.playable === false
       ? `<div class="no-thumb">${escapeHtml(h.unplayable_reason || "file not served")}</div>`
@@ -176,6 +216,7 @@ function select(i, autoplay) {
   [...$("results").children].forEach((li, j) => li.classList.toggle("selected", j === i));
   $("results").children[i].scrollIntoView({ block: "nearest" });
   const h = view.hits[i];
+  saveAddress();
   view.edit = h.label ? { start: h.label.start, end: h.label.end } : { start: h.start, end: h.end };
   $("label-panel").hidden = false;
   $("label-query").textContent = `“${h.query}”`;
@@ -457,6 +498,7 @@ document.addEventListener("keyup", (e) => { if (e.key === " " && e.target.tagNam
 
 $("search-form").addEventListener("submit", (e) => {
   e.preventDefault();
+  view.sharedHit = null;  // a search typed here is not the one a link named
   search($("q").value);
   $("q").blur();
 });
@@ -476,6 +518,7 @@ async function start() {
   pollStatus();
   setInterval(pollStatus, 3000);
   const initial = params.get("q");
+  view.sharedHit = initial ? parseHitParam(params.get("hit")) : null;
   if (initial) { $("q").value = initial; search(initial); }
 }
 start();
