@@ -124,8 +124,8 @@ DEFAULT_CLIP = ("ViT-B-32", "openai")  # open_clip model and weights of a new in
 CHANNELS = ("visual", "speech", "ocr")
 CHANNEL_VERBS = {"speech": "transcribed", "ocr": "read"}
 # Speech and ocr are opt-in: on 2 CPU cores Whisper tiny.en takes ~3.1 s per video-minute, about ViT-B-32's ~2.7 s
-# again (bench/results/speech.md), RapidOCR at one frame per 2-s clip more still (bench/results/ocr.md), and each
-# needs its extra; a library of talks or slides adds them incrementally.
+# again (bench/results/speech.md), RapidOCR at one frame per 2-s clip ~23 s per minute of 640x360 video, ~8x that
+# (bench/results/ocr.md), and each needs its extra; a library of talks or slides adds them incrementally.
 DEFAULT_CHANNELS = ("visual",)
 INDEX_FILES = (db.DB_FILE, db.DB_FILE + ".wal", vectors.STATE_FILE, *(f"{table}.faiss" for table in vectors.TABLES))
 

@@ -154,7 +154,7 @@ class OcrWorker:
 
     def read(self, path: str) -> dict:
         t0 = time.perf_counter()
-        lines_per_clip, duration, first = [], None, 0
+        lines_per_clip, duration, first, broken = [], None, 0, None
         try:
             while True:
                 frames, sampled = sample_clip_frames(path, fit_side, first, first + CHUNK_CLIPS)
@@ -165,19 +165,23 @@ class OcrWorker:
                 if sampled.n < CHUNK_CLIPS or (sampled.total_clips is not None and first >= sampled.total_clips):
                     break
         except Exception as err:  # noqa: BLE001 - DecodeError or a model error: recorded, never fails the run
+            broken = " ".join(str(err).split())[:200]
             if not lines_per_clip:
-                return {"state": "failed", "reason": f"frames unreadable for ocr: {' '.join(str(err).split())[:200]}",
-                        "language": None, "segments": [], "video_s": 0.0, "seconds": time.perf_counter() - t0}
+                return {"state": "failed", "reason": f"frames unreadable for ocr: {broken}", "language": None,
+                        "segments": [], "video_s": 0.0, "seconds": time.perf_counter() - t0}
         segments = merge_tracks(lines_per_clip, CLIP_SECONDS, duration)
-        return {"state": "ok" if segments else "no_text", "reason": None if segments else "no on-screen text found",
+        reason = None if segments else "no on-screen text found"
+        if broken:  # what was read before the break is kept, as a broken audio stream's is
+            reason = f"frames broke at {len(lines_per_clip) * CLIP_SECONDS:.0f} s ({broken}): read to there"
+        return {"state": "ok" if segments else "no_text", "reason": reason,
                 "language": None, "segments": segments, "video_s": duration or len(lines_per_clip) * CLIP_SECONDS,
                 "seconds": time.perf_counter() - t0}
 
 
 def channel_step(choice: OcrChoice) -> ChannelStep:
     """The ocr step of an ingest (indexer.text_channel)."""
-    return ChannelStep(CHANNEL, OcrWorker, (choice,), choice.record(), "(the rapidocr of pyproject.toml)",
-                       "video_s", "read", cores_per_actor=4)  # onnxruntime's small models gain little past ~4
+    return ChannelStep(CHANNEL, OcrWorker, (choice,), choice.record(), "install the rapidocr of {model}", "video_s",
+                       cores_per_actor=4)  # onnxruntime's small models gain little past ~4
 
 
 __all__ = ["CHANNEL", "OcrChoice", "resolve_ocr", "normalised", "merge_tracks", "OcrWorker", "channel_step"]

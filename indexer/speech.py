@@ -131,7 +131,7 @@ def _segment(seg, offset: float) -> dict:
 
 def channel_step(choice: WhisperChoice) -> ChannelStep:
     """The speech step of an ingest (indexer.text_channel): SpeechWorker actors, checked for the language."""
-    return ChannelStep(CHANNEL, SpeechWorker, (choice,), choice.record(), "--speech-model", "audio_s", "transcribed",
+    return ChannelStep(CHANNEL, SpeechWorker, (choice,), choice.record(), "give --speech-model {model}", "audio_s",
                        cores_per_actor=8,  # CTranslate2 threads scale to ~8 cores per model
                        check=lambda ray, actor: _check_language(ray, actor, choice))
 

@@ -35,17 +35,15 @@ class ChannelStep:
 
     name: the channel ("speech" | "ocr"); worker: the actor class, built as ``worker(*args, threads)``, with
     ``read(path) -> result dict`` (module docstring); record: meta ``channels.<name>`` (model, digest, ...);
-    model_option: the CLI option that picks the model (for the refusal message); media_key: the result's key of
-    the seconds of media read (summed into the summary); verb: what the summary says was done ("transcribed");
-    cores_per_actor: cores one actor's model scales to; check: (ray, actor) -> None, raises VmrError for a setting
+    remedy: what the refusal of another model tells the user to do, ``{model}`` the recorded one; media_key: the
+    result's key of the seconds of media read (summed into the summary); cores_per_actor: cores one actor's model scales to; check: (ray, actor) -> None, raises VmrError for a setting
     the loaded model refuses (run before anything is recorded)."""
     name: str
     worker: type
     args: tuple
     record: dict
-    model_option: str
+    remedy: str
     media_key: str
-    verb: str
     cores_per_actor: int = 8
     check: Callable | None = field(default=None, compare=False)
 
@@ -66,7 +64,8 @@ def record_channel(lib, step: ChannelStep) -> None:
         held = (meta.get("channels") or {}).get(step.name)
         if held and held.get("digest") != step.record["digest"] and transcripts.settled(con, step.name):
             raise VmrError(f"index {lib.index_dir} holds {step.name} made by {held.get('model')}; you asked for "
-                           f"{step.record['model']}: give {step.model_option} {held.get('model')} or a new --index")
+                           f"{step.record['model']}: {step.remedy.format(model=held.get('model'))}, or give a new "
+                           "--index")
         if held != step.record:
             db.write_meta(con, {"channels": {**(meta.get("channels") or {}), step.name: step.record}})
 
