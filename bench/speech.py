@@ -66,7 +66,7 @@ def build(videos_dir: Path, n_videos: int, seed: int = 0) -> list[dict]:
 
 
 def word_errors(ref: list[str], hyp: list[str]) -> int:
-    """Levenshtein distance over words."""
+    """Levenshtein distance over words (or any two sequences: bench.ocr passes characters)."""
     d = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         prev, d[0] = d[0], i

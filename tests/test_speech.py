@@ -155,8 +155,10 @@ def test_text_index_rebuilt_from_duckdb(indexed, damage):
 def test_channel_the_index_lacks_is_refused(tmp_path, engine):
     from store.errors import VmrError
 
-    with pytest.raises(VmrError, match="unknown channel 'ocr'"):
+    with pytest.raises(VmrError, match="holds no ocr channel"):
         engine.search("door", channels=["ocr"])
+    with pytest.raises(VmrError, match="unknown channel 'smell'"):
+        engine.search("door", channels=["smell"])
 
 
 def test_language_the_model_cannot_read_is_refused(tmp_path, ray_session):

@@ -86,10 +86,12 @@ def talking_track(utterances: list[tuple[float, str]], duration: float, snr_db: 
 
 
 def make_talking_video(path, duration: float, utterances: list[tuple[float, str]], snr_db: float | None = None,
-                       seed: int = 0, size: tuple[int, int] = (64, 48), fps: float = 5) -> TalkingVideo:
-    """A scene video (world.videos) whose AAC track says ``utterances``."""
+                       seed: int = 0, size: tuple[int, int] = (64, 48), fps: float = 5,
+                       overlay=None) -> TalkingVideo:
+    """A scene video (world.videos) whose AAC track says ``utterances``; ``overlay`` as world.videos.make_video's
+    (world.screen_text: captions over a talk)."""
     track, said = talking_track(utterances, duration, snr_db, seed)
-    spec = make_video(path, duration=duration, fps=fps, size=size, audio_samples=track)
+    spec = make_video(path, duration=duration, fps=fps, size=size, audio_samples=track, overlay=overlay)
     return TalkingVideo(spec.path, spec.duration, said, snr_db)
 
 

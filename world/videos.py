@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import av
 import numpy as np
@@ -63,12 +64,14 @@ def frame_image(t: float, width: int, height: int, scene_seconds: float) -> np.n
 def make_video(path, duration: float = 6.0, fps: float = 5, size: tuple[int, int] = (64, 48),
                codec: str = "libx264", container_format: str | None = None, scene_seconds: float = 2.0,
                rotation: int = 0, frame_times: list[float] | None = None, audio: bool = False,
-               gop: int | None = None, audio_samples: np.ndarray | None = None) -> VideoSpec:
+               gop: int | None = None, audio_samples: np.ndarray | None = None,
+               overlay: Callable[[float, np.ndarray], np.ndarray] | None = None) -> VideoSpec:
     """Encode a scene video. ``frame_times`` (seconds, increasing) gives a variable frame rate instead of fps.
 
     ``size`` = (width, height) of the stored frames; ``rotation`` (degrees, counter-clockwise) goes into the
     display matrix, so a player (and the indexer) shows a (height, width) picture for 90/270. ``audio``: a quiet
     tone; ``audio_samples`` f32 [N] at AUDIO_RATE: that track instead (world.speech's talking tracks).
+    ``overlay(t, rgb [H, W, 3]) -> rgb``: drawn over each frame (world.screen_text's captions).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +96,9 @@ def make_video(path, duration: float = 6.0, fps: float = 5, size: tuple[int, int
         if audio or audio_samples is not None:
             astream = out.add_stream("aac", rate=AUDIO_RATE)
         for t in frame_times:
-            frame = av.VideoFrame.from_ndarray(frame_image(t, width, height, scene_seconds), format="rgb24")
+            image = frame_image(t, width, height, scene_seconds)
+            image = overlay(t, image) if overlay is not None else image
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts = int(round(t * 1000))
             frame.time_base = time_base
             for packet in stream.encode(frame):
