@@ -136,6 +136,7 @@ def test_fused_search_names_ocr(engine):
 
 
 @needs_ocr
+@pytest.mark.slow
 def test_cli_search_channel_ocr(indexed):
     from click.testing import CliRunner
 
@@ -168,6 +169,7 @@ def test_merge_tracks_joins_consecutive_readings_and_splits_at_a_gap():
 
 
 @needs_ocr
+@pytest.mark.slow
 def test_speech_and_ocr_in_one_run(tmp_path, ray_session):
     """`--channels visual,speech,ocr`: both text channels in one index; a moment both place takes the spoken span."""
     from indexer.ingest import run_ingest

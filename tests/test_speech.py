@@ -113,6 +113,7 @@ def test_no_audio_and_silent_videos_index_visually_with_reasons(indexed):
     assert "mute.mp4: no_audio: no audio stream" in text and "channel 'speech'" in text
 
 
+@pytest.mark.slow
 def test_cli_search_and_status_json_carry_the_channel(indexed):
     import json
 
@@ -161,6 +162,7 @@ def test_channel_the_index_lacks_is_refused(tmp_path, engine):
         engine.search("door", channels=["smell"])
 
 
+@pytest.mark.slow
 def test_language_the_model_cannot_read_is_refused(tmp_path, ray_session):
     from indexer.ingest import run_ingest
     from store.errors import VmrError
