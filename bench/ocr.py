@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import Section, machine_line
-from bench.search import bootstrap
-from bench.speech import ADJ, NOUN, VERB, word_errors
+from bench.text_channels import (ADJ, NOUN, VERB, own_ray, recall_over_queries, recall_table, timed_ingest,
+                                 unique_texts, word_errors)
 from retriever.fusion import FusionConfig
 
 SIZES = (14, 18, 24, 32, 40, 48, 64)
@@ -35,17 +35,10 @@ SIZE = (640, 360)
 DURATION = 40.0
 SLOTS = (0.5, 8.5, 16.5, 24.5, 32.5)
 ROWS = {"visual only": ["visual"], "ocr only": ["ocr"], "fused": None}
-METRICS = ("VCMR_R1@0.5", "VCMR_R5@0.5", "VCMR_R1@0.7", "VCMR_R5@0.7")
 
 
 def phrases(n: int, rng: np.random.Generator) -> list[str]:
-    out, seen = [], set()
-    while len(out) < n:
-        p = f"{rng.choice(ADJ)} {rng.choice(NOUN)} {rng.choice(VERB)}"
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out
+    return unique_texts(n, rng, lambda r: f"{r.choice(ADJ)} {r.choice(NOUN)} {r.choice(VERB)}")
 
 
 def build(videos_dir: Path, n_videos: int, seed: int = 0) -> list[dict]:
@@ -94,54 +87,29 @@ def cer_by_size(index_dir: str, rows: list[dict]) -> dict:
 
 
 def search_rows(index_dir: str, rows: list[dict]) -> dict:
-    from retriever.search import SearchEngine
-    from retriever.vcmr import query_hits
+    by_size = {}
 
-    hits, by_size, text_ms = {}, {}, []
-    with SearchEngine(index_dir, rerank=False, device="cpu") as engine:
-        ids = {v["path"]: int(v["id"]) for v in engine.library.videos()}
-        for row in rows:
-            gt = [(row["start"], row["end"])]
-            for name, channels in ROWS.items():
-                result = engine.search(row["text"], top_k=5, channels=channels)
-                if name == "fused":
-                    text_ms.append(result.timings["text_search"] * 1e3)
-                found = query_hits(result.moments, ids[row["path"]], gt, (1, 5), (0.5, 0.7))
-                for key, ok in found.items():
-                    hits.setdefault(name, {m: [] for m in METRICS})[key].append(ok)
-                if name == "ocr only":
-                    by_size.setdefault(row["px"], []).append(found["VCMR_R1@0.5"])
-    rng = np.random.default_rng(0)
-    return {"recall": {name: bootstrap(h, rng) for name, h in hits.items()},
-            "ocr_r1_by_size": {f"{px} px": [round(100.0 * float(np.mean(v)), 1), len(v)]
-                               for px, v in sorted(by_size.items())},
-            "text_search_ms_p50": round(float(np.median(text_ms)), 2)}
+    def note_size(name, row, found):
+        if name == "ocr only":
+            by_size.setdefault(row["px"], []).append(found["VCMR_R1@0.5"])
+
+    out = recall_over_queries(index_dir, rows, {name: (channels, None) for name, channels in ROWS.items()},
+                              lambda row: (row["start"], row["end"]), note_size)
+    out["ocr_r1_by_size"] = {f"{px} px": [round(100.0 * float(np.mean(v)), 1), len(v)]
+                             for px, v in sorted(by_size.items())}
+    return out
 
 
 def run(out_dir, quick: bool = False, n_videos: int | None = None) -> dict:
-    from indexer.ingest import run_ingest
-    from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
-
-    import ray
-
     n_videos = n_videos or (4 if quick else 50)
-    if not ray.is_initialized():  # this machine's own Ray: never another user's cluster found running here
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    own_ray()
     with tempfile.TemporaryDirectory(prefix="vmr-ocr-bench-") as tmp:
         videos, index = Path(tmp) / "videos", str(Path(tmp) / "index")
         t0 = time.perf_counter()
         rows = build(videos, n_videos)
         built_s = time.perf_counter() - t0
-
-        def ingest(channels):
-            t = time.perf_counter()
-            summary = run_ingest(str(videos), index, clip_model=str(WORLD_CLIP_CONFIG),
-                                 clip_pretrained=str(WORLD_CLIP_WEIGHTS), device="cpu", progress=False,
-                                 channels=channels)
-            return summary, time.perf_counter() - t
-
-        _, visual_s = ingest(["visual"])
-        ocr, ocr_s = ingest(["visual", "ocr"])
+        _, visual_s = timed_ingest(videos, index, ["visual"])
+        ocr, ocr_s = timed_ingest(videos, index, ["visual", "ocr"])
         done = ocr.channels["ocr"]
         minutes = n_videos * DURATION / 60.0
         result = {"machine": machine_line(), "load_average_1min_at_end": round(os.getloadavg()[0], 1),
@@ -169,10 +137,7 @@ def describe(r: dict) -> Section:
              f"captioned-world videos of {DURATION:.0f} s at {r['frame_size'][0]}x{r['frame_size'][1]} "
              f"({r['video_minutes']:.1f} min), {r['queries']} shown-phrase queries (unquoted), no reranker. "
              "VCMR R@k (%) with 95% bootstrap intervals over queries; a moment is the span a phrase is shown.",
-             "", "| row | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for name, rec in r["recall"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{rec[m][0]:.1f} [{rec[m][1]:.1f}, {rec[m][2]:.1f}]"
-                                                  for m in METRICS) + " |")
+             "", *recall_table(r["recall"])]
     lines += ["", "The pictures carry nothing about the phrases: visual only is the chance floor of this world. "
               f"`fused` is the shipped rule (retriever/fusion.json: ocr weight {r['fusion']['weights'].get('ocr')}, "
               f"k {r['fusion']['k']:g}).",

@@ -24,29 +24,20 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import Section, machine_line
-from bench.search import bootstrap
+from bench.text_channels import (ADJ, NOUN, VERB, own_ray, recall_over_queries, recall_table, timed_ingest,
+                                 unique_texts, word_errors)
 from retriever.fusion import FusionConfig
 
-ADJ = "red green blue silver golden wooden tiny heavy quiet broken shiny frozen".split()
-NOUN = "kettle bicycle lantern piano ladder suitcase umbrella teapot violin rocket tractor mirror".split()
-VERB = "rolls waits sleeps spins floats falls shines hides".split()
 PLACE = "under the bridge|near the river|behind the station|inside the garden|on the roof|beside the library".split("|")
 SNRS = (None, 20.0, 10.0, 5.0)
 OFFSETS = (2.0, 12.0, 22.0, 32.0)
 DURATION = 40.0
 ROWS = {"visual only": ["visual"], "speech only": ["speech"], "fused": None}
 SPEECH_WEIGHTS = (1.0, 4.0)  # the fused row's sensitivity to the speech weight (the shipped one: fusion.json)
-METRICS = ("VCMR_R1@0.5", "VCMR_R5@0.5", "VCMR_R1@0.7", "VCMR_R5@0.7")
 
 
 def sentences(n: int, rng: np.random.Generator) -> list[str]:
-    out, seen = [], set()
-    while len(out) < n:
-        s = f"the {rng.choice(ADJ)} {rng.choice(NOUN)} {rng.choice(VERB)} {rng.choice(PLACE)}"
-        if s not in seen:
-            seen.add(s)
-            out.append(s)
-    return out
+    return unique_texts(n, rng, lambda r: f"the {r.choice(ADJ)} {r.choice(NOUN)} {r.choice(VERB)} {r.choice(PLACE)}")
 
 
 def build(videos_dir: Path, n_videos: int, seed: int = 0) -> list[dict]:
@@ -63,16 +54,6 @@ def build(videos_dir: Path, n_videos: int, seed: int = 0) -> list[dict]:
         video = make_talking_video(videos_dir / name, DURATION, utter, snr, seed=v)
         rows += [{"path": name, "text": s.text, "start": s.start, "end": s.end, "snr": snr} for s in video.said]
     return rows
-
-
-def word_errors(ref: list[str], hyp: list[str]) -> int:
-    """Levenshtein distance over words (or any two sequences: bench.ocr passes characters)."""
-    d = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, d[0] = d[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
-    return d[-1]
 
 
 def wer_by_snr(index_dir: str, rows: list[dict]) -> dict:
@@ -126,63 +107,33 @@ def beam_cost(videos_dir: Path, rows: list[dict], n: int) -> dict:
 
 
 def search_rows(index_dir: str, rows: list[dict]) -> dict:
-    from model.spans import CLIP_SECONDS
     from dataclasses import replace
 
+    from model.spans import CLIP_SECONDS
     from retriever.fusion import snap
-    from retriever.search import SearchEngine
-    from retriever.vcmr import query_hits
 
-    hits = {}
-    text_ms = []
-    with SearchEngine(index_dir, rerank=False, device="cpu") as engine:
-        ids = {v["path"]: int(v["id"]) for v in engine.library.videos()}
-        shipped = engine.fusion
-        configs = {name: (channels, shipped) for name, channels in ROWS.items()}
-        configs.update({f"fused, speech weight {w:g}": (None, replace(shipped, weights={**shipped.weights,
-                                                                                       "speech": w}))
-                        for w in SPEECH_WEIGHTS})
-        for row in rows:
-            gt = [snap(row["start"], row["end"], CLIP_SECONDS, DURATION)]
-            for name, (channels, fusion) in configs.items():
-                engine.fusion = fusion
-                result = engine.search(row["text"], top_k=5, channels=channels)
-                if name == "fused":
-                    text_ms.append(result.timings["text_search"] * 1e3)
-                for key, ok in query_hits(result.moments, ids[row["path"]], gt, (1, 5), (0.5, 0.7)).items():
-                    hits.setdefault(name, {m: [] for m in METRICS})[key].append(ok)
-    rng = np.random.default_rng(0)
-    return {"recall": {name: bootstrap(h, rng) for name, h in hits.items()},
-            "text_search_ms_p50": round(float(np.median(text_ms)), 2)}
+    shipped = FusionConfig.load()
+    configs = {name: (channels, None) for name, channels in ROWS.items()}
+    configs.update({f"fused, speech weight {w:g}": (None, replace(shipped, weights={**shipped.weights, "speech": w}))
+                    for w in SPEECH_WEIGHTS})
+    return recall_over_queries(index_dir, rows, configs,
+                               lambda row: snap(row["start"], row["end"], CLIP_SECONDS, DURATION))
 
 
 def run(out_dir, quick: bool = False, n_videos: int | None = None) -> dict:
-    from indexer.ingest import run_ingest
-    from world import WORLD_CLIP_CONFIG, WORLD_CLIP_WEIGHTS
     from world.speech import espeak_absent
 
     if espeak_absent():
         raise RuntimeError(espeak_absent())
-    import ray
-
     n_videos = n_videos or (4 if quick else 50)
-    if not ray.is_initialized():  # this machine's own Ray: never another user's cluster found running here
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    own_ray()
     with tempfile.TemporaryDirectory(prefix="vmr-speech-bench-") as tmp:
         videos, index = Path(tmp) / "videos", str(Path(tmp) / "index")
         t0 = time.perf_counter()
         rows = build(videos, n_videos)
         built_s = time.perf_counter() - t0
-
-        def ingest(channels):
-            t = time.perf_counter()
-            summary = run_ingest(str(videos), index, clip_model=str(WORLD_CLIP_CONFIG),
-                                 clip_pretrained=str(WORLD_CLIP_WEIGHTS), device="cpu", progress=False,
-                                 channels=channels)
-            return summary, time.perf_counter() - t
-
-        visual, visual_s = ingest(["visual"])
-        speech, speech_s = ingest(["visual", "speech"])
+        visual, visual_s = timed_ingest(videos, index, ["visual"])
+        speech, speech_s = timed_ingest(videos, index, ["visual", "speech"])
         minutes = n_videos * DURATION / 60.0
         result = {"machine": machine_line(), "load_average_1min_at_end": round(os.getloadavg()[0], 1), "videos": n_videos, "queries": len(rows), "video_minutes": minutes,
                   "build_s": round(built_s, 1),
@@ -209,15 +160,12 @@ def describe(r: dict) -> Section:
     lines = [f"Machine: {r['machine']}{load}. {r['videos']} talking-world videos of {DURATION:.0f} s "
              f"({r['video_minutes']:.1f} min), {r['queries']} spoken-sentence queries (verbatim), no reranker. "
              "VCMR R@k (%) with 95% bootstrap intervals over queries; a moment is the voiced span on the 2-s grid.",
-             "", "| row | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for name, rec in r["recall"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{rec[m][0]:.1f} [{rec[m][1]:.1f}, {rec[m][2]:.1f}]"
-                                                  for m in METRICS) + " |")
+             "", *recall_table(r["recall"])]
     lines += ["", "The pictures carry nothing about the sentences: visual only is the chance floor of this world. "
               "`fused` is the shipped rule (retriever/fusion.json: speech weight "
               f"{r['fusion']['weights']['speech']:g}, k {r['fusion']['k']:g}); the rows below it change only the "
               "speech weight.",
-              "", f"ASR word error rate by SNR (Whisper tiny.en, greedy): "
+              "", "ASR word error rate by SNR (Whisper tiny.en, greedy): "
               + ", ".join(f"{k} {v}%" for k, v in r["wer_by_snr"].items()),
               "", f"Ingest cost: speech {ing['speech_s_per_video_minute']} s per video-minute (transcription, "
               f"{ing['speech_realtime_factor']}x real time) vs the visual run {ing['visual_s_per_video_minute']} s "
